@@ -1,0 +1,348 @@
+"""The public entry points: `auto_quantize`, `quantize`, `sensitivity_analysis`,
+`load_quantized`, and the AMCT-style `create_quant_config` /
+`accuracy_based_auto_calibration` for users migrating from Huawei AMCT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.config import QuantConfig
+from autoquant.errors import ConfigError
+from autoquant.io import atomic_write_text
+from autoquant.metric import AccuracyCriterion, LossType
+from autoquant.plan import FLOAT, plan_key
+from autoquant.qmodel import QuantModel, find_quantizable_layers
+from autoquant.result import CONFIG_FILE, STATE_FILE, SearchResult, final_config
+from autoquant.search import TrialRunner, make_decision, run_search
+from autoquant.sensitivity import LayerSensitivity, SensitivityMetric, compute_sensitivity
+from autoquant.strategy import STRATEGIES, SearchContext, SearchStrategy, TrialRecord
+
+__all__ = [
+    "auto_quantize",
+    "quantize",
+    "sensitivity_analysis",
+    "load_quantized",
+    "create_quant_config",
+    "accuracy_based_auto_calibration",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _resolve_config(config: QuantConfig | Mapping[str, Any] | str | Path | None) -> QuantConfig:
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, Mapping):
+        return QuantConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return QuantConfig.load(config)
+    raise ConfigError(
+        f"config must be a QuantConfig, a mapping or a file path, got {type(config).__name__}"
+    )
+
+
+def _make_strategy(strategy: str | SearchStrategy | type[SearchStrategy],
+                   options: Mapping[str, Any]) -> SearchStrategy:
+    if isinstance(strategy, SearchStrategy):
+        return strategy
+    cls = STRATEGIES.resolve(strategy) if isinstance(strategy, str) else strategy
+    if not (isinstance(cls, type) and issubclass(cls, SearchStrategy)):
+        raise ConfigError(f"strategy must be a name or a SearchStrategy, got {strategy!r}")
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise ConfigError(f"bad strategy_options for {cls.__name__}: {err}") from err
+
+
+def _check_budget(max_evaluations: int | None) -> None:
+    if max_evaluations is None:
+        return
+    if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or \
+            max_evaluations < 2:
+        raise ConfigError(
+            f"max_evaluations must be an int >= 2 (the float baseline and at least one "
+            f"quantized trial) or None for no limit, got {max_evaluations!r}"
+        )
+
+
+def auto_quantize(
+    model: nn.Module,
+    evaluator: Any,
+    example_inputs: Any = None,
+    *,
+    max_loss: float = 0.01,
+    loss_type: LossType = "absolute",
+    strategy: str | SearchStrategy | type[SearchStrategy] = "binary",
+    sensitivity: str | type[SensitivityMetric] = "cosine",
+    config: QuantConfig | Mapping[str, Any] | str | Path | None = None,
+    max_evaluations: int | None = None,
+    strategy_options: Mapping[str, Any] | None = None,
+    dump_dir: str | Path | None = None,
+    on_record: Any = None,
+    preloaded: Sequence[TrialRecord] = (),
+    ranking: Sequence[LayerSensitivity] | None = None,
+) -> SearchResult:
+    """Find the most-quantized version of `model` whose metric loss is within `max_loss`.
+
+    Calibrates once (``evaluator.calibration``), ranks layers by sensitivity, evaluates the
+    float model, then lets `strategy` choose which layers fall back, evaluating each
+    candidate with ``evaluator.evaluate``. The user's model is never modified.
+
+    Args:
+        model: the trained float model (any `nn.Module`).
+        evaluator: an `evaluators.Evaluator` (or any object with ``calibration(model)`` and
+            ``evaluate(model) -> float``; ``metric_eval`` and ``higher_is_better`` are
+            optional).
+        example_inputs: a tuple of positional inputs (or a dict of keyword inputs) used to
+            check that the model runs before anything expensive happens.
+        max_loss: the accepted loss: metric units (``absolute``) or a fraction of the float
+            metric (``relative``).
+        loss_type: ``"absolute"`` or ``"relative"``.
+        strategy: a registered strategy name (``"binary"``), a class or an instance.
+        sensitivity: a registered sensitivity metric name (``"cosine"``) or class.
+        config: a `QuantConfig`, a mapping, or a YAML/JSON file path; default int8 W8A8.
+        max_evaluations: a budget on evaluator calls, the float baseline included.
+        strategy_options: keyword options for the strategy's constructor.
+        dump_dir: write every layer's input activations here during the sensitivity pass.
+        on_record: called with each new `TrialRecord` as soon as it exists (a journal).
+        preloaded: records of an earlier identical run, reused instead of evaluated.
+        ranking: a sensitivity ranking from an earlier identical run (skips that pass).
+
+    Returns:
+        A `SearchResult`; it always comes back, with ``status`` saying whether the budget
+        was met.
+
+    Example:
+        >>> result = auto_quantize(model, MyEvaluator(), (x,), max_loss=0.01)
+        >>> result.status, result.fallback_layers
+    """
+    total_start = time.perf_counter()
+    criterion = AccuracyCriterion(
+        max_loss, loss_type, bool(getattr(evaluator, "higher_is_better", True))
+    )
+    _check_budget(max_evaluations)
+    cfg = _resolve_config(config)
+    search = _make_strategy(strategy, dict(strategy_options or {}))
+    qmodel = QuantModel(model, cfg, example_inputs)
+
+    start = time.perf_counter()
+    qmodel.calibrate(evaluator)
+    t_calib = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if ranking is None:
+        ranking = compute_sensitivity(qmodel, evaluator, sensitivity, dump_dir)
+    t_sens = time.perf_counter() - start
+
+    names = qmodel.searchable
+    context = SearchContext(
+        ranking=tuple(r.name for r in ranking if r.name in set(names)),
+        scores={r.name: r.score for r in ranking},
+        quant_schemes={n: qmodel.layers[n].config.scheme for n in names},
+        fallback_schemes={n: qmodel.layers[n].config.fallback_scheme for n in names},
+        max_evaluations=None if max_evaluations is None else max_evaluations - 1,
+        options=dict(strategy_options or {}),
+    )
+    runner = TrialRunner(
+        qmodel, evaluator, make_decision(evaluator, criterion.check),
+        max_evaluations=max_evaluations, on_record=on_record,
+        preloaded={plan_key(r.plan): r for r in preloaded},
+    )
+    start = time.perf_counter()
+    outcome = run_search(runner, search, context, qmodel.float_plan())
+    t_search = time.perf_counter() - start
+
+    best = outcome.best
+    plan = dict(best.plan) if best is not None else qmodel.float_plan()
+    skipped = qmodel.skipped + qmodel.never_executed
+    quantized = [n for n in names if plan.get(n, FLOAT) != FLOAT]
+    rows = qmodel.layer_rows()
+    qmodel.finalize(plan)
+    fallback = [n for n in context.ranking if plan.get(n) != context.quant_schemes[n]]
+    result = SearchResult(
+        status=outcome.status,
+        met=bool(best is not None and best.passed),
+        reason=outcome.reason,
+        float_metric=outcome.float_record.metric,
+        full_quant_metric=None if outcome.full_quant is None else outcome.full_quant.metric,
+        quant_metric=None if best is None else best.metric,
+        loss=None if best is None else best.loss,
+        plan=plan,
+        quantized_layers=quantized,
+        fallback_layers=fallback,
+        skipped_layers=skipped,
+        num_evaluations=runner.num_evaluations,
+        history=list(runner.history),
+        sensitivity=list(ranking),
+        model=qmodel.model,
+        config=final_config(cfg, plan, qmodel.never_executed),
+        timings={
+            "total": time.perf_counter() - total_start,
+            "calibration": t_calib,
+            "sensitivity": t_sens,
+            "search": t_search,
+            "evaluator": runner.evaluator_seconds,
+        },
+        layers=rows,
+        settings={
+            "strategy": search.name or type(search).__name__,
+            "sensitivity": sensitivity if isinstance(sensitivity, str) else sensitivity.__name__,
+            "max_loss": max_loss,
+            "loss_type": loss_type,
+            "higher_is_better": criterion.higher_is_better,
+            "max_evaluations": max_evaluations,
+            "folded_bn": [list(p) for p in qmodel.folded],
+        },
+    )
+    logger.info("search finished: %s", result.summary().replace("\n", "; "))
+    return result
+
+
+def quantize(
+    model: nn.Module,
+    evaluator: Any,
+    config: QuantConfig | Mapping[str, Any] | str | Path | None = None,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """Plain PTQ: calibrate with ``evaluator.calibration`` and return the fake-quant copy.
+
+    Layers in ``config.skip_layers`` (and layers calibration never ran) stay float.
+    """
+    qmodel = QuantModel(model, _resolve_config(config), example_inputs)
+    qmodel.calibrate(evaluator)
+    return qmodel.finalize(qmodel.quant_plan())
+
+
+def sensitivity_analysis(
+    model: nn.Module,
+    evaluator: Any,
+    example_inputs: Any = None,
+    *,
+    config: QuantConfig | Mapping[str, Any] | str | Path | None = None,
+    sensitivity: str | type[SensitivityMetric] = "cosine",
+    dump_dir: str | Path | None = None,
+) -> list[LayerSensitivity]:
+    """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation."""
+    qmodel = QuantModel(model, _resolve_config(config), example_inputs)
+    qmodel.calibrate(evaluator)
+    return compute_sensitivity(qmodel, evaluator, sensitivity, dump_dir)
+
+
+def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Rebuild the fake-quant model saved by `SearchResult.save` on a copy of `model`.
+
+    Uses the saved config and qparams; no calibration data is needed.
+    """
+    directory = Path(directory)
+    for name in (CONFIG_FILE, STATE_FILE):
+        if not (directory / name).is_file():
+            raise ConfigError(
+                f"{directory} has no {name}; pass the folder written by SearchResult.save()"
+            )
+    cfg = QuantConfig.load(directory / CONFIG_FILE)
+    qmodel = QuantModel(model, cfg)
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        qmodel.model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"{directory / STATE_FILE} does not fit this model with the saved config: {err}. "
+            "Pass the same float model architecture the search was run on."
+        ) from err
+    qmodel.apply_plan(qmodel.quant_plan())
+    return qmodel.model
+
+
+# -- AMCT-style names ---------------------------------------------------------------------
+
+_AMCT_STRATEGIES = {"BinarySearch": "binary", "BinarySearchStrategy": "binary"}
+_AMCT_SENSITIVITY = {"CosineSimilarity": "cosine"}
+
+
+def _amct_inputs(input_data: Any) -> Any:
+    if isinstance(input_data, torch.Tensor):
+        return (input_data,)
+    return input_data
+
+
+def create_quant_config(
+    config_file: str | Path,
+    model: nn.Module,
+    input_data: Any = None,
+    skip_layers: Sequence[str] | None = None,
+    batch_num: int = 1,
+) -> QuantConfig:
+    """Write the editable per-layer quant config of `model` to `config_file` (AMCT style).
+
+    Every quantizable layer gets an explicit entry with the default settings, ready to edit.
+    ``.json`` gives JSON, anything else YAML. `input_data` (a tensor or a tuple of inputs)
+    checks that the model runs; `batch_num` is recorded for AMCT compatibility and is the
+    number of calibration batches `accuracy_based_auto_calibration` expects to be run.
+    """
+    if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num < 1:
+        raise ConfigError(f"batch_num must be an int >= 1, got {batch_num!r}")
+    names = find_quantizable_layers(model)
+    base = QuantConfig(skip_layers=list(skip_layers or []))
+    base.check_layers(names)
+    if input_data is not None:
+        QuantModel(model, base, _amct_inputs(input_data))
+    layers = {n: base.default.to_dict() for n in names if n not in set(base.skip_layers)}
+    cfg = QuantConfig(default=base.default, layers=layers, skip_layers=base.skip_layers)
+    cfg.save(config_file)
+    logger.info("wrote the per-layer quant config of %d layers to %s", len(layers), config_file)
+    return cfg
+
+
+def accuracy_based_auto_calibration(
+    model: nn.Module,
+    model_evaluator: Any,
+    config_file: str | Path,
+    record_file: str | Path,
+    save_dir: str | Path,
+    input_data: Any = None,
+    strategy: str = "BinarySearch",
+    sensitivity: str = "CosineSimilarity",
+    max_evaluations: int | None = None,
+) -> SearchResult:
+    """AMCT-compatible search: ``model_evaluator.metric_eval`` decides each trial.
+
+    Reads the quant config from `config_file` (see `create_quant_config`), writes every
+    trial record to `record_file` (JSON) and the result to `save_dir`. Unlike AMCT, it
+    always returns the result, also when the goal is not met.
+    """
+    custom = getattr(model_evaluator, "metric_eval", None)
+    if not callable(custom) or custom(0.0, 0.0) is NotImplemented:
+        raise ConfigError(
+            f"{type(model_evaluator).__name__} must implement metric_eval(original_metric, "
+            "new_metric) -> (ok, loss) for accuracy_based_auto_calibration; or call "
+            "autoquant.auto_quantize(..., max_loss=..., loss_type=...) instead"
+        )
+    result = auto_quantize(
+        model,
+        model_evaluator,
+        _amct_inputs(input_data),
+        strategy=_AMCT_STRATEGIES.get(strategy, strategy),
+        sensitivity=_AMCT_SENSITIVITY.get(sensitivity, sensitivity),
+        config=config_file,
+        max_evaluations=max_evaluations,
+    )
+    records = {
+        "status": result.status,
+        "float_metric": result.float_metric,
+        "ranking": [r.to_dict() for r in result.sensitivity],
+        "trials": [r.to_dict() for r in result.history],
+        "fallback_layers": result.fallback_layers,
+    }
+    atomic_write_text(record_file, json.dumps(records, indent=2) + "\n")
+    result.save(save_dir)
+    return result

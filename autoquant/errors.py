@@ -1,0 +1,39 @@
+"""The autoquant exception tree: one root, user errors split from internal ones.
+
+Every message says what was expected, what came, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AutoquantError",
+    "UserError",
+    "ConfigError",
+    "ModelError",
+    "EvaluatorError",
+    "InternalError",
+]
+
+
+class AutoquantError(Exception):
+    """Root of every exception autoquant raises on purpose."""
+
+
+class UserError(AutoquantError):
+    """Something the user supplied (config, model, evaluator, files) is wrong."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value, key, file or argument is invalid."""
+
+
+class ModelError(UserError):
+    """The model cannot be quantized as given (no quantizable layer, inputs do not run)."""
+
+
+class EvaluatorError(UserError):
+    """The user's Evaluator raised or returned something that is not a finite number."""
+
+
+class InternalError(AutoquantError):
+    """A bug in autoquant itself; please report it with the traceback."""

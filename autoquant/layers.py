@@ -1,0 +1,217 @@
+"""Layer wrappers: layer-local quantize/dequantize of the input activation and the weight.
+
+A `QuantLayer` replaces a quantizable module at its qualified name and keeps it as its child
+``module``. Its behaviour is set explicitly by the engine through `QuantState`, never by
+``train()``/``eval()``:
+
+- ``FLOAT``: the original module, untouched.
+- ``CALIBRATE``: observe the input activation, return the float output.
+- ``QUANTIZE``: fake-quantize input and weight with the active scheme (float if the scheme
+  is ``"float"``). This is exactly the QDQ graph an ONNX export expresses.
+- ``COMPARE``: compute the float output and the quantized output on the same float input,
+  hand both to a sensitivity accumulator, return the float output (so every layer is scored
+  in isolation, and nothing but one layer's outputs is held at a time).
+
+New layer kinds register a weight axis with `register_layer_kind`.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from autoquant.config import LayerConfig
+from autoquant.errors import ModelError
+from autoquant.plan import FLOAT, parse_scheme
+from autoquant.quantizer import ActivationObserver, fake_quantize, weight_qparams
+
+__all__ = ["QuantState", "QuantLayer", "register_layer_kind", "layer_kinds", "weight_axis_of"]
+
+
+class QuantState(enum.Enum):
+    """What every `QuantLayer` does in a forward pass; set by the engine only."""
+
+    FLOAT = "float"
+    CALIBRATE = "calibrate"
+    QUANTIZE = "quantize"
+    COMPARE = "compare"
+
+
+# module type -> output-channel axis of its weight (per-channel quantization axis)
+_LAYER_KINDS: dict[type[nn.Module], int] = {
+    nn.Linear: 0,
+    nn.Conv1d: 0,
+    nn.Conv2d: 0,
+    nn.Conv3d: 0,
+    nn.ConvTranspose1d: 1,
+    nn.ConvTranspose2d: 1,
+}
+
+
+def register_layer_kind(module_type: type[nn.Module], weight_axis: int) -> None:
+    """Make `module_type` (and its subclasses) quantizable; its ``weight`` has
+    output channels on `weight_axis`."""
+    _LAYER_KINDS[module_type] = weight_axis
+
+
+def layer_kinds() -> dict[type[nn.Module], int]:
+    """A copy of the registered quantizable module types and their weight axes."""
+    return dict(_LAYER_KINDS)
+
+
+def weight_axis_of(module: nn.Module) -> int | None:
+    """The weight's output-channel axis if `module` is a quantizable kind, else None."""
+    for kind, axis in _LAYER_KINDS.items():
+        if isinstance(module, kind):
+            return axis
+    return None
+
+
+class QuantLayer(nn.Module):
+    """Fake-quant wrapper around one quantizable module (see the module docstring).
+
+    The active qparams live in buffers (``act_scale``, ``act_zero_point``,
+    ``weight_scale``, ``weight_zero_point``), so a state dict of the wrapped model carries
+    everything needed to rebuild the fake-quant model without re-calibrating.
+    """
+
+    _QPARAM_BUFFERS = ("act_scale", "act_zero_point", "weight_scale", "weight_zero_point")
+
+    def __init__(self, module: nn.Module, name: str, config: LayerConfig, weight_axis: int):
+        super().__init__()
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise ModelError(f"layer {name!r} ({type(module).__name__}) has no weight tensor")
+        self.module = module
+        self.layer_name = name
+        self.config = config
+        self.weight_axis = weight_axis
+        self.state = QuantState.FLOAT
+        self.scheme = FLOAT
+        self.observer = ActivationObserver(config.activation)
+        self.calls = 0
+        self.comparator: Any = None  # a sensitivity accumulator with update(y, y_quant)
+        self.dump_dir: Path | None = None
+        self._act_q: tuple[int, int, int | None] | None = None  # qmin, qmax, axis
+        self._weight_q: tuple[int, int, int | None] | None = None
+        self._weight_cache: dict[tuple[str, int], torch.Tensor] = {}
+        for buf in self._QPARAM_BUFFERS:
+            self.register_buffer(buf, torch.empty(0))
+
+    def __getattr__(self, name: str) -> Any:
+        # Parent modules that read attributes of their child (``self.fc.in_features``,
+        # ``self.proj.weight``) keep working through the wrapper.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    def extra_repr(self) -> str:
+        return f"name={self.layer_name!r}, scheme={self.scheme!r}, state={self.state.value}"
+
+    # -- schemes and qparams ---------------------------------------------------------------
+    def set_scheme(self, scheme: str) -> None:
+        """Switch to `scheme` (``"float"`` or ``"w<b>a<b>"``), refreshing the qparam buffers."""
+        bits = parse_scheme(scheme)
+        self.scheme = scheme
+        if bits is None:
+            self._act_q = self._weight_q = None
+            for buf in self._QPARAM_BUFFERS:
+                setattr(self, buf, torch.empty(0, device=self.module.weight.device))
+            return
+        w_bits, a_bits = bits
+        scale, zp, qmin, qmax, axis = weight_qparams(
+            self.module.weight, w_bits, self.config.weight, self.weight_axis
+        )
+        self.weight_scale, self.weight_zero_point = scale, zp
+        self._weight_q = (qmin, qmax, axis)
+        if self.observer.has_data:
+            a_scale, a_zp, a_qmin, a_qmax, a_axis = self.observer.qparams(a_bits)
+            dev = self.module.weight.device
+            self.act_scale, self.act_zero_point = a_scale.to(dev), a_zp.to(dev)
+            self._act_q = (a_qmin, a_qmax, a_axis)
+        elif self.act_scale.numel():
+            # qparams were loaded from a state dict; keep them
+            from autoquant.quantizer import qrange
+
+            qmin_a, qmax_a = qrange(a_bits, self.config.activation.symmetric)
+            axis_a = 1 if self.act_scale.numel() > 1 else None
+            self._act_q = (qmin_a, qmax_a, axis_a)
+        else:
+            raise ModelError(
+                f"layer {self.layer_name!r} has no activation statistics: it was not executed "
+                "by Evaluator.calibration(); make calibration() run data through it, or skip it"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # qparam buffers change shape with the scheme: adopt the incoming shapes.
+        for buf in self._QPARAM_BUFFERS:
+            key = prefix + buf
+            if key in state_dict:
+                setattr(self, buf, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight of the active scheme (cached until the scheme changes)."""
+        assert self._weight_q is not None
+        weight = self.module.weight
+        key = (self.scheme, weight._version)
+        cached = self._weight_cache.get(key)
+        if cached is None:
+            qmin, qmax, axis = self._weight_q
+            cached = fake_quantize(
+                weight.detach(), self.weight_scale, self.weight_zero_point, qmin, qmax, axis
+            )
+            self._weight_cache = {key: cached}
+        return cached
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize an input activation with the active scheme."""
+        assert self._act_q is not None
+        qmin, qmax, axis = self._act_q
+        return fake_quantize(x, self.act_scale, self.act_zero_point, qmin, qmax, axis)
+
+    # -- forward -----------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, weight: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        module = self.module
+        if not args and not kwargs:
+            if type(module) is nn.Linear:
+                return F.linear(x, weight, module.bias)
+            if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+                return module._conv_forward(x, weight, module.bias)
+        return functional_call(module, {"weight": weight}, (x, *args), kwargs)
+
+    def _quant_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        if self._weight_q is None:
+            return self.module(x, *args, **kwargs)
+        return self._run(self.quantize_input(x), self.quantized_weight(), args, kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        if state is QuantState.FLOAT:
+            return self.module(x, *args, **kwargs)
+        if state is QuantState.QUANTIZE:
+            return self._quant_forward(x, args, kwargs)
+        self.calls += 1
+        if state is QuantState.CALIBRATE:
+            self.observer.update(x)
+            return self.module(x, *args, **kwargs)
+        # COMPARE
+        if self.dump_dir is not None:
+            self._dump(x)
+        y = self.module(x, *args, **kwargs)
+        if self.comparator is not None and self._weight_q is not None:
+            y_q = self._quant_forward(x, args, kwargs)
+            self.comparator.update(y.detach(), y_q.detach())
+        return y
+
+    def _dump(self, x: torch.Tensor) -> None:
+        from autoquant.io import atomic_torch_save
+
+        assert self.dump_dir is not None
+        atomic_torch_save(self.dump_dir / f"input_{self.calls - 1:05d}.pt", x.detach().cpu())

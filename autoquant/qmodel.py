@@ -1,0 +1,231 @@
+"""`QuantModel`: a deep copy of the user's model with every quantizable layer wrapped.
+
+It owns the copy for a whole run: BN folding, wrapping by qualified name, the explicit
+quantizer state of every layer, calibration (once), and applying plans for trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.config import QuantConfig
+from autoquant.errors import ConfigError, EvaluatorError, ModelError
+from autoquant.fold import fold_conv_bn
+from autoquant.layers import QuantLayer, QuantState, weight_axis_of
+from autoquant.plan import FLOAT, QuantPlan
+
+__all__ = ["QuantModel", "find_quantizable_layers", "run_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def find_quantizable_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the quantizable modules of `model`, in module order.
+
+    Layers whose parent reads their weight directly instead of calling them (the output
+    projection of `nn.MultiheadAttention`) are not listed: wrapping them would not quantize.
+    """
+    names: list[str] = []
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, (QuantLayer, nn.MultiheadAttention)):
+            continue
+        for child_name, child in parent.named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, QuantLayer):
+                names.append(full)
+            elif weight_axis_of(child) is not None:
+                names.append(full)
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    """Call `model` on `inputs`: a tuple/list is unpacked, a dict passed as keywords."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+class QuantModel:
+    """Wraps a deep copy of `model`; the user's model is never touched.
+
+    Args:
+        model: the float model.
+        config: quantization settings; its layer names are checked against the model.
+        example_inputs: optional inputs (tuple of positional args, or a dict of keyword
+            args) used to check that the model runs before anything expensive happens.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig, example_inputs: Any = None):
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, QuantConfig):
+            raise ConfigError(
+                f"config must be an autoquant.QuantConfig, got {type(config).__name__}; "
+                "build one with QuantConfig.from_dict(...) or QuantConfig.load(path)"
+            )
+        try:
+            self.model = copy.deepcopy(model)
+        except Exception as err:
+            raise ModelError(
+                f"cannot deep-copy the model ({type(err).__name__}: {err}); autoquant works "
+                "on a copy so your model is never changed. Make the model deep-copyable "
+                "(no open file handles, generators or locks as attributes)."
+            ) from err
+        self.model.eval()
+        self.config = config
+        names = find_quantizable_layers(self.model)
+        if not names:
+            raise ModelError(
+                f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d/2d/3d, "
+                "nn.ConvTranspose1d/2d); there is nothing to quantize"
+            )
+        config.check_layers(names)
+        self.folded: list[tuple[str, str]] = fold_conv_bn(self.model) if config.fold_bn else []
+        if self.folded:
+            logger.info("folded %d Conv-BatchNorm pair(s)", len(self.folded))
+        skipped = set(config.skip_layers)
+        self.layers: dict[str, QuantLayer] = {}
+        self.skipped: list[str] = [n for n in names if n in skipped]
+        for name in names:
+            if name in skipped:
+                continue
+            module = self.model.get_submodule(name)
+            layer = QuantLayer(module, name, config.layer_config(name), weight_axis_of(module))
+            _set_submodule(self.model, name, layer)
+            self.layers[name] = layer
+        self.all_layers = names
+        self.never_executed: list[str] = []
+        if example_inputs is not None:
+            self.check_runs(example_inputs)
+
+    # -- state -----------------------------------------------------------------------------
+    def set_state(self, state: QuantState) -> None:
+        """Put every wrapped layer in `state`."""
+        for layer in self.layers.values():
+            layer.state = state
+
+    @contextlib.contextmanager
+    def state(self, state: QuantState) -> Iterator[None]:
+        """Run a block with every layer in `state`, then return to QUANTIZE."""
+        self.set_state(state)
+        try:
+            yield
+        finally:
+            self.set_state(QuantState.QUANTIZE)
+
+    def check_runs(self, example_inputs: Any) -> None:
+        """Run the float model once on `example_inputs`; a failure is a clear ModelError."""
+        with self.state(QuantState.FLOAT), torch.no_grad():
+            try:
+                run_model(self.model, example_inputs)
+            except Exception as err:
+                raise ModelError(
+                    f"the model does not run on example_inputs ({type(err).__name__}: {err}). "
+                    "Pass example_inputs as a tuple of positional arguments, e.g. (x,), on "
+                    "the model's device, with the shape the model expects."
+                ) from err
+
+    # -- calibration -----------------------------------------------------------------------
+    def calibrate(self, evaluator: Any) -> None:
+        """Run ``evaluator.calibration`` once with every layer observing its input."""
+        for layer in self.layers.values():
+            layer.calls = 0
+        with self.state(QuantState.CALIBRATE):
+            call_evaluator(evaluator, "calibration", self.model)
+        self.never_executed = [n for n, layer in self.layers.items() if layer.calls == 0]
+        if len(self.never_executed) == len(self.layers):
+            raise EvaluatorError(
+                "Evaluator.calibration() ran no forward pass through any quantizable layer; "
+                "it must call model(...) on a few representative batches"
+            )
+        if self.never_executed:
+            logger.warning(
+                "%d layer(s) never ran during calibration and stay float: %s",
+                len(self.never_executed),
+                ", ".join(self.never_executed[:10]) + (" ..." if len(self.never_executed) > 10
+                                                       else ""),
+            )
+
+    @property
+    def searchable(self) -> list[str]:
+        """Layers the search may switch: wrapped and executed during calibration."""
+        dead = set(self.never_executed)
+        return [n for n in self.layers if n not in dead]
+
+    # -- plans -----------------------------------------------------------------------------
+    def quant_plan(self) -> QuantPlan:
+        """Every searchable layer at its configured quantized scheme."""
+        return {n: self.layers[n].config.scheme for n in self.searchable}
+
+    def float_plan(self) -> QuantPlan:
+        """Every searchable layer in float."""
+        return dict.fromkeys(self.searchable, FLOAT)
+
+    def apply_plan(self, plan: Mapping[str, str]) -> None:
+        """Set each layer's scheme from `plan`; layers not in it run float."""
+        for name, layer in self.layers.items():
+            layer.set_scheme(plan.get(name, FLOAT))
+        self.set_state(QuantState.QUANTIZE)
+
+    def finalize(self, plan: Mapping[str, str]) -> nn.Module:
+        """Apply `plan` for good: float layers are unwrapped back to their original module,
+        so the model has the structure of `final_config` (and its state dict loads there)."""
+        self.apply_plan(plan)
+        for name in list(self.layers):
+            if plan.get(name, FLOAT) == FLOAT:
+                _set_submodule(self.model, name, self.layers.pop(name).module)
+        return self.model
+
+    def layer_rows(self) -> list[dict[str, Any]]:
+        """Name, type and parameter count of every quantizable layer (for reports)."""
+        rows = []
+        for name in self.all_layers:
+            module = self.model.get_submodule(name)
+            inner = module.module if isinstance(module, QuantLayer) else module
+            rows.append({
+                "name": name,
+                "type": type(inner).__name__,
+                "parameters": sum(p.numel() for p in inner.parameters()),
+            })
+        return rows
+
+
+def call_evaluator(evaluator: Any, method: str, model: nn.Module, where: str = "") -> Any:
+    """Call ``evaluator.<method>(model)`` in eval mode under no_grad; wrap its errors."""
+    func = getattr(evaluator, method, None)
+    if not callable(func):
+        raise EvaluatorError(
+            f"the evaluator {type(evaluator).__name__} has no method {method}(model); "
+            "subclass evaluators.Evaluator and implement it"
+        )
+    model.eval()
+    try:
+        with torch.no_grad():
+            return func(model)
+    except Exception as err:
+        suffix = f" {where}" if where else ""
+        raise EvaluatorError(
+            f"{type(evaluator).__name__}.{method}(){suffix} raised {type(err).__name__}: {err}"
+        ) from err
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU if it has none)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,138 @@
+"""`SearchResult`: what a search returns, always, whether the goal was met or not."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from autoquant.config import QuantConfig
+from autoquant.io import atomic_torch_save, atomic_write_text
+from autoquant.plan import FLOAT, QuantPlan
+from autoquant.sensitivity import LayerSensitivity
+from autoquant.strategy import TrialRecord
+
+__all__ = ["SearchResult", "final_config"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "quant_config.yaml"
+STATE_FILE = "model_state.pt"
+REPORT_FILE = "report.json"
+
+
+def final_config(base: QuantConfig, plan: QuantPlan, skipped: list[str]) -> QuantConfig:
+    """`base` with the plan's float layers skipped and its bit-width fallbacks written in.
+
+    Applying the returned config to the float model reproduces the plan.
+    """
+    layers = {k: dict(v) for k, v in base.layers.items()}
+    skip = list(dict.fromkeys([*base.skip_layers, *skipped]))
+    for name, scheme in plan.items():
+        current = base.layer_config(name)
+        if scheme == FLOAT:
+            if name not in skip:
+                skip.append(name)
+        elif scheme != current.scheme:
+            w_bits, a_bits = (int(b) for b in scheme[1:].split("a"))
+            override = layers.setdefault(name, {})
+            override["weight"] = {**override.get("weight", {}), "bits": w_bits}
+            override["activation"] = {**override.get("activation", {}), "bits": a_bits}
+    return QuantConfig(
+        version=base.version, default=base.default, layers=layers, skip_layers=skip,
+        fold_bn=base.fold_bn,
+    )
+
+
+@dataclass
+class SearchResult:
+    """The outcome of `autoquant.auto_quantize`.
+
+    Attributes:
+        status: ``"met"`` (the chosen plan is within the loss budget), ``"not_met"`` (the
+            strategy finished and no plan met it) or ``"budget_exhausted"`` (the evaluation
+            budget ran out first; the plan is the best found so far).
+        met: True when the chosen plan's loss is within the budget.
+        reason: one sentence on why the status is what it is.
+        float_metric: the float model's metric.
+        full_quant_metric: the metric with every searchable layer quantized (None if not
+            evaluated).
+        quant_metric: the chosen model's metric.
+        loss: the chosen model's loss against the float metric.
+        plan: ``{layer: scheme}`` of the chosen model (``"float"`` or e.g. ``"w8a8"``).
+        quantized_layers: layers quantized in the chosen model (at any bit width).
+        fallback_layers: searchable layers that fell back (to float or higher bits).
+        skipped_layers: layers never searched: in ``skip_layers`` or never executed by
+            calibration (both stay float).
+        num_evaluations: evaluator calls made, the float baseline included.
+        history: every evaluation, in order.
+        sensitivity: the ranking, most sensitive first.
+        model: the fake-quant model (a copy; the user's model is untouched).
+        config: the final `QuantConfig` (applying it to the float model reproduces `plan`).
+        timings: seconds spent: total, calibration, sensitivity, search, evaluator.
+        layers: per-layer rows (name, type, parameters) of every quantizable layer.
+        settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget).
+    """
+
+    status: str
+    met: bool
+    reason: str
+    float_metric: float
+    full_quant_metric: float | None
+    quant_metric: float | None
+    loss: float | None
+    plan: QuantPlan
+    quantized_layers: list[str]
+    fallback_layers: list[str]
+    skipped_layers: list[str]
+    num_evaluations: int
+    history: list[TrialRecord]
+    sensitivity: list[LayerSensitivity]
+    model: nn.Module
+    config: QuantConfig
+    timings: dict[str, float] = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A few lines a person reads in ten seconds."""
+        n = len(self.quantized_layers) + len(self.fallback_layers) + len(self.skipped_layers)
+        lines = [
+            f"status: {self.status} ({self.reason})",
+            f"float metric: {self.float_metric:.6g}   "
+            f"all-quantized: {_fmt(self.full_quant_metric)}   final: {_fmt(self.quant_metric)}",
+            f"loss: {_fmt(self.loss)} (budget {self.settings.get('max_loss')} "
+            f"{self.settings.get('loss_type', '')})",
+            f"layers quantized: {len(self.quantized_layers)}/{n}; fell back: "
+            f"{', '.join(self.fallback_layers) or 'none'}",
+            f"evaluations: {self.num_evaluations}   time: {self.timings.get('total', 0):.1f}s "
+            f"({self.timings.get('evaluator', 0):.1f}s in the evaluator)",
+        ]
+        return "\n".join(lines)
+
+    def to_report(self) -> dict[str, Any]:
+        """The JSON report (see `autoquant.report`)."""
+        from autoquant.report import build_report
+
+        return build_report(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the final config, the fake-quant state dict and ``report.json``.
+
+        Every file is written atomically. Reload the model with `autoquant.load_quantized`.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.save(out / CONFIG_FILE)
+        atomic_torch_save(out / STATE_FILE, self.model.state_dict())
+        atomic_write_text(out / REPORT_FILE, json.dumps(self.to_report(), indent=2) + "\n")
+        logger.info("saved %s, %s and %s to %s", CONFIG_FILE, STATE_FILE, REPORT_FILE, out)
+        return out
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"

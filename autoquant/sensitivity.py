@@ -1,0 +1,153 @@
+"""Per-layer sensitivity: how far each layer's quantized output is from its float output.
+
+One pass over the calibration batches with every layer in ``COMPARE`` state: each layer
+computes its float and fake-quantized outputs on the same float input and feeds them to an
+accumulator, so memory holds one layer's outputs at a time. Layers are ranked worst first.
+
+Metrics are plug-ins: subclass `SensitivityMetric` and register it by name
+(`register_sensitivity`), or expose it in the ``autoquant.sensitivity`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoquant.errors import ConfigError
+from autoquant.layers import QuantState
+from autoquant.qmodel import QuantModel, call_evaluator
+from autoquant.registry import Registry
+
+__all__ = [
+    "SensitivityMetric",
+    "CosineSimilarity",
+    "LayerSensitivity",
+    "SENSITIVITY_METRICS",
+    "register_sensitivity",
+    "compute_sensitivity",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class SensitivityMetric(ABC):
+    """Accumulates a similarity score of a layer's quantized vs float output.
+
+    Contract: `update` is called once per layer call with detached tensors of equal shape;
+    `score` returns a float where **higher means less sensitive** (closer to float), so the
+    ranking sorts ascending. Instances are created fresh per layer and per run.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
+        """Fold one call's outputs into the running score."""
+
+    @abstractmethod
+    def score(self) -> float:
+        """The accumulated score (higher = closer to float)."""
+
+
+class CosineSimilarity(SensitivityMetric):
+    """Mean over calls of the cosine similarity of the flattened outputs, in [-1, 1]."""
+
+    name = "cosine"
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
+        a = y_float.reshape(-1).double()
+        b = y_quant.reshape(-1).double()
+        na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+        if na == 0 and nb == 0:
+            cos = 1.0  # both all-zero: identical
+        elif na == 0 or nb == 0:
+            cos = 0.0
+        else:
+            cos = float(torch.dot(a, b) / (na * nb))
+        self.total += cos
+        self.count += 1
+
+    def score(self) -> float:
+        return self.total / self.count if self.count else 1.0
+
+
+SENSITIVITY_METRICS: Registry[type[SensitivityMetric]] = Registry(
+    "sensitivity metric",
+    {"cosine": "autoquant.sensitivity:CosineSimilarity"},
+    entry_point_group="autoquant.sensitivity",
+    aliases={"CosineSimilarity": "cosine"},
+)
+
+
+def register_sensitivity(name: str, metric: type[SensitivityMetric]) -> None:
+    """Register a sensitivity metric class under `name`."""
+    SENSITIVITY_METRICS.register(name, metric)
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One row of the ranking: a layer, its score and its rank (0 = most sensitive)."""
+
+    name: str
+    score: float
+    rank: int
+    calls: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form."""
+        return asdict(self)
+
+
+def compute_sensitivity(
+    qmodel: QuantModel,
+    evaluator: Any,
+    metric: str | type[SensitivityMetric] = "cosine",
+    dump_dir: str | Path | None = None,
+) -> list[LayerSensitivity]:
+    """Score every searchable layer at its configured scheme; return them worst first.
+
+    Runs ``evaluator.calibration(model)`` once more with layers in ``COMPARE`` state.
+    `dump_dir`, if given, receives each layer's input activations, one file per call
+    (``<dump_dir>/<layer>/input_00000.pt``), for inspection.
+    """
+    metric_cls = SENSITIVITY_METRICS.resolve(metric) if isinstance(metric, str) else metric
+    if not (isinstance(metric_cls, type) and issubclass(metric_cls, SensitivityMetric)):
+        raise ConfigError(
+            f"sensitivity must be a name or a SensitivityMetric class, got {metric!r}"
+        )
+    names = qmodel.searchable
+    qmodel.apply_plan(qmodel.quant_plan())
+    for name, layer in qmodel.layers.items():
+        layer.calls = 0
+        layer.comparator = metric_cls() if name in names else None
+        if dump_dir is not None and name in names:
+            layer.dump_dir = Path(dump_dir) / name
+    start = time.perf_counter()
+    try:
+        with qmodel.state(QuantState.COMPARE):
+            call_evaluator(evaluator, "calibration", qmodel.model, "(sensitivity pass)")
+    finally:
+        for layer in qmodel.layers.values():
+            layer.dump_dir = None
+    rows = []
+    for name in names:
+        layer = qmodel.layers[name]
+        rows.append((layer.comparator.score(), name, layer.calls))
+        layer.comparator = None
+    rows.sort(key=lambda r: (r[0], names.index(r[1])))
+    logger.info(
+        "sensitivity (%s) of %d layers in %.2fs", metric_cls.name or metric_cls.__name__,
+        len(rows), time.perf_counter() - start,
+    )
+    return [LayerSensitivity(name, score, rank, calls)
+            for rank, (score, name, calls) in enumerate(rows)]

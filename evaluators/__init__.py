@@ -1,0 +1,7 @@
+"""Evaluators: the `Evaluator` base and ready-made evaluators."""
+
+from evaluators.base import Evaluator
+from evaluators.classification import ClassificationEvaluator
+from evaluators.fidelity import FidelityEvaluator
+
+__all__ = ["ClassificationEvaluator", "Evaluator", "FidelityEvaluator"]

@@ -1,0 +1,1 @@
+"""Runnable autoquant examples (importable as a package for the tests)."""
