@@ -148,7 +148,7 @@ class QuantModel:
         with self.state(QuantState.CALIBRATE):
             call_evaluator(evaluator, "calibration", self.model)
         self.never_executed = [n for n, layer in self.layers.items() if layer.calls == 0]
-        if len(self.never_executed) == len(self.layers):
+        if self.layers and len(self.never_executed) == len(self.layers):
             raise EvaluatorError(
                 "Evaluator.calibration() ran no forward pass through any quantizable layer; "
                 "it must call model(...) on a few representative batches"

@@ -1,0 +1,128 @@
+"""The binary strategy on evaluators with known answers: exact k, evaluation bound, cache."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+
+import autoquant as aq
+from autoquant.sensitivity import LayerSensitivity
+from tests.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
+
+N = 13
+
+
+def fixed_ranking(names):
+    return [LayerSensitivity(n, 0.5 + i / 100, i, 1) for i, n in enumerate(names)]
+
+
+def drops_for_exact_k(names, k_star, max_loss=0.1):
+    """Drops such that falling back the first k layers passes iff k >= k_star."""
+    drops = dict.fromkeys(names, 0.0)
+    # the layers at ranks < k_star each cost more than the budget; the rest cost nothing
+    for name in names[:k_star]:
+        drops[name] = max_loss * 2
+    return drops
+
+
+@pytest.mark.parametrize("k_star", list(range(N + 1)))
+def test_binary_finds_the_exact_k_within_the_log_bound(k_star):
+    names = linear_names(N)
+    ev = DropEvaluator(drops_for_exact_k(names, k_star))
+    result = aq.auto_quantize(mlp(N), ev, max_loss=0.1, ranking=fixed_ranking(names))
+    assert result.status == "met" and result.met
+    assert result.fallback_layers == names[:k_star]
+    assert len(result.quantized_layers) == N - k_star
+    bound = math.ceil(math.log2(N + 1)) + 2
+    assert result.num_evaluations <= bound
+    assert ev.calls == result.num_evaluations
+    assert len(set(ev.seen)) == len(ev.seen)  # never the same plan twice
+    # the chosen plan was evaluated and passed: no extrapolated answer
+    chosen = [r for r in result.history if r.plan == result.plan]
+    assert len(chosen) == 1 and chosen[0].passed
+
+
+def test_full_quant_pass_stops_after_two_evaluations():
+    names = linear_names(5)
+    ev = DropEvaluator(dict.fromkeys(names, 0.001))
+    result = aq.auto_quantize(mlp(5), ev, max_loss=0.01)
+    assert result.num_evaluations == 2 and result.fallback_layers == []
+    assert result.quant_metric == pytest.approx(0.995)
+
+
+def test_cost_estimate_is_logged_before_the_search(caplog):
+    names = linear_names(6)
+    with caplog.at_level(logging.INFO, logger="autoquant"):
+        aq.auto_quantize(mlp(6), DropEvaluator(drops_for_exact_k(names, 3)), max_loss=0.1,
+                         ranking=fixed_ranking(names))
+    assert any("at most 5 evaluations" in r.getMessage() for r in caplog.records)
+
+
+def test_budget_exhausted_returns_the_best_plan_so_far():
+    names = linear_names(N)
+    ev = DropEvaluator(drops_for_exact_k(names, 9))
+    result = aq.auto_quantize(mlp(N), ev, max_loss=0.1, ranking=fixed_ranking(names),
+                              max_evaluations=3)
+    assert result.status == "budget_exhausted" and ev.calls == 3
+    # float, all-quantized (fail), k=7 (fail): nothing passed, best loss is returned
+    assert not result.met and result.plan
+    assert result.loss == min(r.loss for r in result.history[1:])
+    assert "budget" in result.reason
+
+
+def test_budget_exhausted_after_a_pass_keeps_the_passing_plan():
+    names = linear_names(N)
+    ev = DropEvaluator(drops_for_exact_k(names, 3))
+    result = aq.auto_quantize(mlp(N), ev, max_loss=0.1, ranking=fixed_ranking(names),
+                              max_evaluations=3)
+    assert result.status == "budget_exhausted" and result.met
+    assert result.fallback_layers == names[:7]  # the first split point, k=7, passed
+
+
+def test_all_fallback_failing_is_not_met_without_crash():
+    # a drifting evaluator: every call after the float baseline scores lower, so even the
+    # all-fallback plan (16-bit here: a real evaluation, not the cached baseline) fails
+    ev = ListEvaluator([1.0, 0.5, 0.4, 0.3, 0.2, 0.1])
+    result = aq.auto_quantize(mlp(4), ev, max_loss=0.01,
+                              config={"default": {"fallback": 16}})
+    assert result.status == "not_met" and not result.met
+    assert "no evaluated plan met" in result.reason
+    assert result.model is not None and result.plan
+
+
+def test_all_float_plan_is_reused_from_the_baseline_not_re_evaluated():
+    names = linear_names(3)
+    ev = DropEvaluator(dict.fromkeys(names, 1.0))
+    result = aq.auto_quantize(mlp(3), ev, max_loss=0.01, ranking=fixed_ranking(names))
+    assert result.met and result.quantized_layers == []
+    assert ev.calls == result.num_evaluations == len({frozenset(s) for s in ev.seen})
+    assert "only the all-float plan" in result.reason
+
+
+def test_lower_is_better_metric_with_relative_loss():
+    names = linear_names(6)
+
+    class Perplexity(DropEvaluator):
+        higher_is_better = False
+
+        def evaluate(self, model):
+            return 10.0 / super().evaluate(model)  # quantizing raises the "perplexity"
+
+    drops = dict.fromkeys(names, 0.0)
+    drops[names[0]] = 0.5
+    result = aq.auto_quantize(mlp(6), Perplexity(drops), max_loss=0.05, loss_type="relative",
+                              ranking=fixed_ranking(names))
+    assert result.fallback_layers == [names[0]] and result.loss == pytest.approx(0.0)
+
+
+def test_sixteen_bit_fallback_is_the_fallback_scheme():
+    names = linear_names(4)
+    ev = DropEvaluator(drops_for_exact_k(names, 2))
+    result = aq.auto_quantize(mlp(4), ev, max_loss=0.1, ranking=fixed_ranking(names),
+                              config={"default": {"fallback": 16}})
+    assert result.plan[names[0]] == "w16a16" and result.plan[names[2]] == "w8a8"
+    assert result.fallback_layers == names[:2]
+    assert set(result.quantized_layers) == set(names)
+    assert result.config.layer_config(names[0]).scheme == "w16a16"
