@@ -65,15 +65,18 @@ class CosineSimilarity(SensitivityMetric):
         self.count = 0
 
     def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
-        a = y_float.reshape(-1).double()
-        b = y_quant.reshape(-1).double()
-        na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+        # Three float32 reductions instead of float64 copies: cos = (|a|^2 + |b|^2 - |a-b|^2)
+        # / (2|a||b|) keeps the precision of 1 - cos, which is what the ranking compares.
+        a, b = y_float.reshape(-1).float(), y_quant.reshape(-1).float()
+        na = float(torch.linalg.vector_norm(a))
+        nb = float(torch.linalg.vector_norm(b))
         if na == 0 and nb == 0:
             cos = 1.0  # both all-zero: identical
         elif na == 0 or nb == 0:
             cos = 0.0
         else:
-            cos = float(torch.dot(a, b) / (na * nb))
+            nd = float(torch.linalg.vector_norm(a - b))
+            cos = max(-1.0, min(1.0, (na * na + nb * nb - nd * nd) / (2.0 * na * nb)))
         self.total += cos
         self.count += 1
 
