@@ -91,6 +91,7 @@ def auto_quantize(
     on_record: Any = None,
     preloaded: Sequence[TrialRecord] = (),
     ranking: Sequence[LayerSensitivity] | None = None,
+    progress: Any = None,
 ) -> SearchResult:
     """Find the most-quantized version of `model` whose metric loss is within `max_loss`.
 
@@ -117,6 +118,11 @@ def auto_quantize(
         on_record: called with each new `TrialRecord` as soon as it exists (a journal).
         preloaded: records of an earlier identical run, reused instead of evaluated.
         ranking: a sensitivity ranking from an earlier identical run (skips that pass).
+        progress: called as ``progress(stage, event, **info)`` at stage boundaries (for
+            progress bars and journals): ``("calibration", "start", model=...)``,
+            ``("calibration", "end")``, ``("sensitivity", "start", model=...)``,
+            ``("sensitivity", "end", ranking=..., reused=bool)``, ``("search", "start",
+            total=int | None)`` and ``("search", "trial", record=..., reused=bool)``.
 
     Returns:
         A `SearchResult`; it always comes back, with ``status`` saying whether the budget
@@ -135,13 +141,19 @@ def auto_quantize(
     search = _make_strategy(strategy, dict(strategy_options or {}))
     qmodel = QuantModel(model, cfg, example_inputs)
 
+    notify = progress if progress is not None else (lambda *args, **kwargs: None)
     start = time.perf_counter()
+    notify("calibration", "start", model=qmodel.model)
     qmodel.calibrate(evaluator)
+    notify("calibration", "end")
     t_calib = time.perf_counter() - start
 
     start = time.perf_counter()
+    reused = ranking is not None
     if ranking is None:
+        notify("sensitivity", "start", model=qmodel.model)
         ranking = compute_sensitivity(qmodel, evaluator, sensitivity, dump_dir)
+    notify("sensitivity", "end", ranking=list(ranking), reused=reused)
     t_sens = time.perf_counter() - start
 
     names = qmodel.searchable
@@ -159,7 +171,7 @@ def auto_quantize(
         preloaded={plan_key(r.plan): r for r in preloaded},
     )
     start = time.perf_counter()
-    outcome = run_search(runner, search, context, qmodel.float_plan())
+    outcome = run_search(runner, search, context, qmodel.float_plan(), progress=progress)
     t_search = time.perf_counter() - start
 
     best = outcome.best

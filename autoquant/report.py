@@ -1,17 +1,27 @@
 """The search report as plain data (``report.json``), versioned.
 
-Schema (version 1): ``schema_version``, ``environment`` (python, torch, platform, device),
-``settings``, ``status``/``met``/``reason``, ``metrics`` (float, full_quant, final, loss),
-``counts`` (layers, quantized, fallback, skipped, evaluations), ``timings`` (seconds),
-``sizes`` (float and quantized weight bytes), ``layers`` (one row per quantizable layer:
-name, type, parameters, score, rank, precision), ``trials`` (every evaluation),
-``plan`` and ``config``.
+Schema (version 2, JSON Schema in ``autoquant/report_schema.json``): ``schema_version``,
+``environment`` (autoquant, python, torch, numpy, platform, device, cpu_count),
+``job`` (the resolved job file, or null outside the CLI), ``run`` (resumed, reused and new
+evaluations, journal path; or null), ``settings``, ``status`` (met, not_met,
+budget_exhausted, interrupted) / ``met`` / ``reason``, ``metrics`` (float, full_quant,
+final, loss), ``counts`` (layers, quantized, fallback, skipped, evaluations), ``timings``
+(seconds: total, calibration, sensitivity, search, evaluator), ``sizes`` (float and
+quantized weight bytes), ``layers`` (one row per quantizable layer: name, type,
+parameters, score, rank, precision, skipped), ``trials`` (every evaluation), ``plan``,
+``fallback_layers`` and ``config``.
+
+Version 2 added ``job``, ``run``, ``fallback_layers``,
+``environment.autoquant/numpy/cpu_count`` and the ``interrupted`` status (a report rebuilt
+from the journal of a run that did not finish).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,9 +31,41 @@ from autoquant.plan import FLOAT, parse_scheme
 if TYPE_CHECKING:
     from autoquant.result import SearchResult
 
-__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "model_sizes"]
+__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "environment", "model_sizes",
+           "report_from_journal", "report_schema"]
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``report.json``, shipped with the package.
+
+    Example:
+        >>> import jsonschema
+        >>> jsonschema.validate(json.load(open("out/report.json")), report_schema())
+    """
+    import json
+    from importlib import resources
+
+    text = resources.files("autoquant").joinpath("report_schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Versions and machine facts that make a report reproducible."""
+    import numpy
+
+    from autoquant import __version__
+
+    return {
+        "autoquant": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def model_sizes(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str, int]:
@@ -37,8 +79,16 @@ def model_sizes(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str,
     return {"float_weight_bytes": float_bytes, "quantized_weight_bytes": quant_bytes}
 
 
-def build_report(result: SearchResult) -> dict[str, Any]:
-    """The report of `result` as JSON-ready data."""
+def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
+                 run: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report of `result` as JSON-ready data.
+
+    Args:
+        result: the search result.
+        job: the resolved job file (the CLI passes it), or None.
+        run: facts about this run (the CLI passes resumed / reused_evaluations /
+            new_evaluations / journal), or None.
+    """
     scores = {row.name: row for row in result.sensitivity}
     skipped = set(result.skipped_layers)
     layers = []
@@ -55,12 +105,9 @@ def build_report(result: SearchResult) -> dict[str, Any]:
     device = next((str(p.device) for p in result.model.parameters()), "cpu")
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "environment": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "device": device,
-        },
+        "environment": environment(device),
+        "job": None if job is None else dict(job),
+        "run": None if run is None else dict(run),
         "settings": dict(result.settings),
         "status": result.status,
         "met": result.met,
@@ -83,5 +130,60 @@ def build_report(result: SearchResult) -> dict[str, Any]:
         "layers": layers,
         "trials": [r.to_dict() for r in result.history],
         "plan": dict(result.plan),
+        "fallback_layers": list(result.fallback_layers),
         "config": result.config.to_dict(),
+    }
+
+
+def report_from_journal(contents: Any, job: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A report (status ``interrupted``) from the journal of a run that did not finish.
+
+    Args:
+        contents: a `autoquant.journal.JournalContents`.
+        job: the resolved job file, or None.
+    """
+    records = list(contents.records)
+    ranking = list(contents.ranking or [])
+    float_rec = next((r for r in records if r.label == "float"), None)
+    quantized = [r for r in records if any(s != FLOAT for s in r.plan.values())]
+    full = next((r for r in quantized if not r.fallback_layers), None)
+    passing = [r for r in quantized if r.passed]
+    best = min(passing, key=lambda r: (len(r.fallback_layers), r.loss)) if passing else None
+    plan = dict(best.plan) if best is not None else {}
+    layers = [{
+        "name": row.name, "type": None, "parameters": None, "score": row.score,
+        "rank": row.rank, "precision": plan.get(row.name), "skipped": False,
+    } for row in sorted(ranking, key=lambda r: r.rank)]
+    search = dict((job or {}).get("search") or {})
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "environment": environment(),
+        "job": None if job is None else dict(job),
+        "run": {"resumed": False, "reused_evaluations": 0, "new_evaluations": len(records),
+                "journal": None},
+        "settings": search,
+        "status": "interrupted",
+        "met": False,
+        "reason": (f"the run stopped after {len(records)} evaluation(s) before the search "
+                   "finished; resume it with `autoquant run JOB --resume`"),
+        "metrics": {
+            "float": None if float_rec is None else float_rec.metric,
+            "full_quant": None if full is None else full.metric,
+            "final": None if best is None else best.metric,
+            "loss": None if best is None else best.loss,
+        },
+        "counts": {
+            "layers": len(layers),
+            "quantized": sum(1 for s in plan.values() if s != FLOAT),
+            "fallback": 0 if best is None else len(best.fallback_layers),
+            "skipped": 0,
+            "evaluations": len(records),
+        },
+        "timings": {"evaluator": sum(r.seconds for r in records)},
+        "sizes": None,
+        "layers": layers,
+        "trials": [r.to_dict() for r in records],
+        "plan": plan,
+        "fallback_layers": [] if best is None else list(best.fallback_layers),
+        "config": None,
     }

@@ -104,6 +104,8 @@ class TrialRunner:
             raise BudgetExhausted
         if reused is not None:
             record = reused
+            if self.float_metric is None:  # the baseline: later trials are judged against it
+                self.float_metric = record.metric
             logger.info("trial %d (%s): reused from the journal", record.index, label)
         else:
             record = self._run(plan, label)
@@ -160,18 +162,38 @@ def run_search(
     strategy: SearchStrategy,
     context: SearchContext,
     float_plan: QuantPlan,
+    progress: Callable[..., None] | None = None,
 ) -> SearchOutcome:
-    """Evaluate the float baseline, then drive `strategy` until it stops or the budget ends."""
+    """Evaluate the float baseline, then drive `strategy` until it stops or the budget ends.
+
+    `progress`, if given, is called as ``progress("search", "start", total=...)`` once and
+    ``progress("search", "trial", record=..., reused=...)`` after every evaluation.
+    """
     runner._ranking = list(context.ranking)
-    float_record = runner.evaluate(float_plan, "float")
     strategy.setup(context)
     estimate = strategy.estimate()
+    if progress is not None:
+        total = None if estimate is None else 1 + estimate
+        if runner.max_evaluations is not None:
+            total = runner.max_evaluations if total is None else min(total,
+                                                                     runner.max_evaluations)
+        progress("search", "start", total=total)
+
+    def evaluate(plan: QuantPlan, label: str) -> TrialRecord:
+        before = len(runner.history)
+        record = runner.evaluate(plan, label)
+        if progress is not None and len(runner.history) > before:
+            progress("search", "trial", record=record,
+                     reused=plan_key(plan) in runner.preloaded)
+        return record
+
     bound = f"at most {1 + estimate}" if estimate is not None else "an unknown number of"
     budget = f" (budget {runner.max_evaluations})" if runner.max_evaluations else ""
     logger.info(
         "search with %r over %d layers: %s evaluations including the float baseline%s",
         strategy.name or type(strategy).__name__, len(context.ranking), bound, budget,
     )
+    float_record = evaluate(float_plan, "float")
     status: SearchStatus | None = None
     visited: list[TrialRecord] = []  # records the strategy asked for (the baseline too, if so)
     while status is None:
@@ -182,7 +204,7 @@ def run_search(
             k = len(runner.fallback_layers(plan))
             label = "all quantized" if k == 0 else f"fallback {k}"
             try:
-                record = runner.evaluate(plan, label)
+                record = evaluate(plan, label)
             except BudgetExhausted:
                 status = "budget_exhausted"
                 break

@@ -1,0 +1,88 @@
+"""A tiny model and evaluator for batch-job and CLI tests (imported by job files).
+
+`TinyEvaluator` appends one JSON line per `evaluate` call to `log` (the plan it saw, read
+from the model's wrapped layers), so tests count evaluations across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evaluators import Evaluator
+
+__all__ = ["build_model", "TinyEvaluator", "make_inputs"]
+
+WIDTH = 16
+
+
+def build_model(seed: int = 0, depth: int = 4) -> nn.Sequential:
+    """An MLP of `depth` Linear layers (8 -> 16 ... -> 4), deterministic for `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    sizes = [8] + [WIDTH] * (depth - 1) + [4]
+    for i in range(depth):
+        linear = nn.Linear(sizes[i], sizes[i + 1])
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) / sizes[i] ** 0.5)
+            # Layer i gets one outlier weight of size i: later layers quantize worse.
+            linear.weight[0, 0] = float(i)
+            linear.bias.zero_()
+        layers += [linear, nn.ReLU()] if i < depth - 1 else [linear]
+    return nn.Sequential(*layers).eval()
+
+
+def make_inputs(batch: int = 2) -> tuple[torch.Tensor]:
+    """Example inputs for `build_model` (an example_inputs factory)."""
+    return (torch.ones(batch, 8),)
+
+
+def _plan_of(model: nn.Module) -> dict[str, str]:
+    from autoquant.layers import QuantLayer
+
+    return {name: m.scheme for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+class TinyEvaluator(Evaluator):
+    """Metric: 1 - relative L2 error of the outputs against the float model's (float = 1).
+
+    Args:
+        seed: the seed `build_model` was called with (rebuilds the reference).
+        depth: as for `build_model`.
+        log: a file to append one JSON line per evaluate() call to, or None.
+        sleep: seconds to sleep in each evaluate() (to kill a run mid-search).
+    """
+
+    def __init__(self, seed: int = 0, depth: int = 4, log: str | None = None,
+                 sleep: float = 0.0) -> None:
+        gen = torch.Generator().manual_seed(1234)
+        self.batches = [torch.randn(32, 8, generator=gen) for _ in range(3)]
+        reference = build_model(seed, depth)
+        with torch.no_grad():
+            self.reference = [reference(x) for x in self.batches]
+        self.log = Path(log) if log else None
+        self.sleep = sleep
+
+    def calibration(self, model: nn.Module) -> None:
+        for x in self.batches:
+            model(x)
+
+    def evaluate(self, model: nn.Module) -> float:
+        if self.sleep:
+            time.sleep(self.sleep)
+        with torch.no_grad():
+            num = sum(float((model(x) - r).norm())
+                      for x, r in zip(self.batches, self.reference, strict=True))
+        den = sum(float(r.norm()) for r in self.reference)
+        metric = 1.0 - num / den
+        if self.log is not None:
+            with open(self.log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"pid": os.getpid(), "plan": _plan_of(model),
+                                         "metric": metric}) + "\n")
+                handle.flush()
+        return metric

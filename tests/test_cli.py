@@ -1,0 +1,243 @@
+"""The `autoquant` CLI: runs, exit codes, errors, kill -9 / SIGTERM then --resume, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from autoquant.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_MET, EXIT_OK, main
+from autoquant.journal import JOURNAL_FILE, read_journal
+from autoquant.report import report_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+
+
+def write_job(folder: Path, *, max_loss: float = 0.03, budget: int | None = None,
+              sleep: float = 0.0, quant: str | None = None, out: str = "out") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    quant_text = quant or "{default: {weight: {bits: 6}, activation: {bits: 6}}}"
+    text = f"""\
+python_path: [{TESTS}]
+model: {{factory: "jobhelpers:build_model", kwargs: {{depth: 6}}}}
+evaluator:
+  class: jobhelpers:TinyEvaluator
+  kwargs: {{depth: 6, log: {folder / 'evals.log'}, sleep: {sleep}}}
+example_inputs: [{{shape: [2, 8]}}]
+quant: {quant_text}
+search: {{max_loss: {max_loss}, max_evaluations: {'null' if budget is None else budget}}}
+output_dir: {out}
+"""
+    path = folder / "job.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "autoquant", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def evaluations(folder: Path) -> list[dict]:
+    log = folder / "evals.log"
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def plan_key(plan: dict) -> str:
+    return json.dumps(plan, sort_keys=True)
+
+
+def journal_trials(out: Path) -> int:
+    path = out / JOURNAL_FILE
+    if not path.exists():
+        return 0
+    return sum('"type": "trial"' in line for line in path.read_text().splitlines())
+
+
+def wait_for_trials(out: Path, count: int, proc: subprocess.Popen, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while journal_trials(out) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_run_in_a_subprocess_writes_every_artifact_and_a_schema_valid_report(tmp_path):
+    job = write_job(tmp_path)
+    proc = cli("run", str(job))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_OK, stderr
+    assert "status: met" in stdout and "Traceback" not in stderr
+    out = tmp_path / "out"
+    for name in ("report.json", "report.html", "report.md", "plots/sensitivity.png",
+                 "plots/trajectory.png", "quant_config.yaml", "model_state.pt",
+                 JOURNAL_FILE, "job.yaml"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, report_schema())
+    assert report["job"]["search"]["max_loss"] == 0.03
+    assert report["run"] == {"resumed": False, "reused_evaluations": 0,
+                             "new_evaluations": report["counts"]["evaluations"],
+                             "journal": str(out / JOURNAL_FILE)}
+    assert report["counts"]["fallback"] == len(report["fallback_layers"]) > 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2  # self-contained
+    assert "**MET**" in (out / "report.md").read_text()
+    assert len(evaluations(tmp_path)) == report["counts"]["evaluations"]
+
+
+def test_budget_exhausted_exits_2_and_still_saves_the_best_plan(tmp_path, capsys):
+    job = write_job(tmp_path, budget=2)
+    assert main(["run", str(job), "-q"]) == EXIT_NOT_MET
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "budget_exhausted"
+    assert (tmp_path / "out" / "model_state.pt").is_file()
+
+
+def test_malformed_job_exits_1_with_file_line_and_no_traceback(tmp_path):
+    job = write_job(tmp_path)
+    job.write_text(job.read_text().replace("max_loss", "max_los"))
+    proc = cli("run", str(job))
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_ERROR
+    assert f"autoquant: error: {job}:8: search.max_los: unknown key" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_verbose_error_shows_the_traceback(tmp_path, capsys):
+    job = write_job(tmp_path, quant="missing.yaml")
+    assert main(["run", str(job), "-v"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "init-config" in err
+
+
+def test_usage_error_exits_1_not_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run"])
+    assert info.value.code == EXIT_ERROR
+
+
+@pytest.mark.slow
+def test_kill_9_mid_search_then_resume_repeats_no_evaluation_and_gives_the_same_result(
+        tmp_path):
+    assert main(["run", str(write_job(tmp_path / "ref")), "-q"]) == EXIT_OK
+    reference = json.loads((tmp_path / "ref" / "out" / "report.json").read_text())
+
+    job = write_job(tmp_path / "run", sleep=0.3)
+    out = tmp_path / "run" / "out"
+    proc = cli("run", str(job))
+    wait_for_trials(out, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    journaled = {plan_key(r.plan) for r in read_journal(out / JOURNAL_FILE).records}
+    assert 3 <= len(journaled) < reference["counts"]["evaluations"]
+    before = len(evaluations(tmp_path / "run"))
+
+    assert main(["run", str(job), "--resume", "-q"]) == EXIT_OK
+    new = evaluations(tmp_path / "run")[before:]
+    assert all(plan_key(e["plan"]) not in journaled for e in new)  # zero repeats
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["resumed"] is True
+    assert report["run"]["reused_evaluations"] == len(journaled)
+    assert report["run"]["new_evaluations"] == len(new)
+    for key in ("status", "plan", "fallback_layers", "metrics"):
+        assert report[key] == reference[key], key
+    assert [t["metric"] for t in report["trials"]] == \
+        [t["metric"] for t in reference["trials"]]
+
+
+@pytest.mark.slow
+def test_sigterm_exits_130_then_report_renders_the_interrupted_run_and_resume_finishes(
+        tmp_path, capsys):
+    job = write_job(tmp_path, sleep=0.3)
+    out = tmp_path / "out"
+    proc = cli("run", str(job))
+    wait_for_trials(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "--resume" in stderr
+
+    assert main(["report", str(out)]) == EXIT_OK
+    partial = json.loads((out / "report.json").read_text())
+    jsonschema.validate(partial, report_schema())
+    assert partial["status"] == "interrupted"
+    assert partial["counts"]["evaluations"] == journal_trials(out)
+    assert (out / "report.html").is_file()
+
+    assert main(["run", str(job), "--resume", "-q"]) == EXIT_OK
+    assert json.loads((out / "report.json").read_text())["status"] == "met"
+
+
+def test_resume_with_a_changed_threshold_is_a_fingerprint_error(tmp_path, capsys):
+    job = write_job(tmp_path)
+    assert main(["run", str(job), "-q"]) == EXIT_OK
+    write_job(tmp_path, max_loss=0.02)
+    assert main(["run", str(job), "--resume", "-q"]) == EXIT_ERROR
+    assert "search settings" in capsys.readouterr().err
+    assert main(["run", str(job), "-q"]) == EXIT_ERROR  # neither --resume nor --overwrite
+    assert main(["run", str(job), "-q", "--overwrite"]) == EXIT_OK
+
+
+def test_resume_of_a_finished_run_with_a_torn_last_line_evaluates_nothing(tmp_path, capsys):
+    job = write_job(tmp_path)
+    assert main(["run", str(job), "-q"]) == EXIT_OK
+    count = len(evaluations(tmp_path))
+    with open(tmp_path / "out" / JOURNAL_FILE, "a") as handle:
+        handle.write('{"type": "trial", "rec')
+    assert main(["run", str(job), "--resume"]) == EXIT_OK
+    assert len(evaluations(tmp_path)) == count
+    assert "torn" in capsys.readouterr().err
+
+
+def test_init_config_writes_the_per_layer_file_the_job_then_runs_with(tmp_path, capsys):
+    job = write_job(tmp_path, quant="quant.yaml")
+    assert main(["init-config", str(job)]) == EXIT_OK
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "quant.yaml").read_text())
+    assert sorted(written["layers"]) == ["0", "10", "2", "4", "6", "8"]
+    assert main(["init-config", str(job)]) == EXIT_ERROR  # no silent overwrite
+    assert main(["run", str(job), "-q"]) == EXIT_OK
+
+
+def test_sensitivity_prints_the_ranking_and_saves_it_without_evaluating(tmp_path, capsys):
+    job = write_job(tmp_path)
+    assert main(["sensitivity", str(job), "-q"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "out" / "sensitivity.json").read_text())
+    assert [r["rank"] for r in data["ranking"]] == list(range(6))
+    assert data["ranking"][0]["name"] in printed and "Linear" in printed
+    assert evaluations(tmp_path) == []
+
+
+def test_export_without_the_export_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "autoquant.export", None)
+    assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == EXIT_ERROR
+    assert "ONNX export is not available" in capsys.readouterr().err
+
+
+def test_export_calls_export_saved_with_the_run_directory_and_inputs(tmp_path, monkeypatch):
+    job = write_job(tmp_path)
+    assert main(["run", str(job), "-q"]) == EXIT_OK
+    calls = []
+    fake = types.ModuleType("autoquant.export")
+    fake.export_saved = lambda d, p, opset=None, example_inputs=None: calls.append(
+        (d, p, opset, example_inputs)) or p
+    monkeypatch.setitem(sys.modules, "autoquant.export", fake)
+    onnx = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "out"), "--onnx", str(onnx), "--opset", "17"]) == 0
+    (directory, path, opset, inputs), = calls
+    assert directory == tmp_path / "out" and path == onnx and opset == 17
+    assert inputs[0].shape == (2, 8)

@@ -1,0 +1,192 @@
+"""YAML job files: loading, path resolution, and one clear error per malformed case."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoquant.errors import ConfigError
+from autoquant.job import load_job
+
+TESTS = Path(__file__).resolve().parent
+
+GOOD = f"""\
+python_path: [{TESTS}]
+seed: 3
+model:
+  factory: jobhelpers:build_model
+  kwargs: {{depth: 3}}
+evaluator:
+  class: jobhelpers:TinyEvaluator
+  kwargs: {{depth: 3}}
+example_inputs:
+  - {{shape: [2, 8], dtype: float32}}
+quant:
+  default: {{weight: {{bits: 6}}}}
+search:
+  max_loss: 0.03
+output_dir: results
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_valid_job_builds_model_evaluator_inputs_and_search_settings(tmp_path):
+    job = load_job(write(tmp_path, GOOD))
+    model = job.build_model()
+    (x,) = job.example_inputs()
+    assert x.shape == (2, 8) and x.dtype == torch.float32
+    assert model(x).shape == (2, 4)
+    assert job.build_evaluator().evaluate(model) == pytest.approx(1.0)
+    kwargs = job.search_kwargs()
+    assert kwargs["max_loss"] == 0.03 and kwargs["strategy"] == "binary"
+    assert kwargs["config"].default.weight.bits == 6
+    assert job.config.output_dir == tmp_path / "results"  # relative to the job's folder
+
+
+def test_relative_checkpoint_and_quant_file_resolve_against_the_job_folder(tmp_path):
+    import jobhelpers  # on sys.path through the conftest-free python_path of GOOD
+
+    sub = tmp_path / "cfg"
+    sub.mkdir()
+    torch.save(jobhelpers.build_model(seed=7, depth=3).state_dict(), sub / "w.pt")
+    (sub / "q.yaml").write_text("default: {weight: {bits: 5}}\n", encoding="utf-8")
+    text = GOOD.replace("  kwargs: {depth: 3}\nevaluator", "  kwargs: {depth: 3}\n"
+                        "  checkpoint: w.pt\nevaluator", 1)
+    text = text.replace("quant:\n  default: {weight: {bits: 6}}\n", "quant: q.yaml\n")
+    job = load_job(write(sub, text))
+    expected = jobhelpers.build_model(seed=7, depth=3)
+    got = job.build_model()
+    assert torch.equal(got[0].weight, expected[0].weight)
+    assert job.quant_config().default.weight.bits == 5
+
+
+def test_saved_resolved_job_loads_from_anywhere_with_the_same_settings(tmp_path):
+    job = load_job(write(tmp_path, GOOD))
+    copy = job.save(tmp_path / "elsewhere" / "job.yaml")
+    again = load_job(copy)
+    assert again.resolved() == job.resolved()
+    assert again.config.output_dir == tmp_path / "results"
+
+
+def test_example_inputs_factory_is_called_with_its_kwargs(tmp_path):
+    text = GOOD.replace("  - {shape: [2, 8], dtype: float32}",
+                        "  {factory: 'jobhelpers:make_inputs', kwargs: {batch: 5}}")
+    (x,) = load_job(write(tmp_path, text)).example_inputs()
+    assert x.shape == (5, 8)
+
+
+def test_missing_quant_file_points_at_init_config(tmp_path):
+    text = GOOD.replace("quant:\n  default: {weight: {bits: 6}}\n", "quant: missing.yaml\n")
+    job = load_job(write(tmp_path, text))
+    with pytest.raises(ConfigError, match="init-config"):
+        job.quant_config()
+
+
+BAD_CASES = {
+    "unknown top-level key": (
+        ("output_dir: results", "output_dri: results"),
+        [":15:", "output_dri", "unknown key", "did you mean 'output_dir'", "valid keys"]),
+    "unknown nested key": (
+        ("  max_loss: 0.03", "  max_los: 0.03"),
+        [":14:", "search.max_los", "did you mean 'max_loss'"]),
+    "wrong type": (
+        ("  max_loss: 0.03", "  max_loss: lots"),
+        [":14:", "search.max_loss", "must be an integer or a number", "got str"]),
+    "bool is not a number": (
+        ("  max_loss: 0.03", "  max_loss: true"),
+        ["search.max_loss", "got bool"]),
+    "missing required section": (
+        ("search:\n  max_loss: 0.03\n", ""),
+        ["missing required key 'search'"]),
+    "missing required field": (
+        ("  max_loss: 0.03", "  loss_type: relative"),
+        [":13:", "search", "missing required key 'max_loss'"]),
+    "module does not import": (
+        ("  factory: jobhelpers:build_model", "  factory: no_such_pkg.models:build"),
+        [":4:", "model.factory", "cannot import module 'no_such_pkg.models'", "python_path"]),
+    "attribute does not exist": (
+        ("  class: jobhelpers:TinyEvaluator", "  class: jobhelpers:TinyEvaluatr"),
+        [":7:", "evaluator.class", "has no attribute 'TinyEvaluatr'"]),
+    "import path without colon": (
+        ("  class: jobhelpers:TinyEvaluator", "  class: jobhelpers.TinyEvaluator"),
+        ["evaluator.class", "package.module:name"]),
+    "unknown strategy": (
+        ("  max_loss: 0.03", "  max_loss: 0.03\n  strategy: bisect"),
+        ["search.strategy", "unknown strategy 'bisect'", "available: binary"]),
+    "bad loss type": (
+        ("  max_loss: 0.03", "  max_loss: 0.03\n  loss_type: percent"),
+        ["search.loss_type", "'absolute' or 'relative'"]),
+    "bad dtype": (
+        ("dtype: float32", "dtype: float33"),
+        ["example_inputs.0.dtype", "float32", "valid:"]),
+    "bad shape": (
+        ("shape: [2, 8]", "shape: [2, -1]"),
+        ["example_inputs.0.shape.1", "positive integer"]),
+    "bad inline quant config": (
+        ("  default: {weight: {bits: 6}}", "  default: {weight: {bitz: 6}}"),
+        [":11:", "quant", "unknown key 'bitz'"]),
+    "budget too small": (
+        ("  max_loss: 0.03", "  max_loss: 0.03\n  max_evaluations: 1"),
+        ["search.max_evaluations", ">= 2"]),
+    "missing checkpoint": (
+        ("  kwargs: {depth: 3}\nevaluator", "  checkpoint: nope.pt\nevaluator"),
+        ["model.checkpoint", "nope.pt", "does not exist"]),
+    "not a mapping": (
+        (GOOD, "- just\n- a list\n"),
+        ["<top level>", "must be a mapping"]),
+    "invalid yaml": (
+        ("search:\n", "search: [\n"),
+        ["not valid YAML"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_malformed_job_gives_one_clear_error_naming_file_line_and_key(tmp_path, case):
+    (old, new), expected = BAD_CASES[case]
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    message = str(info.value)
+    assert str(path) in message
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_yaml_alias_bomb_is_refused_without_expanding(tmp_path):
+    bomb = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 10):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        bomb.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    path = write(tmp_path, GOOD + "\n".join(bomb) + "\n")
+    with pytest.raises(ConfigError, match=r"alias \*a is not allowed.*YAML bomb"):
+        load_job(path)
+
+
+def test_empty_job_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="is empty"):
+        load_job(write(tmp_path, "# nothing\n"))
+
+
+def test_model_factory_returning_a_non_module_is_a_model_error(tmp_path):
+    from autoquant.errors import ModelError
+
+    text = GOOD.replace("jobhelpers:build_model", "jobhelpers:make_inputs").replace(
+        "  kwargs: {depth: 3}\nevaluator", "  kwargs: {}\nevaluator")
+    with pytest.raises(ModelError, match="must return a torch.nn.Module"):
+        load_job(write(tmp_path, text)).build_model()
+
+
+def test_the_digits_example_job_file_validates():
+    job = load_job(TESTS.parent / "examples" / "digits" / "job.yaml")
+    assert job.config.model["factory"] == "examples.digits.batch:trained_model"
+    assert job.quant_config().default.weight.bits == 3
+    assert job.config.output_dir == TESTS.parent / "examples" / "digits" / "out" / "job"

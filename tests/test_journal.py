@@ -1,0 +1,139 @@
+"""The run journal: durable records, torn last lines, fingerprints, zero-repeat resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import autoquant as aq
+from autoquant.errors import ConfigError
+from autoquant.journal import (
+    JOURNAL_FILE,
+    Journal,
+    JournalMismatchError,
+    fingerprint,
+    read_journal,
+)
+from autoquant.sensitivity import LayerSensitivity
+from autoquant.strategy import TrialRecord
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jobhelpers  # noqa: E402
+
+PARTS = {"model": "m1", "quant": "q1", "search": "s1"}
+CONFIG = {"default": {"weight": {"bits": 6}, "activation": {"bits": 6}}}
+
+
+def record(i: int, passed: bool = True) -> TrialRecord:
+    return TrialRecord(index=i, label=f"t{i}", plan={"a": "w8a8", "b": "float"},
+                       fallback_layers=["b"], metric=0.9 - i / 100, loss=i / 100,
+                       passed=passed, seconds=0.5)
+
+
+def test_records_and_ranking_survive_a_reopen_with_resume(tmp_path):
+    journal = Journal.open(tmp_path, PARTS, resume=False)
+    ranking = [LayerSensitivity("b", 0.9, 0, 3), LayerSensitivity("a", 0.99, 1, 3)]
+    journal.append_ranking(ranking)
+    journal.append_record(record(0))
+    journal.append_record(record(1, passed=False))
+    again = Journal.open(tmp_path, PARTS, resume=True)
+    assert again.records == [record(0), record(1, passed=False)]
+    assert again.ranking == ranking
+    lines = (tmp_path / JOURNAL_FILE).read_text().splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["header", "ranking", "trial", "trial"]
+
+
+def test_torn_last_line_is_dropped_with_a_warning_and_appends_stay_valid(tmp_path, caplog):
+    journal = Journal.open(tmp_path, PARTS, resume=False)
+    journal.append_record(record(0))
+    path = tmp_path / JOURNAL_FILE
+    full = json.dumps({"type": "trial", "record": record(1).to_dict()})
+    with open(path, "ab") as handle:  # what a kill -9 in the middle of a write leaves
+        handle.write(full[: len(full) // 2].encode())
+    with caplog.at_level(logging.WARNING, logger="autoquant.journal"):
+        again = Journal.open(tmp_path, PARTS, resume=True)
+    assert "torn" in caplog.text
+    assert again.records == [record(0)]
+    again.append_record(record(1))
+    assert read_journal(path).records == [record(0), record(1)]
+    assert not read_journal(path).torn
+
+
+def test_torn_header_only_journal_starts_over(tmp_path):
+    (tmp_path / JOURNAL_FILE).write_text('{"type": "hea')
+    journal = Journal.open(tmp_path, PARTS, resume=True)
+    assert journal.records == [] and journal.ranking is None
+    assert read_journal(tmp_path / JOURNAL_FILE).header["fingerprint"] == PARTS
+
+
+def test_corrupt_line_before_the_last_is_an_error(tmp_path):
+    journal = Journal.open(tmp_path, PARTS, resume=False)
+    journal.append_record(record(0))
+    path = tmp_path / JOURNAL_FILE
+    lines = path.read_text().splitlines()
+    lines.insert(1, "garbage{")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="line 2 is corrupt"):
+        Journal.open(tmp_path, PARTS, resume=True)
+
+
+@pytest.mark.parametrize("part, words", [("model", "model weights"),
+                                         ("quant", "quant config"),
+                                         ("search", "search settings")])
+def test_fingerprint_mismatch_is_an_error_naming_what_changed(tmp_path, part, words):
+    Journal.open(tmp_path, PARTS, resume=False).append_record(record(0))
+    changed = {**PARTS, part: "other"}
+    with pytest.raises(JournalMismatchError, match=words):
+        Journal.open(tmp_path, changed, resume=True)
+
+
+def test_existing_journal_without_resume_or_overwrite_is_refused(tmp_path):
+    Journal.open(tmp_path, PARTS, resume=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        Journal.open(tmp_path, PARTS, resume=False)
+    fresh = Journal.open(tmp_path, {**PARTS, "model": "new"}, resume=False, overwrite=True)
+    assert fresh.records == []
+
+
+def test_fingerprint_changes_with_one_weight_and_not_with_the_budget():
+    model = jobhelpers.build_model()
+    base = fingerprint(model, CONFIG, {"max_loss": 0.03})
+    assert fingerprint(jobhelpers.build_model(), CONFIG, {"max_loss": 0.03}) == base
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1e-6
+    assert fingerprint(model, CONFIG, {"max_loss": 0.03})["model"] != base["model"]
+    assert fingerprint(model, CONFIG, {"max_loss": 0.02})["search"] != base["search"]
+
+
+def _search(tmp_path: Path, journal: Journal, log: Path, budget: int | None = None):
+    evaluator = jobhelpers.TinyEvaluator(depth=6, log=str(log))
+    return aq.auto_quantize(
+        jobhelpers.build_model(depth=6), evaluator, (torch.ones(2, 8),), max_loss=0.03,
+        config=CONFIG, max_evaluations=budget, on_record=journal.append_record,
+        preloaded=journal.records, ranking=journal.ranking,
+        progress=lambda stage, event, **info: journal.append_ranking(info["ranking"])
+        if (stage, event) == ("sensitivity", "end") and not info["reused"] else None)
+
+
+def test_resume_after_a_partial_run_repeats_no_evaluation_and_finds_the_same_plan(tmp_path):
+    full_log, part_log = tmp_path / "full.log", tmp_path / "part.log"
+    reference = _search(tmp_path / "a", Journal.open(tmp_path / "a", PARTS, resume=False),
+                        full_log)
+    assert reference.num_evaluations >= 4
+    # The budget stops the first run part-way, as a kill would; then resume without it.
+    partial = _search(tmp_path, Journal.open(tmp_path, PARTS, resume=False), part_log, budget=3)
+    assert partial.status == "budget_exhausted"
+    journal = Journal.open(tmp_path, PARTS, resume=True)
+    assert len(journal.records) == 3 and journal.ranking is not None
+    resumed = _search(tmp_path, journal, part_log)
+    seen = [json.dumps(json.loads(line)["plan"], sort_keys=True)
+            for line in part_log.read_text().splitlines()]
+    assert len(seen) == len(set(seen)) == reference.num_evaluations  # zero repeats
+    assert resumed.plan == reference.plan and resumed.status == reference.status
+    assert [r.metric for r in resumed.history] == [r.metric for r in reference.history]
+    assert [r.name for r in resumed.sensitivity] == [r.name for r in reference.sensitivity]
