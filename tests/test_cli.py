@@ -89,6 +89,7 @@ def test_run_in_a_subprocess_writes_every_artifact_and_a_schema_valid_report(tmp
     assert report["job"]["search"]["max_loss"] == 0.03
     assert report["run"] == {"resumed": False, "reused_evaluations": 0,
                              "new_evaluations": report["counts"]["evaluations"],
+                             "reused_evaluator_seconds": 0,
                              "journal": str(out / JOURNAL_FILE)}
     assert report["counts"]["fallback"] == len(report["fallback_layers"]) > 0
     html = (out / "report.html").read_text()
