@@ -150,6 +150,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     journal = Journal.open(out, parts, resume=args.resume, overwrite=args.overwrite,
                            meta={"job": str(job.path)})
     job.save(out / JOB_COPY)
+    # A report of an earlier run would now describe the wrong run (`autoquant report` must
+    # rebuild from the journal if this one is interrupted).
+    (out / REPORT_FILE).unlink(missing_ok=True)
     bars = ProgressBars(bars_enabled(args.quiet))
 
     def progress(stage: str, event: str, **info: Any) -> None:

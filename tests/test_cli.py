@@ -242,3 +242,26 @@ def test_export_calls_export_saved_with_the_run_directory_and_inputs(tmp_path, m
     (directory, path, opset, inputs), = calls
     assert directory == tmp_path / "out" and path == onnx and opset == 17
     assert inputs[0].shape == (2, 8)
+
+
+def test_ctrl_c_exits_130_and_report_then_describes_the_interrupted_run_not_an_old_one(
+        tmp_path, capsys, monkeypatch):
+    import jobhelpers
+
+    job = write_job(tmp_path)
+    assert main(["run", str(job), "-q"]) == EXIT_OK
+    calls = []
+    original = jobhelpers.TinyEvaluator.evaluate
+
+    def interrupted(self, model):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, model)
+
+    monkeypatch.setattr(jobhelpers.TinyEvaluator, "evaluate", interrupted)
+    assert main(["run", str(job), "-q", "--overwrite"]) == EXIT_INTERRUPTED
+    assert "--resume" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "out"), "-q"]) == EXIT_OK
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["counts"]["evaluations"] == 2
