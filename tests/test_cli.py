@@ -23,7 +23,8 @@ TESTS = ROOT / "tests"
 
 
 def write_job(folder: Path, *, max_loss: float = 0.03, budget: int | None = None,
-              sleep: float = 0.0, quant: str | None = None, out: str = "out") -> Path:
+              hang_on_call: int | None = None, quant: str | None = None,
+              out: str = "out") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     quant_text = quant or "{default: {weight: {bits: 6}, activation: {bits: 6}}}"
     text = f"""\
@@ -31,7 +32,7 @@ python_path: [{TESTS}]
 model: {{factory: "jobhelpers:build_model", kwargs: {{depth: 6}}}}
 evaluator:
   class: jobhelpers:TinyEvaluator
-  kwargs: {{depth: 6, log: {folder / 'evals.log'}, sleep: {sleep}}}
+  kwargs: {{depth: 6, log: {folder / 'evals.log'}, hang_on_call: {hang_on_call or 'null'}}}
 example_inputs: [{{shape: [2, 8]}}]
 quant: {quant_text}
 search: {{max_loss: {max_loss}, max_evaluations: {'null' if budget is None else budget}}}
@@ -135,14 +136,14 @@ def test_kill_9_mid_search_then_resume_repeats_no_evaluation_and_gives_the_same_
     assert main(["run", str(write_job(tmp_path / "ref")), "-q"]) == EXIT_OK
     reference = json.loads((tmp_path / "ref" / "out" / "report.json").read_text())
 
-    job = write_job(tmp_path / "run", sleep=0.3)
+    job = write_job(tmp_path / "run", hang_on_call=4)  # 3 trials journaled, then hangs
     out = tmp_path / "run" / "out"
     proc = cli("run", str(job))
     wait_for_trials(out, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     journaled = {plan_key(r.plan) for r in read_journal(out / JOURNAL_FILE).records}
-    assert 3 <= len(journaled) < reference["counts"]["evaluations"]
+    assert len(journaled) == 3 < reference["counts"]["evaluations"]
     before = len(evaluations(tmp_path / "run"))
 
     assert main(["run", str(job), "--resume", "-q"]) == EXIT_OK
@@ -161,10 +162,10 @@ def test_kill_9_mid_search_then_resume_repeats_no_evaluation_and_gives_the_same_
 @pytest.mark.slow
 def test_sigterm_exits_130_then_report_renders_the_interrupted_run_and_resume_finishes(
         tmp_path, capsys):
-    job = write_job(tmp_path, sleep=0.3)
+    job = write_job(tmp_path, hang_on_call=4)
     out = tmp_path / "out"
     proc = cli("run", str(job))
-    wait_for_trials(out, 2, proc)
+    wait_for_trials(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
