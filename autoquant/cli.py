@@ -150,6 +150,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     journal = Journal.open(out, parts, resume=args.resume, overwrite=args.overwrite,
                            meta={"job": str(job.path)})
     job.save(out / JOB_COPY)
+    # A report of an earlier run would now describe the wrong run (`autoquant report` must
+    # rebuild from the journal if this one is interrupted).
+    (out / REPORT_FILE).unlink(missing_ok=True)
     bars = ProgressBars(bars_enabled(args.quiet))
 
     def progress(stage: str, event: str, **info: Any) -> None:
@@ -166,9 +169,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     result.save(out)
-    reused_used = sum(1 for r in result.history if r in journal.records)
-    run = {"resumed": bool(args.resume and reused), "reused_evaluations": reused_used,
-           "new_evaluations": result.num_evaluations - reused_used,
+    reused_records = [r for r in result.history if r in journal.records]
+    run = {"resumed": bool(args.resume and reused), "reused_evaluations": len(reused_records),
+           "new_evaluations": result.num_evaluations - len(reused_records),
+           "reused_evaluator_seconds": sum(r.seconds for r in reused_records),
            "journal": str(journal.path)}
     report = build_report(result, job=job.resolved(), run=run)
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")

@@ -73,7 +73,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"Evaluations: {c['evaluations']}" + (f" ({reused} reused from the journal)"
                                               if reused else ""),
         f"Time: {_fmt(t.get('total'), '.1f')} s total, {_fmt(t.get('evaluator'), '.1f')} s "
-        "inside the evaluator",
+        "inside the evaluator" + (f" (+{run['reused_evaluator_seconds']:.1f} s in the "
+                                  "interrupted run)" if reused and
+                                  run.get("reused_evaluator_seconds") else ""),
     ]
     sizes = report.get("sizes")
     if sizes:
@@ -141,8 +143,13 @@ def plot_sensitivity(report: dict[str, Any]) -> bytes | None:
 
 
 def plot_trajectory(report: dict[str, Any]) -> bytes | None:
-    """PNG: each trial's metric against its number of fallback layers, with thresholds."""
-    trials = [t for t in report.get("trials", []) if t["label"] != "float"]
+    """PNG: each trial's metric against its number of fallback layers, with thresholds.
+
+    Quantized trials are green (pass) or red (fail) and numbered in evaluation order; the
+    float baseline sits at "every layer fell back"; the chosen plan is ringed.
+    """
+    all_trials = report.get("trials", [])
+    trials = [t for t in all_trials if t["label"] != "float"]
     plt = _pyplot()
     if plt is None or not trials:
         return None
@@ -154,9 +161,18 @@ def plot_trajectory(report: dict[str, Any]) -> bytes | None:
         ax.scatter([x], [y], color="#2ca02c" if t["passed"] else "#d62728", zorder=2, s=40)
         ax.annotate(str(t["index"]), (x, y), textcoords="offset points", xytext=(5, 5),
                     fontsize=8)
+    floats = [t for t in all_trials if t["label"] == "float"]
+    for t in floats:
+        ax.scatter([len(t["fallback_layers"])], [t["metric"]], marker="s", color="#1f77b4",
+                   zorder=2, s=40, label="float baseline")
+    chosen = next((t for t in trials if t["plan"] == report.get("plan")), None)
+    if chosen is not None:
+        ax.scatter([len(chosen["fallback_layers"])], [chosen["metric"]], s=220,
+                   facecolors="none", edgecolors="black", linewidths=1.5, zorder=3,
+                   label="chosen")
     base = (report.get("metrics") or {}).get("float")
     if base is not None:
-        ax.axhline(base, color="#1f77b4", linestyle=":", label=f"float {base:.4g}")
+        ax.axhline(base, color="#1f77b4", linestyle=":", linewidth=1)
     limit = threshold_metric(report)
     if limit is not None:
         ax.axhline(limit, color="#d62728", linestyle="--", label=f"threshold {limit:.4g}")
@@ -165,8 +181,8 @@ def plot_trajectory(report: dict[str, Any]) -> bytes | None:
     ax.set_xlabel("number of fallback layers")
     ax.set_ylabel("metric")
     ax.set_title("Search trajectory (numbers: evaluation order)")
-    n_layers = max(report["counts"]["layers"], max(xs))
-    ax.set_xlim(-0.5, n_layers + 0.5)
+    xmax = max([*xs, *(len(t["fallback_layers"]) for t in floats)])
+    ax.set_xlim(-0.5, xmax + 0.5)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return _png(fig)

@@ -55,26 +55,29 @@ class TinyEvaluator(Evaluator):
         seed: the seed `build_model` was called with (rebuilds the reference).
         depth: as for `build_model`.
         log: a file to append one JSON line per evaluate() call to, or None.
-        sleep: seconds to sleep in each evaluate() (to kill a run mid-search).
+        hang_on_call: the evaluate() call (1-based, per evaluator) that never returns, so a
+            test can kill the run at a known point; None never hangs.
     """
 
     def __init__(self, seed: int = 0, depth: int = 4, log: str | None = None,
-                 sleep: float = 0.0) -> None:
+                 hang_on_call: int | None = None) -> None:
         gen = torch.Generator().manual_seed(1234)
         self.batches = [torch.randn(32, 8, generator=gen) for _ in range(3)]
         reference = build_model(seed, depth)
         with torch.no_grad():
             self.reference = [reference(x) for x in self.batches]
         self.log = Path(log) if log else None
-        self.sleep = sleep
+        self.hang_on_call = hang_on_call
+        self.calls = 0
 
     def calibration(self, model: nn.Module) -> None:
         for x in self.batches:
             model(x)
 
     def evaluate(self, model: nn.Module) -> float:
-        if self.sleep:
-            time.sleep(self.sleep)
+        self.calls += 1
+        if self.calls == self.hang_on_call:
+            time.sleep(600)  # the test kills the process here
         with torch.no_grad():
             num = sum(float((model(x) - r).norm())
                       for x, r in zip(self.batches, self.reference, strict=True))

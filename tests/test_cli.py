@@ -23,7 +23,8 @@ TESTS = ROOT / "tests"
 
 
 def write_job(folder: Path, *, max_loss: float = 0.03, budget: int | None = None,
-              sleep: float = 0.0, quant: str | None = None, out: str = "out") -> Path:
+              hang_on_call: int | None = None, quant: str | None = None,
+              out: str = "out") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     quant_text = quant or "{default: {weight: {bits: 6}, activation: {bits: 6}}}"
     text = f"""\
@@ -31,7 +32,7 @@ python_path: [{TESTS}]
 model: {{factory: "jobhelpers:build_model", kwargs: {{depth: 6}}}}
 evaluator:
   class: jobhelpers:TinyEvaluator
-  kwargs: {{depth: 6, log: {folder / 'evals.log'}, sleep: {sleep}}}
+  kwargs: {{depth: 6, log: {folder / 'evals.log'}, hang_on_call: {hang_on_call or 'null'}}}
 example_inputs: [{{shape: [2, 8]}}]
 quant: {quant_text}
 search: {{max_loss: {max_loss}, max_evaluations: {'null' if budget is None else budget}}}
@@ -89,6 +90,7 @@ def test_run_in_a_subprocess_writes_every_artifact_and_a_schema_valid_report(tmp
     assert report["job"]["search"]["max_loss"] == 0.03
     assert report["run"] == {"resumed": False, "reused_evaluations": 0,
                              "new_evaluations": report["counts"]["evaluations"],
+                             "reused_evaluator_seconds": 0,
                              "journal": str(out / JOURNAL_FILE)}
     assert report["counts"]["fallback"] == len(report["fallback_layers"]) > 0
     html = (out / "report.html").read_text()
@@ -134,14 +136,14 @@ def test_kill_9_mid_search_then_resume_repeats_no_evaluation_and_gives_the_same_
     assert main(["run", str(write_job(tmp_path / "ref")), "-q"]) == EXIT_OK
     reference = json.loads((tmp_path / "ref" / "out" / "report.json").read_text())
 
-    job = write_job(tmp_path / "run", sleep=0.3)
+    job = write_job(tmp_path / "run", hang_on_call=4)  # 3 trials journaled, then hangs
     out = tmp_path / "run" / "out"
     proc = cli("run", str(job))
     wait_for_trials(out, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     journaled = {plan_key(r.plan) for r in read_journal(out / JOURNAL_FILE).records}
-    assert 3 <= len(journaled) < reference["counts"]["evaluations"]
+    assert len(journaled) == 3 < reference["counts"]["evaluations"]
     before = len(evaluations(tmp_path / "run"))
 
     assert main(["run", str(job), "--resume", "-q"]) == EXIT_OK
@@ -160,10 +162,10 @@ def test_kill_9_mid_search_then_resume_repeats_no_evaluation_and_gives_the_same_
 @pytest.mark.slow
 def test_sigterm_exits_130_then_report_renders_the_interrupted_run_and_resume_finishes(
         tmp_path, capsys):
-    job = write_job(tmp_path, sleep=0.3)
+    job = write_job(tmp_path, hang_on_call=4)
     out = tmp_path / "out"
     proc = cli("run", str(job))
-    wait_for_trials(out, 2, proc)
+    wait_for_trials(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
@@ -241,3 +243,26 @@ def test_export_calls_export_saved_with_the_run_directory_and_inputs(tmp_path, m
     (directory, path, opset, inputs), = calls
     assert directory == tmp_path / "out" and path == onnx and opset == 17
     assert inputs[0].shape == (2, 8)
+
+
+def test_ctrl_c_exits_130_and_report_then_describes_the_interrupted_run_not_an_old_one(
+        tmp_path, capsys, monkeypatch):
+    import jobhelpers
+
+    job = write_job(tmp_path)
+    assert main(["run", str(job), "-q"]) == EXIT_OK
+    calls = []
+    original = jobhelpers.TinyEvaluator.evaluate
+
+    def interrupted(self, model):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, model)
+
+    monkeypatch.setattr(jobhelpers.TinyEvaluator, "evaluate", interrupted)
+    assert main(["run", str(job), "-q", "--overwrite"]) == EXIT_INTERRUPTED
+    assert "--resume" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "out"), "-q"]) == EXIT_OK
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["counts"]["evaluations"] == 2

@@ -1,0 +1,123 @@
+"""Reports and progress: report.json schema, report.md/html with plots, tqdm bars."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+import autoquant as aq
+from autoquant.journal import Journal, read_journal
+from autoquant.progress import ProgressBars, bars_enabled
+from autoquant.render import render_report, summary_lines, threshold_metric
+from autoquant.report import report_from_journal, report_schema
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jobhelpers  # noqa: E402
+
+CONFIG = {"default": {"weight": {"bits": 6}, "activation": {"bits": 6}}}
+
+
+@pytest.fixture(scope="module")
+def result():
+    return aq.auto_quantize(jobhelpers.build_model(depth=6), jobhelpers.TinyEvaluator(depth=6),
+                            (torch.ones(2, 8),), max_loss=0.03, config=CONFIG)
+
+
+def test_report_of_a_library_search_validates_against_the_schema(result):
+    report = result.to_report()
+    jsonschema.validate(report, report_schema())
+    assert report["schema_version"] == 2 and report["job"] is None
+    assert report["fallback_layers"] == result.fallback_layers
+
+
+def test_schema_rejects_a_report_missing_a_field_or_with_a_bad_status(result):
+    report = result.to_report()
+    broken = {k: v for k, v in report.items() if k != "metrics"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, report_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**report, "status": "great"}, report_schema())
+
+
+def test_markdown_and_html_carry_summary_plots_and_the_layer_table(result, tmp_path):
+    report = result.to_report()
+    written = render_report(report, tmp_path)
+    assert {p.name for p in written} == {"sensitivity.png", "trajectory.png", "report.md",
+                                         "report.html"}
+    md = (tmp_path / "report.md").read_text()
+    html = (tmp_path / "report.html").read_text()
+    n = len(result.layers)
+    assert f"Layers quantized: {len(result.quantized_layers)}/{n}" in md
+    assert "![Sensitivity](plots/sensitivity.png)" in md
+    for name in result.fallback_layers:
+        assert f"| {name} | Linear |" in md and "fell back" in md
+    assert html.count("<img alt=") == 2 and "src='plots/" not in html
+    assert (tmp_path / "plots" / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reports_render_without_matplotlib(result, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    written = render_report(result.to_report(), tmp_path)
+    assert {p.name for p in written} == {"report.md", "report.html"}
+    assert "<img" not in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize("higher, loss_type, expected", [
+    (True, "absolute", 0.98), (False, "absolute", 1.02), (True, "relative", 0.98 * 1.0),
+    (False, "relative", 1.02)])
+def test_threshold_line_follows_direction_and_loss_type(higher, loss_type, expected):
+    report = {"metrics": {"float": 1.0}, "settings": {"max_loss": 0.02, "loss_type": loss_type,
+                                                      "higher_is_better": higher}}
+    assert threshold_metric(report) == pytest.approx(expected)
+    report["metrics"]["float"] = -2.0
+    if loss_type == "relative":  # relative to |float|, never flipping the direction
+        assert threshold_metric(report) == pytest.approx(-2.0 + (0.04 if not higher else -0.04))
+
+
+def test_report_rebuilt_from_an_unfinished_journal_is_interrupted_and_schema_valid(tmp_path):
+    journal = Journal.open(tmp_path, {"model": "m"}, resume=False)
+    aq.auto_quantize(jobhelpers.build_model(depth=6), jobhelpers.TinyEvaluator(depth=6),
+                     (torch.ones(2, 8),), max_loss=0.03, config=CONFIG, max_evaluations=3,
+                     on_record=journal.append_record,
+                     progress=lambda s, e, **i: journal.append_ranking(i["ranking"])
+                     if (s, e) == ("sensitivity", "end") else None)
+    report = report_from_journal(read_journal(journal.path), {"search": {"max_loss": 0.03}})
+    jsonschema.validate(report, report_schema())
+    assert report["status"] == "interrupted" and report["counts"]["evaluations"] == 3
+    assert any("stopped after 3 evaluation" in line for line in summary_lines(report))
+    render_report(report, tmp_path)
+    assert "INTERRUPTED" in (tmp_path / "report.md").read_text()
+
+
+def test_progress_bars_show_calibration_sensitivity_and_search(capsys):
+    bars = ProgressBars(enabled=True)
+    result = aq.auto_quantize(jobhelpers.build_model(depth=6), jobhelpers.TinyEvaluator(depth=6),
+                              (torch.ones(2, 8),), max_loss=0.03, config=CONFIG, progress=bars)
+    bars.close()
+    err = capsys.readouterr().err
+    assert "calibration: 3batch" in err  # TinyEvaluator calibrates on 3 batches
+    assert "sensitivity: 100%" in err and "3/3" in err
+    n = result.num_evaluations
+    assert "search: 100%" in err and f"{n}/{n}" in err
+
+
+def test_bars_are_off_when_quiet_or_stderr_is_not_a_terminal(capsys):
+    assert bars_enabled(quiet=True) is False
+    assert bars_enabled() is False  # pytest captures stderr: not a TTY
+    ProgressBars(enabled=False)("search", "start", total=3)
+    assert capsys.readouterr().err == ""
+
+
+def test_report_json_from_cli_run_round_trips_through_report_command(tmp_path, result, capsys):
+    from autoquant.cli import main
+
+    result.save(tmp_path)
+    (tmp_path / "report.md").unlink(missing_ok=True)
+    assert main(["report", str(tmp_path), "-q"]) == 0
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()
+    assert json.loads((tmp_path / "report.json").read_text())["status"] == result.status
