@@ -64,6 +64,7 @@ class BinarySearchStrategy(SearchStrategy):
         self._todo: list[str] = []
         self._refine_left = 0
         self._pending = 0
+        self._known: dict[str, bool] = {}
 
     def estimate(self) -> int:
         width = self.context.workers if self.context else 1
@@ -106,16 +107,21 @@ class BinarySearchStrategy(SearchStrategy):
         if self.phase == "verify":
             return [self._plan(self.best_k + 1)]
         if self.phase == "refine":
-            if not self._todo or self._refine_left <= 0:
-                self.phase = "done"
-                return []
-            self._refine_left -= 1
-            layer = self._todo.pop(0)
-            self._candidate = layer
-            return [self.context.plan(fallback=[n for n in self._current if n != layer])]
+            while self._todo and self._refine_left > 0:
+                layer = self._todo.pop(0)
+                plan = self.context.plan(fallback=[n for n in self._current if n != layer])
+                known = self._known.get(plan_key(plan))
+                if known is None:
+                    self._refine_left -= 1
+                    self._candidate = layer
+                    return [plan]
+                if known:  # already evaluated (e.g. a bisection prefix): no budget spent
+                    self._current.remove(layer)
+            self.phase = "done"
         return []
 
     def tell(self, plan: QuantPlan, record: TrialRecord) -> None:
+        self._known[plan_key(plan)] = record.passed
         if self.phase == "first":
             if record.passed:
                 self.best_k, self.phase = 0, "done"
