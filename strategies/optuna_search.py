@@ -106,6 +106,13 @@ class OptunaStrategy(SearchStrategy):
                 "Use a URL Optuna accepts (e.g. 'sqlite:///study.db') and the same "
                 "objectives as the study was created with."
             ) from err
+        expected = 2 if self.objectives == "multi" else 1
+        if len(self.study.directions) != expected:
+            raise ConfigError(
+                f"the stored study {self.study_name!r} has {len(self.study.directions)} "
+                f"objective(s) but objectives={self.objectives!r} needs {expected}; use the "
+                "objectives it was created with, or a new study_name"
+            )
         self.choices = {
             n: list(dict.fromkeys([context.quant_schemes[n], *self.extra,
                                    context.fallback_schemes[n]]))

@@ -97,6 +97,13 @@ def test_sqlite_study_resumes_from_the_best_stored_plan(tmp_path) -> None:
     assert len(second.fallback_layers) <= len(first.fallback_layers) and second.met
 
 
+def test_resuming_with_other_objectives_is_a_config_error(tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(storage=storage, study_name="one", direction="minimize")
+    with pytest.raises(ConfigError, match="objective"):
+        run(OptunaStrategy(storage=storage, study_name="one", objectives="multi"))
+
+
 def test_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="study_name"):
         OptunaStrategy(storage="sqlite:///x.db")
