@@ -25,7 +25,12 @@ from autoquant.result import CONFIG_FILE, STATE_FILE, SearchResult, final_config
 from autoquant.search import TrialRunner, make_decision, run_search
 from autoquant.sensitivity import LayerSensitivity, SensitivityMetric, compute_sensitivity
 from autoquant.strategy import STRATEGIES, SearchContext, SearchStrategy, TrialRecord
-from autoquant.trust import holdout_check, monotonicity_violations, ranking_audit
+from autoquant.trust import (
+    check_trust_args,
+    holdout_check,
+    monotonicity_violations,
+    ranking_audit,
+)
 
 __all__ = [
     "auto_quantize",
@@ -144,6 +149,7 @@ def auto_quantize(
     )
     _check_budget(max_evaluations)
     check_workers(workers)
+    check_trust_args(holdout, audit)
     cfg = _resolve_config(config)
     search = _make_strategy(strategy, dict(strategy_options or {}))
     qmodel = QuantModel(model, cfg, example_inputs)

@@ -29,7 +29,13 @@ from autoquant.qmodel import QuantModel, call_evaluator
 from autoquant.search import BudgetExhausted, Decision, TrialRunner
 from autoquant.strategy import SearchContext, TrialRecord
 
-__all__ = ["spearman", "holdout_check", "ranking_audit", "monotonicity_violations"]
+__all__ = [
+    "check_trust_args",
+    "spearman",
+    "holdout_check",
+    "ranking_audit",
+    "monotonicity_violations",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,14 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     if vx == 0 or vy == 0:
         return None
     return cov / math.sqrt(vx * vy)
+
+
+def check_trust_args(holdout: Any, audit: Any) -> None:
+    """Validate the `holdout` and `audit` arguments of `auto_quantize` before any work."""
+    if holdout is not None and not isinstance(holdout, bool):
+        raise ConfigError(f"holdout must be None, True or False, got {holdout!r}")
+    if isinstance(audit, bool) or not isinstance(audit, int) or audit < 0:
+        raise ConfigError(f"audit must be an int >= 0 (layers to audit), got {audit!r}")
 
 
 def holdout_check(qmodel: QuantModel, evaluator: Any, plan: QuantPlan, float_plan: QuantPlan,
@@ -113,8 +127,7 @@ def ranking_audit(runner: TrialRunner, context: SearchContext, count: int) -> di
 
     Stops early (``"complete": False``) if the evaluation budget runs out.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ConfigError(f"audit must be an int >= 0 (layers to audit), got {count!r}")
+    check_trust_args(None, count)
     rows: list[dict[str, Any]] = []
     complete = True
     plans = []

@@ -64,6 +64,8 @@ def test_audit_stops_at_the_budget() -> None:
     assert not result.checks["audit"]["complete"]
     with pytest.raises(ConfigError, match="audit"):
         run(SyntheticEvaluator(DROPS), audit=-1)
+    with pytest.raises(ConfigError, match="holdout"):
+        run(SyntheticEvaluator(DROPS), holdout="yes")
 
 
 def test_holdout_check_reports_both_figures_and_catches_overfitting() -> None:
