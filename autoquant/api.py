@@ -18,12 +18,19 @@ from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError
 from autoquant.io import atomic_write_text
 from autoquant.metric import AccuracyCriterion, LossType
+from autoquant.parallel import WorkerPool, check_workers
 from autoquant.plan import FLOAT, plan_key
 from autoquant.qmodel import QuantModel, find_quantizable_layers
 from autoquant.result import CONFIG_FILE, STATE_FILE, SearchResult, final_config
 from autoquant.search import TrialRunner, make_decision, run_search
 from autoquant.sensitivity import LayerSensitivity, SensitivityMetric, compute_sensitivity
 from autoquant.strategy import STRATEGIES, SearchContext, SearchStrategy, TrialRecord
+from autoquant.trust import (
+    check_trust_args,
+    holdout_check,
+    monotonicity_violations,
+    ranking_audit,
+)
 
 __all__ = [
     "auto_quantize",
@@ -92,6 +99,9 @@ def auto_quantize(
     preloaded: Sequence[TrialRecord] = (),
     ranking: Sequence[LayerSensitivity] | None = None,
     progress: Any = None,
+    workers: int = 1,
+    holdout: bool | None = None,
+    audit: int = 0,
 ) -> SearchResult:
     """Find the most-quantized version of `model` whose metric loss is within `max_loss`.
 
@@ -123,6 +133,13 @@ def auto_quantize(
             ``("calibration", "end")``, ``("sensitivity", "start", model=...)``,
             ``("sensitivity", "end", ranking=..., reused=bool)``, ``("search", "start",
             total=int | None)`` and ``("search", "trial", record=..., reused=bool)``.
+        workers: evaluate the independent plans of each strategy step in this many
+            spawned processes (see `autoquant.parallel`); 1 evaluates in this process.
+        holdout: re-check the final plan with ``evaluator.evaluate_holdout`` (None: if the
+            evaluator has it; True: required; False: never). See `autoquant.trust`.
+        audit: evaluate the `audit` worst-ranked layers alone quantized after the search
+            and report Spearman's rho of the ranking against the measured losses
+            (these evaluations count in ``num_evaluations``).
 
     Returns:
         A `SearchResult`; it always comes back, with ``status`` saying whether the budget
@@ -137,6 +154,8 @@ def auto_quantize(
         max_loss, loss_type, bool(getattr(evaluator, "higher_is_better", True))
     )
     _check_budget(max_evaluations)
+    check_workers(workers)
+    check_trust_args(holdout, audit)
     cfg = _resolve_config(config)
     search = _make_strategy(strategy, dict(strategy_options or {}))
     qmodel = QuantModel(model, cfg, example_inputs)
@@ -157,6 +176,7 @@ def auto_quantize(
     t_sens = time.perf_counter() - start
 
     names = qmodel.searchable
+    rows = qmodel.layer_rows()
     context = SearchContext(
         ranking=tuple(r.name for r in ranking if r.name in set(names)),
         scores={r.name: r.score for r in ranking},
@@ -164,21 +184,37 @@ def auto_quantize(
         fallback_schemes={n: qmodel.layers[n].config.fallback_scheme for n in names},
         max_evaluations=None if max_evaluations is None else max_evaluations - 1,
         options=dict(strategy_options or {}),
+        workers=workers,
+        params={r["name"]: r["parameters"] for r in rows},
     )
+    pool = WorkerPool(qmodel, evaluator, workers) if workers > 1 else None
     runner = TrialRunner(
         qmodel, evaluator, make_decision(evaluator, criterion.check),
         max_evaluations=max_evaluations, on_record=on_record,
-        preloaded={plan_key(r.plan): r for r in preloaded},
+        preloaded={plan_key(r.plan): r for r in preloaded}, pool=pool,
     )
     start = time.perf_counter()
-    outcome = run_search(runner, search, context, qmodel.float_plan(), progress=progress)
+    checks: dict[str, Any] = {}
+    try:
+        outcome = run_search(runner, search, context, qmodel.float_plan(),
+                             progress=progress)
+        checks["monotonicity"] = monotonicity_violations(runner.history, context)
+        if audit:
+            checks["audit"] = ranking_audit(runner, context, audit)
+    finally:
+        if pool is not None:
+            pool.close()
     t_search = time.perf_counter() - start
 
     best = outcome.best
     plan = dict(best.plan) if best is not None else qmodel.float_plan()
     skipped = qmodel.skipped + qmodel.never_executed
     quantized = [n for n in names if plan.get(n, FLOAT) != FLOAT]
-    rows = qmodel.layer_rows()
+    start = time.perf_counter()
+    checked = holdout_check(qmodel, evaluator, plan, qmodel.float_plan(),
+                            make_decision(evaluator, criterion.check), holdout)
+    if checked is not None:
+        checks["holdout"] = {**checked, "seconds": time.perf_counter() - start}
     qmodel.finalize(plan)
     fallback = [n for n in context.ranking if plan.get(n) != context.quant_schemes[n]]
     result = SearchResult(
@@ -214,7 +250,9 @@ def auto_quantize(
             "higher_is_better": criterion.higher_is_better,
             "max_evaluations": max_evaluations,
             "folded_bn": [list(p) for p in qmodel.folded],
+            "workers": workers,
         },
+        checks=checks,
     )
     logger.info("search finished: %s", result.summary().replace("\n", "; "))
     return result

@@ -9,7 +9,9 @@ final, loss), ``counts`` (layers, quantized, fallback, skipped, evaluations), ``
 (seconds: total, calibration, sensitivity, search, evaluator), ``sizes`` (float and
 quantized weight bytes), ``layers`` (one row per quantizable layer: name, type,
 parameters, score, rank, precision, skipped), ``trials`` (every evaluation), ``plan``,
-``fallback_layers`` and ``config``.
+``fallback_layers``, ``effective_bits`` (weights and activations, see
+`effective_bits`), ``checks`` (held-out check, ranking audit, monotonicity) and
+``config``.
 
 Version 2 added ``job``, ``run``, ``fallback_layers``,
 ``environment.autoquant/numpy/cpu_count`` and the ``interrupted`` status (a report rebuilt
@@ -31,8 +33,8 @@ from autoquant.plan import FLOAT, parse_scheme
 if TYPE_CHECKING:
     from autoquant.result import SearchResult
 
-__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "environment", "model_sizes",
-           "report_from_journal", "report_schema"]
+__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "effective_bits", "environment",
+           "model_sizes", "report_from_journal", "report_schema"]
 
 REPORT_SCHEMA_VERSION = 2
 
@@ -77,6 +79,35 @@ def model_sizes(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str,
         quant_bytes += row["parameters"] * 4 if bits is None else -(-row["parameters"] * bits[0]
                                                                      // 8)
     return {"float_weight_bytes": float_bytes, "quantized_weight_bytes": quant_bytes}
+
+
+def effective_bits(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str, float]:
+    """Average bit widths of the quantizable layers under `plan` (float counts as 32).
+
+    ``weights`` is weighted by each layer's parameter count, so it is the storage cost per
+    weight. ``activations`` is the plain mean over layers of the input-activation bits (the
+    per-call input size is not known statically, so every layer counts once). Layers not in
+    the plan (skipped) are float.
+
+    Example:
+        >>> effective_bits([{"name": "a", "parameters": 3}, {"name": "b", "parameters": 1}],
+        ...                {"a": "w8a8", "b": "float"})
+        {'weights': 14.0, 'activations': 20.0}
+    """
+    if not layers:
+        return {"weights": 32.0, "activations": 32.0}
+    w_total = a_total = 0.0
+    params = 0
+    for row in layers:
+        bits = parse_scheme(plan.get(row["name"], FLOAT))
+        w_bits, a_bits = (32, 32) if bits is None else bits
+        w_total += w_bits * row["parameters"]
+        params += row["parameters"]
+        a_total += a_bits
+    return {
+        "weights": w_total / params if params else 32.0,
+        "activations": a_total / len(layers),
+    }
 
 
 def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
@@ -127,6 +158,8 @@ def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
         },
         "timings": dict(result.timings),
         "sizes": model_sizes(result.layers, result.plan),
+        "effective_bits": effective_bits(result.layers, result.plan),
+        "checks": dict(result.checks),
         "layers": layers,
         "trials": [r.to_dict() for r in result.history],
         "plan": dict(result.plan),

@@ -76,6 +76,10 @@ class SearchResult:
         timings: seconds spent: total, calibration, sensitivity, search, evaluator.
         layers: per-layer rows (name, type, parameters) of every quantizable layer.
         settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget).
+        checks: trust checks (`autoquant.trust`): ``holdout`` (float and final metric on the
+            evaluator's held-out data), ``audit`` (per-layer measured drops and Spearman's
+            rho against the proxy ranking) and ``monotonicity`` (pass/fail violations
+            among the prefix plans evaluated); a key is absent when its check did not run.
     """
 
     status: str
@@ -97,6 +101,15 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_bits(self) -> dict[str, float]:
+        """Average weight bits (parameter-weighted) and activation bits (per layer) of the
+        quantizable layers, float counting as 32 (see `autoquant.report.effective_bits`)."""
+        from autoquant.report import effective_bits
+
+        return effective_bits(self.layers, self.plan)
 
     def summary(self) -> str:
         """A few lines a person reads in ten seconds."""
@@ -109,9 +122,22 @@ class SearchResult:
             f"{self.settings.get('loss_type', '')})",
             f"layers quantized: {len(self.quantized_layers)}/{n}; fell back: "
             f"{', '.join(self.fallback_layers) or 'none'}",
+            f"effective bits: weights {self.effective_bits['weights']:.2f}, activations "
+            f"{self.effective_bits['activations']:.2f}",
             f"evaluations: {self.num_evaluations}   time: {self.timings.get('total', 0):.1f}s "
             f"({self.timings.get('evaluator', 0):.1f}s in the evaluator)",
         ]
+        holdout = self.checks.get("holdout")
+        if holdout:
+            lines.append(f"held-out: float {holdout['float_metric']:.6g}, final "
+                         f"{holdout['metric']:.6g}, loss {holdout['loss']:.6g} "
+                         f"({'pass' if holdout['passed'] else 'FAIL'})")
+        audit = self.checks.get("audit")
+        if audit:
+            lines.append(f"ranking audit: {len(audit['layers'])} layer(s), Spearman rho "
+                         f"{_fmt(audit['spearman_rho'])}")
+        if self.checks.get("monotonicity"):
+            lines.append(f"monotonicity violations: {len(self.checks['monotonicity'])}")
         return "\n".join(lines)
 
     def to_report(self) -> dict[str, Any]:

@@ -79,8 +79,10 @@ class TrialRunner:
     history: list[TrialRecord] = field(default_factory=list)
     evaluator_seconds: float = 0.0
     float_metric: float | None = None
+    pool: Any = None  # an autoquant.parallel.WorkerPool when workers > 1
     _cache: dict[str, TrialRecord] = field(default_factory=dict)
     _ranking: list[str] = field(default_factory=list)
+    _prefetched: dict[str, tuple[Any, float]] = field(default_factory=dict)
 
     @property
     def num_evaluations(self) -> int:
@@ -92,6 +94,28 @@ class TrialRunner:
         order = self._ranking or list(plan)
         quant = {n: self.qmodel.layers[n].config.scheme for n in plan}
         return [n for n in order if n in plan and plan[n] != quant[n]]
+
+    def prefetch(self, plans: list[QuantPlan]) -> None:
+        """Evaluate the new plans among `plans` at once in the worker pool (if any).
+
+        Only the plans `evaluate` would run, in order and within the budget, are sent; their
+        raw outcomes wait until `evaluate` turns them into records in the asked order, so
+        indices, history and the strategy's view are the same as with one worker.
+        """
+        if self.pool is None:
+            return
+        todo: dict[str, QuantPlan] = {}
+        for plan in plans:
+            key = plan_key(plan)
+            if key not in self._cache and key not in self.preloaded:
+                todo.setdefault(key, plan)
+        keys = list(todo)
+        if self.max_evaluations is not None:
+            keys = keys[:max(0, self.max_evaluations - self.num_evaluations)]
+        if len(keys) < 2:
+            return
+        for key, outcome in zip(keys, self.pool.evaluate([todo[k] for k in keys]), strict=True):
+            self._prefetched[key] = outcome
 
     def evaluate(self, plan: QuantPlan, label: str) -> TrialRecord:
         """The record of `plan`: from the cache, else evaluated (BudgetExhausted if none left)."""
@@ -117,11 +141,15 @@ class TrialRunner:
 
     def _run(self, plan: QuantPlan, label: str) -> TrialRecord:
         index = self.num_evaluations
-        self.qmodel.apply_plan(plan)
-        start = time.perf_counter()
         where = f"in trial {index} ({label})"
-        value = call_evaluator(self.evaluator, "evaluate", self.qmodel.model, where)
-        seconds = time.perf_counter() - start
+        done = self._prefetched.pop(plan_key(plan), None)
+        if done is not None:
+            value, seconds = done
+        else:
+            self.qmodel.apply_plan(plan)
+            start = time.perf_counter()
+            value = call_evaluator(self.evaluator, "evaluate", self.qmodel.model, where)
+            seconds = time.perf_counter() - start
         self.evaluator_seconds += seconds
         metric = check_metric_value(value, f"{type(self.evaluator).__name__}.evaluate() {where}")
         if self.float_metric is None:
@@ -200,6 +228,7 @@ def run_search(
         plans = strategy.ask()
         if not plans:
             break
+        runner.prefetch(plans)
         for plan in plans:
             k = len(runner.fallback_layers(plan))
             label = "all quantized" if k == 0 else f"fallback {k}"
@@ -210,6 +239,7 @@ def run_search(
                 break
             visited.append(record)
             strategy.tell(plan, record)
+    strategy.finish()
     quant = context.quant_schemes
     quantized = [r for r in visited if any(s != FLOAT for s in r.plan.values())]
     full = next((r for r in visited if not runner.fallback_layers(r.plan)), None)

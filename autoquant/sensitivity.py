@@ -86,9 +86,13 @@ class CosineSimilarity(SensitivityMetric):
 
 SENSITIVITY_METRICS: Registry[type[SensitivityMetric]] = Registry(
     "sensitivity metric",
-    {"cosine": "autoquant.sensitivity:CosineSimilarity"},
+    {
+        "cosine": "autoquant.sensitivity:CosineSimilarity",
+        "mse": "autoquant.metrics_extra:SQNRMetric",
+        "kl": "autoquant.metrics_extra:KLMetric",
+    },
     entry_point_group="autoquant.sensitivity",
-    aliases={"CosineSimilarity": "cosine"},
+    aliases={"CosineSimilarity": "cosine", "sqnr": "mse"},
 )
 
 

@@ -65,6 +65,7 @@ class SearchContext:
         max_evaluations: the budget of evaluations left after the float baseline, or None.
         workers: how many plans the core can evaluate at once.
         options: strategy-specific options from the user.
+        params: each layer's parameter count (for effective-bits objectives).
     """
 
     ranking: tuple[str, ...]
@@ -74,6 +75,7 @@ class SearchContext:
     max_evaluations: int | None = None
     workers: int = 1
     options: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, int] = field(default_factory=dict)
 
     def plan(self, fallback: Iterable[str] = (), overrides: Mapping[str, str] | None = None
              ) -> QuantPlan:
@@ -118,10 +120,18 @@ class SearchStrategy(ABC):
     def tell(self, plan: QuantPlan, record: TrialRecord) -> None:
         """The outcome of one asked plan."""
 
+    def finish(self) -> None:  # noqa: B027 - optional hook
+        """Called once when the loop ends (finished or out of budget); release resources."""
+
 
 STRATEGIES: Registry[type[SearchStrategy]] = Registry(
     "strategy",
-    {"binary": "strategies.binary:BinarySearchStrategy"},
+    {
+        "binary": "strategies.binary:BinarySearchStrategy",
+        "greedy": "strategies.greedy:GreedyStrategy",
+        "ladder": "strategies.ladder:LadderStrategy",
+        "optuna": "strategies.optuna_search:OptunaStrategy",
+    },
     entry_point_group="autoquant.strategies",
     aliases={"BinarySearch": "binary"},
 )

@@ -1,0 +1,215 @@
+"""Optuna study over per-layer precision, seeded with the `binary` result.
+
+Each Optuna trial picks one scheme per searchable layer among ``choices``: the layer's
+quantized scheme, the optional ladder rungs and its fallback. The strategy first runs a
+plain binary search (through the core, so those plans are cached and counted), adds every
+plan it evaluated to the study as a finished trial (no re-evaluation), and enqueues the
+binary answer so the sampler starts from a known-good point. Then it asks Optuna for
+``n_trials`` more plans. Plans Optuna proposes twice are served from the core's cache.
+
+Objectives (minimised):
+
+- ``"single"``: the effective weight bits (parameter-weighted, float = 32) of a passing
+  plan; a failing plan scores ``32 + 1 + loss`` (worse than any passing plan).
+- ``"multi"``: the pair (loss, effective weight bits), a Pareto front (NSGA-II).
+
+The core picks the final plan from every evaluated record (most layers quantized, then
+fewest float layers, then lowest loss), whatever the objective.
+
+``storage`` is None (in memory), a ``sqlite:///path.db`` URL or any database URL Optuna
+accepts; with a ``study_name`` and storage several processes or machines share one study
+(each runs `auto_quantize` with this strategy, and each sampler sees the others' trials).
+A second run on an existing study resumes it: it skips the binary seed and enqueues the
+best passing plan stored in the study instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from autoquant.errors import ConfigError
+from autoquant.plan import FLOAT, QuantPlan, parse_scheme, plan_key, scheme_label
+from autoquant.strategy import SearchContext, SearchStrategy, TrialRecord
+from strategies.binary import BinarySearchStrategy
+
+__all__ = ["OptunaStrategy"]
+
+logger = logging.getLogger(__name__)
+
+_FAIL_OFFSET = 33.0  # a failing plan scores above any passing plan's effective bits (<= 32)
+
+
+class OptunaStrategy(SearchStrategy):
+    """Per-layer precision search with Optuna's ask/tell, seeded with `binary`.
+
+    Args:
+        n_trials: Optuna trials this run asks for after the seed (cached plans included).
+        objectives: ``"single"`` (effective bits, fail-penalised) or ``"multi"``
+            (loss, effective bits).
+        ladder: intermediate bit widths offered besides quantized and fallback, e.g. [16].
+        storage: None (in memory), ``"sqlite:///file.db"`` or any Optuna storage URL.
+        study_name: the study to create or resume (required to share a stored study).
+        seed: the sampler's seed (runs are deterministic given the study's history).
+        seed_with_binary: run the binary search first and enqueue its answer.
+    """
+
+    name = "optuna"
+
+    def __init__(self, n_trials: int = 30, objectives: str = "single",
+                 ladder: Sequence[int] = (), storage: str | None = None,
+                 study_name: str | None = None, seed: int = 0,
+                 seed_with_binary: bool = True) -> None:
+        if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
+            raise ConfigError(f"n_trials must be an int >= 0, got {n_trials!r}")
+        if objectives not in ("single", "multi"):
+            raise ConfigError(f"objectives must be 'single' or 'multi', got {objectives!r}")
+        if storage is not None and not isinstance(storage, str):
+            raise ConfigError(
+                f"storage must be None or a URL such as 'sqlite:///study.db', got {storage!r}"
+            )
+        if storage is not None and study_name is None:
+            raise ConfigError("a stored study needs a study_name, e.g. study_name='resnet-int8'")
+        super().__init__(n_trials=n_trials, objectives=objectives, ladder=list(ladder),
+                         storage=storage, study_name=study_name, seed=seed,
+                         seed_with_binary=seed_with_binary)
+        self.n_trials = n_trials
+        self.objectives = objectives
+        self.extra = [scheme_label(b, b) for b in ladder]
+        self.storage = storage
+        self.study_name = study_name
+        self.seed = seed
+        self.seed_with_binary = seed_with_binary
+
+    # -- setup -----------------------------------------------------------------------------
+    def setup(self, context: SearchContext) -> None:
+        super().setup(context)
+        import optuna
+
+        self._optuna = optuna
+        sampler: Any
+        if self.objectives == "multi":
+            sampler = optuna.samplers.NSGAIISampler(seed=self.seed)
+            kwargs: dict[str, Any] = {"directions": ["minimize", "minimize"]}
+        else:
+            sampler = optuna.samplers.TPESampler(seed=self.seed)
+            kwargs = {"direction": "minimize"}
+        try:
+            self.study = optuna.create_study(
+                storage=self.storage, sampler=sampler, study_name=self.study_name,
+                load_if_exists=True, **kwargs,
+            )
+        except (ValueError, ImportError) as err:
+            raise ConfigError(
+                f"cannot open the Optuna study {self.study_name!r} at {self.storage!r}: {err}. "
+                "Use a URL Optuna accepts (e.g. 'sqlite:///study.db') and the same "
+                "objectives as the study was created with."
+            ) from err
+        expected = 2 if self.objectives == "multi" else 1
+        if len(self.study.directions) != expected:
+            raise ConfigError(
+                f"the stored study {self.study_name!r} has {len(self.study.directions)} "
+                f"objective(s) but objectives={self.objectives!r} needs {expected}; use the "
+                "objectives it was created with, or a new study_name"
+            )
+        self.choices = {
+            n: list(dict.fromkeys([context.quant_schemes[n], *self.extra,
+                                   context.fallback_schemes[n]]))
+            for n in context.ranking
+        }
+        self.dists = {n: optuna.distributions.CategoricalDistribution(c)
+                      for n, c in self.choices.items()}
+        done = [t for t in self.study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE]
+        self._seeder: BinarySearchStrategy | None = None
+        if self.seed_with_binary and not done:
+            self._seeder = BinarySearchStrategy()
+            self._seeder.setup(context)
+        elif done:
+            self._enqueue_best_stored(done)
+        self._seed_plans: list[tuple[QuantPlan, TrialRecord]] = []
+        self._pending: dict[str, list[Any]] = {}
+        self._asked_trials = 0
+        logger.info("optuna study %r: %d finished trial(s) already", self.study.study_name,
+                    len(done))
+
+    def _enqueue_best_stored(self, done: list[Any]) -> None:
+        passing = [t for t in done if t.user_attrs.get("passed")]
+        if passing:
+            best = min(passing, key=lambda t: t.user_attrs.get("effective_bits", 32.0))
+            if set(best.params) == set(self.dists):
+                self.study.enqueue_trial(best.params, skip_if_exists=False)
+
+    # -- objective -------------------------------------------------------------------------
+    def _effective_bits(self, plan: QuantPlan) -> float:
+        assert self.context is not None
+        total = weight = 0.0
+        for name, scheme in plan.items():
+            size = float(self.context.params.get(name, 1))
+            bits = parse_scheme(scheme)
+            total += (32 if bits is None else bits[0]) * size
+            weight += size
+        return total / weight if weight else 32.0
+
+    def _values(self, plan: QuantPlan, record: TrialRecord) -> list[float]:
+        bits = self._effective_bits(plan)
+        if self.objectives == "multi":
+            return [record.loss, bits]
+        return [bits if record.passed else _FAIL_OFFSET + min(max(record.loss, 0.0), 1e6)]
+
+    def _attrs(self, plan: QuantPlan, record: TrialRecord) -> dict[str, Any]:
+        return {"passed": record.passed, "loss": record.loss, "metric": record.metric,
+                "effective_bits": self._effective_bits(plan),
+                "fallback": sum(plan[n] == FLOAT for n in plan)}
+
+    # -- ask/tell --------------------------------------------------------------------------
+    def ask(self) -> list[QuantPlan]:
+        assert self.context is not None
+        if self._seeder is not None:
+            plans = self._seeder.ask()
+            if plans:
+                return plans
+            self._finish_seed()
+        if self._asked_trials >= self.n_trials:
+            return []
+        plans = []
+        for _ in range(min(self.context.workers, self.n_trials - self._asked_trials)):
+            trial = self.study.ask(self.dists)
+            plan = {n: trial.params[n] for n in self.context.ranking}
+            self._pending.setdefault(plan_key(plan), []).append(trial)
+            plans.append(plan)
+            self._asked_trials += 1
+        return plans
+
+    def _finish_seed(self) -> None:
+        assert self._seeder is not None
+        optuna = self._optuna
+        for plan, record in self._seed_plans:
+            self.study.add_trial(optuna.trial.create_trial(
+                params=dict(plan), distributions=self.dists,
+                values=self._values(plan, record), user_attrs=self._attrs(plan, record),
+            ))
+        best = [p for p, r in self._seed_plans if r.passed]
+        if best:
+            self.study.enqueue_trial(dict(best[-1]))  # the binary answer: its last pass
+        self._seeder = None
+
+    def tell(self, plan: QuantPlan, record: TrialRecord) -> None:
+        if self._seeder is not None:
+            self._seeder.tell(plan, record)
+            self._seed_plans.append((plan, record))
+            return
+        trial = self._pending[plan_key(plan)].pop(0)
+        trial.set_user_attr("plan_index", record.index)
+        for key, value in self._attrs(plan, record).items():
+            trial.set_user_attr(key, value)
+        self.study.tell(trial, self._values(plan, record))
+
+    def finish(self) -> None:
+        # trials asked but never evaluated (the budget ran out) are marked failed, so a
+        # stored study does not keep them RUNNING forever
+        for trials in self._pending.values():
+            for trial in trials:
+                self.study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
+        self._pending = {}

@@ -1,0 +1,164 @@
+"""Each strategy on synthetic evaluators with known optima: exact answers and counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import autoquant as aq
+from autoquant.errors import ConfigError
+from autoquant.sensitivity import LayerSensitivity
+from autoquant.testing import (
+    SyntheticEvaluator,
+    linear_stack,
+    optimal_fallbacks,
+    ranking_from_drops,
+)
+from strategies._bisect import Bisection
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: one thread avoids OpenMP spin-waits on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+N = 12
+DROPS = {str(i): ((7 * i) % N + 1) / 1024 for i in range(N)}  # 1..12 / 1024, shuffled
+BUDGET = 30 / 1024  # optimum: fall back the 5 largest drops (12..8), 28/1024 left
+
+
+def run(strategy: str, drops=DROPS, max_loss=BUDGET, ranking=None, **kwargs):
+    evaluator = SyntheticEvaluator(drops)
+    result = aq.auto_quantize(
+        linear_stack(len(drops)), evaluator, max_loss=max_loss, strategy=strategy,
+        ranking=ranking if ranking is not None else ranking_from_drops(drops), **kwargs,
+    )
+    return result, evaluator
+
+
+def named_ranking(order: list[str]) -> list[LayerSensitivity]:
+    return [LayerSensitivity(n, float(i), i, 1) for i, n in enumerate(order)]
+
+
+def test_binary_finds_the_optimum_in_six_evaluations() -> None:
+    result, evaluator = run("binary")
+    assert set(result.fallback_layers) == optimal_fallbacks(DROPS, BUDGET)
+    assert len(result.fallback_layers) == 5
+    # float, k=0 (fail), then k = 6 (pass), 3 (fail), 4 (fail), 5 (pass)
+    assert [len(r.fallback_layers) for r in result.history] == [12, 0, 6, 3, 4, 5]
+    assert evaluator.calls == result.num_evaluations == 6
+
+
+def test_greedy_finds_the_same_optimum_one_layer_at_a_time() -> None:
+    result, _ = run("greedy")
+    assert set(result.fallback_layers) == optimal_fallbacks(DROPS, BUDGET)
+    assert [len(r.fallback_layers) for r in result.history] == [12, 0, 1, 2, 3, 4, 5]
+
+
+def test_refinement_requantizes_layers_a_bad_ranking_sent_back() -> None:
+    # the proxy puts two harmless layers (drop 0) first; binary must fall them back too
+    drops = {**{str(i): 0.0 for i in range(4)}, **{str(i): 4 / 1024 for i in range(4, 8)}}
+    order = ["0", "1", "4", "5", "6", "7", "2", "3"]
+    plain, _ = run("binary", drops, 8 / 1024, named_ranking(order))
+    refined, _ = run("binary", drops, 8 / 1024, named_ranking(order),
+                     strategy_options={"refine": True})
+    assert set(plain.fallback_layers) == {"0", "1", "4", "5"}
+    assert set(refined.fallback_layers) == {"4", "5"}
+    assert refined.met and refined.loss <= 8 / 1024
+    # refinement tries each of the 4 fallbacks once, most similar to float first; the
+    # first move ({0, 1, 4}) is the bisection's k=3 prefix, known to fail: not re-asked
+    assert refined.num_evaluations == plain.num_evaluations + 3
+    assert refined.history[-3].fallback_layers == ["0", "1", "5"]
+
+
+def test_refinement_budget_caps_the_extra_evaluations() -> None:
+    plain, _ = run("binary")
+    capped, _ = run("binary", strategy_options={"refine": 2})  # the k=4 prefix is free
+    assert capped.num_evaluations == plain.num_evaluations + 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    drops=st.lists(st.integers(-2, 8), min_size=3, max_size=7),
+    order_seed=st.randoms(use_true_random=False),
+    budget=st.integers(0, 20),
+)
+def test_refinement_is_never_worse_than_binary(drops, order_seed, budget) -> None:
+    named = {str(i): d / 1024 for i, d in enumerate(drops)}
+    order = list(named)
+    order_seed.shuffle(order)
+    plain, _ = run("binary", named, budget / 1024, named_ranking(order))
+    refined, _ = run("binary", named, budget / 1024, named_ranking(order),
+                     strategy_options={"refine": True})
+    assert refined.met == plain.met
+    if plain.met:
+        assert refined.loss <= budget / 1024
+        assert set(refined.fallback_layers) <= set(plain.fallback_layers)
+
+
+def test_binary_options_are_validated() -> None:
+    with pytest.raises(ConfigError, match="refine"):
+        run("binary", strategy_options={"refine": -1})
+    with pytest.raises(ConfigError, match="strategy_options"):
+        run("binary", strategy_options={"refnie": True})
+
+
+def test_bisection_points_split_the_range_evenly() -> None:
+    assert Bisection(0, 13).points(1) == [6]
+    assert Bisection(0, 13).points(3) == [3, 6, 9]
+    assert Bisection(4, 6).points(4) == [5]
+    assert Bisection(4, 5).points(2) == []
+    search = Bisection(0, 13)
+    for k, ok in ((3, False), (6, True), (9, False)):
+        search.update(k, ok)
+    assert (search.lo, search.hi, search.violations) == (3, 6, [(6, 9)])
+
+
+def test_non_monotone_outcome_is_detected_and_refined() -> None:
+    # ranking A..F; falling back B hurts (quantizing it helps): pass at k=1, fail at k=2
+    drops = {"0": 8 / 1024, "1": -6 / 1024, "2": 5 / 1024, "3": 1 / 1024, "4": 1 / 1024,
+             "5": 1 / 1024}
+    ranking = named_ranking(list(drops))
+    plain, _ = run("binary", drops, 4 / 1024, ranking)
+    assert plain.checks["monotonicity"] == []  # plain bisection never probes k=2
+    checked, _ = run("binary", drops, 4 / 1024, ranking, strategy_options={"verify": True})
+    assert checked.checks["monotonicity"] == [{"pass_at": 1, "fail_at": 2}]
+    assert checked.fallback_layers == ["0"] and checked.met
+    # verify probed k=2 (fail), refinement then retried the single fallback (k=0, cached)
+    assert [len(r.fallback_layers) for r in checked.history] == [6, 0, 3, 1, 2]
+
+
+def test_ladder_puts_only_the_most_sensitive_layers_in_float() -> None:
+    result, _ = run("ladder", strategy_options={"ladder": [16]})
+    order = [r.name for r in ranking_from_drops(DROPS)]
+    # 5 layers leave int8; int16 costs a quarter of the drop: 4 float + 1 int16 fits 30/1024
+    assert [result.plan[n] for n in order[:6]] == ["float"] * 4 + ["w16a16", "w8a8"]
+    assert all(result.plan[n] == "w8a8" for n in order[5:])
+    assert result.loss == BUDGET
+    assert set(result.plan.values()) <= {"w8a8", "w16a16", "float"}
+    bits = result.effective_bits
+    assert bits["weights"] == pytest.approx((4 * 32 + 16 + 7 * 8) / 12)
+    assert bits["activations"] == pytest.approx((4 * 32 + 16 + 7 * 8) / 12)
+    assert result.to_report()["effective_bits"] == bits
+
+
+def test_ladder_with_two_rungs_and_an_empty_ladder() -> None:
+    result, _ = run("ladder", strategy_options={"ladder": [12, 16]})
+    assert set(result.plan.values()) <= {"w8a8", "w12a12", "w16a16", "float"}
+    assert result.met and len(result.fallback_layers) == 5
+    plain, _ = run("ladder", strategy_options={"ladder": []})
+    binary, _ = run("binary")
+    assert plain.plan == binary.plan
+    with pytest.raises(ConfigError, match="ascending"):
+        run("ladder", strategy_options={"ladder": [16, 12]})
+
+
+def test_unknown_strategy_lists_the_new_ones() -> None:
+    with pytest.raises(ConfigError, match="greedy.*ladder.*optuna"):
+        run("grady")
