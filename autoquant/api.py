@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoquant.calibration import calibrate_model, calibration_overrides, calibration_rows
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError
 from autoquant.io import atomic_write_text
@@ -136,7 +137,7 @@ def auto_quantize(
     qmodel = QuantModel(model, cfg, example_inputs)
 
     start = time.perf_counter()
-    qmodel.calibrate(evaluator)
+    calibrate_model(qmodel, evaluator)
     t_calib = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -166,7 +167,8 @@ def auto_quantize(
     plan = dict(best.plan) if best is not None else qmodel.float_plan()
     skipped = qmodel.skipped + qmodel.never_executed
     quantized = [n for n in names if plan.get(n, FLOAT) != FLOAT]
-    rows = qmodel.layer_rows()
+    rows = calibration_rows(qmodel, qmodel.layer_rows())
+    chosen = calibration_overrides(qmodel)
     qmodel.finalize(plan)
     fallback = [n for n in context.ranking if plan.get(n) != context.quant_schemes[n]]
     result = SearchResult(
@@ -185,7 +187,7 @@ def auto_quantize(
         history=list(runner.history),
         sensitivity=list(ranking),
         model=qmodel.model,
-        config=final_config(cfg, plan, qmodel.never_executed),
+        config=final_config(cfg, plan, qmodel.never_executed, chosen),
         timings={
             "total": time.perf_counter() - total_start,
             "calibration": t_calib,
@@ -219,7 +221,7 @@ def quantize(
     Layers in ``config.skip_layers`` (and layers calibration never ran) stay float.
     """
     qmodel = QuantModel(model, _resolve_config(config), example_inputs)
-    qmodel.calibrate(evaluator)
+    calibrate_model(qmodel, evaluator)
     return qmodel.finalize(qmodel.quant_plan())
 
 
@@ -234,7 +236,7 @@ def sensitivity_analysis(
 ) -> list[LayerSensitivity]:
     """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation."""
     qmodel = QuantModel(model, _resolve_config(config), example_inputs)
-    qmodel.calibrate(evaluator)
+    calibrate_model(qmodel, evaluator)
     return compute_sensitivity(qmodel, evaluator, sensitivity, dump_dir)
 
 
