@@ -31,7 +31,7 @@ def entropy_range(
     bits: int,
     symmetric: bool,
     num_bins: int | None = None,
-    max_candidates: int = 160,
+    max_candidates: int = 96,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The KL-optimal clip range of `sample` for a `bits`-bit grid.
 
@@ -43,8 +43,8 @@ def entropy_range(
         symmetric: the quantizer's mode. One-sided data (all >= 0 or all <= 0) on an affine
             grid uses all ``2**bits`` levels on one side; otherwise each side gets
             ``2**(bits-1)``.
-        num_bins: histogram resolution; default ``64 * levels`` (at least 2048, at most
-            65536), so a threshold down to 1/64 of the observed maximum can be found.
+        num_bins: histogram resolution; default ``32 * levels`` (at least 2048, at most
+            32768), so a threshold down to 1/32 of the observed maximum can be found.
         max_candidates: thresholds tried (evenly spaced bin edges, the full range included).
 
     Returns:
@@ -57,7 +57,7 @@ def entropy_range(
     one_sided = not symmetric and (bool((lo >= 0).all()) or bool((hi <= 0).all()))
     levels = 2**bits if one_sided else 2 ** (bits - 1)
     if num_bins is None:
-        num_bins = min(max(2048, 64 * levels), 1 << 16)
+        num_bins = min(max(2048, 32 * levels), 1 << 15)
     levels = min(levels, num_bins)
     hist = torch.histc(x, bins=num_bins, min=0.0, max=amax).double()
     step = max(1, (num_bins - levels) // max_candidates)

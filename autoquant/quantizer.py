@@ -108,6 +108,14 @@ def weight_qparams(
     return scale, zp, qmin, qmax, channel_axis
 
 
+def _quantile(ordered: torch.Tensor, q: float) -> torch.Tensor:
+    """`torch.quantile` (linear interpolation) of an already sorted 1-D tensor."""
+    pos = q * (ordered.numel() - 1)
+    low = int(pos)
+    high = min(low + 1, ordered.numel() - 1)
+    return ordered[low] + (pos - low) * (ordered[high] - ordered[low])
+
+
 class ActivationObserver:
     """Streams activation statistics and derives qparams for any bit width.
 
@@ -128,6 +136,7 @@ class ActivationObserver:
         self._generator = torch.Generator().manual_seed(seed)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int, int, int | None]] = {}
         self.choice: tuple[str, float] | None = None  # (algorithm, percentile) for "auto"
+        self._sorted_cache: tuple[bool, torch.Tensor] | None = None  # cleared by update
 
     @property
     def has_data(self) -> bool:
@@ -154,6 +163,7 @@ class ActivationObserver:
         if self.cfg.algorithm != "minmax":
             self._update_sample(x.reshape(-1).float())
         self._cache.clear()
+        self._sorted_cache = None
 
     def _update_sample(self, values: torch.Tensor) -> None:
         # Keep a uniform sample of the union of all batches: the new batch contributes in
@@ -224,11 +234,19 @@ class ActivationObserver:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = percentile / 100.0
         if self.cfg.symmetric:
-            amax = torch.quantile(sample.abs(), q).reshape(1)
+            amax = _quantile(self._sorted(sample, True), q).reshape(1)
             return torch.maximum(-amax, lo), torch.minimum(amax, hi)
-        low = torch.quantile(sample, 1.0 - q).reshape(1)
-        high = torch.quantile(sample, q).reshape(1)
+        ordered = self._sorted(sample, False)
+        low = _quantile(ordered, 1.0 - q).reshape(1)
+        high = _quantile(ordered, q).reshape(1)
         return torch.maximum(low, lo), torch.minimum(high, hi)
+
+    def _sorted(self, sample: torch.Tensor, absolute: bool) -> torch.Tensor:
+        # one sort serves every percentile level (the "auto" choice tries several)
+        if self._sorted_cache is None or self._sorted_cache[0] != absolute:
+            values = sample.abs() if absolute else sample
+            self._sorted_cache = (absolute, torch.sort(values).values)
+        return self._sorted_cache[1]
 
     def _mse_range(
         self, sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
