@@ -187,8 +187,7 @@ def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
     observers calibrated (`QuantModel.calibrate`).
     """
     bias_on = qmodel.config.bias_correction
-    refiners: dict[str, _LayerRefiner] = {}
-    qmodel.apply_plan(qmodel.quant_plan())
+    wanted = {}
     for name in qmodel.searchable:
         layer = qmodel.layers[name]
         layer.bias_corrections = {}
@@ -196,10 +195,11 @@ def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
         auto = layer.config.activation.algorithm == "auto"
         bias = bias_on and isinstance(layer.module, _BIAS_KINDS)
         if auto or bias:
-            refiners[name] = _LayerRefiner(layer, auto, bias)
-    if not refiners:
-        qmodel.apply_plan(qmodel.float_plan())
+            wanted[name] = (auto, bias)
+    if not wanted:
         return
+    qmodel.apply_plan(qmodel.quant_plan())  # weight qparams of every layer's own scheme
+    refiners = {n: _LayerRefiner(qmodel.layers[n], *flags) for n, flags in wanted.items()}
     handles = [qmodel.layers[name].register_forward_hook(hook, with_kwargs=True)
                for name, hook in refiners.items()]
     try:

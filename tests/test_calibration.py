@@ -259,3 +259,23 @@ def test_sqnr_is_infinite_for_identical_outputs_and_drops_with_noise() -> None:
     acc.update(y, y + 0.1)  # signal 20, noise 0.1 -> 10 log10(200)
     assert acc.score() == pytest.approx(10 * math.log10(200))
 
+
+
+def test_sensitivity_ranking_uses_the_chosen_calibration() -> None:
+    model, batches = _outlier_mlp()
+    evaluator = BatchEvaluator(batches, model)
+    auto_cfg = aq.QuantConfig.from_dict({"default": {"activation": {"algorithm": "auto",
+                                                                    "bits": 4}}})
+    qmodel = QuantModel(model, auto_cfg)
+    calibrate_model(qmodel, evaluator)
+    from autoquant.calibration import calibration_overrides
+
+    pinned = aq.QuantConfig.from_dict({**auto_cfg.to_dict(),
+                                       "layers": calibration_overrides(qmodel)})
+    ranked = {r.name: r.score for r in aq.sensitivity_analysis(model, evaluator,
+                                                               config=auto_cfg)}
+    again = {r.name: r.score for r in aq.sensitivity_analysis(model, evaluator, config=pinned)}
+    minmax = {r.name: r.score for r in aq.sensitivity_analysis(
+        model, evaluator, config={"default": {"activation": {"bits": 4}}})}
+    assert ranked == pytest.approx(again, abs=1e-12)
+    assert ranked["0"] != pytest.approx(minmax["0"], abs=1e-9)
