@@ -207,7 +207,7 @@ class QuantConfig:
         fold_bn: fold eval-mode BatchNorm into the preceding convolution first.
         bias_correction: after weight quantization, add to each Linear/Conv bias the mean
             output shift its weight quantization caused on the calibration data
-            (`autoquant.bias_correction`).
+            (`autoquant.calibration`).
         smoothing_alpha: None (off) or the SmoothQuant migration strength in [0, 1]: the
             input-channel scales of Linear layers fed by a LayerNorm move into the weights
             (`autoquant.smoothing`).

@@ -80,7 +80,7 @@ class QuantLayer(nn.Module):
     ``weight_scale``, ``weight_zero_point``), so a state dict of the wrapped model carries
     everything needed to rebuild the fake-quant model without re-calibrating. ``bias_delta``
     (empty unless bias correction is on) is added to the output channels of the quantized
-    forward; `bias_corrections` holds it per scheme (see `autoquant.bias_correction`).
+    forward; `bias_corrections` holds it per scheme (see `autoquant.calibration`).
     """
 
     _QPARAM_BUFFERS = (
