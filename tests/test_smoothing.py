@@ -122,3 +122,20 @@ def test_smoothing_reduces_the_error_of_a_quantized_outlier_block() -> None:
         with torch.no_grad():
             errors[alpha] = sum(float(F.mse_loss(quant(x), model(x))) for x in batches)
     assert errors[0.5] < errors[None]
+
+
+def test_smoothed_search_result_saves_and_reloads(tmp_path) -> None:
+    model, batches = _block_and_data()
+
+    class Eval(Calib):
+        def evaluate(self, model: nn.Module) -> float:
+            return 1.0
+
+    result = aq.auto_quantize(model, Eval(batches), (batches[0],), max_loss=0.5,
+                              config={"smoothing_alpha": 0.5, "bias_correction": True})
+    rows = {row["name"]: row for row in result.to_report()["layers"]}
+    assert rows["q"]["smoothed"] and rows["fc1"]["smoothed"] and not rows["fc2"]["smoothed"]
+    result.save(tmp_path)
+    reloaded = aq.load_quantized(model, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(batches[0]), result.model(batches[0]), atol=1e-6)
