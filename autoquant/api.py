@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoquant.calibration import calibrate_model, calibration_overrides, calibration_rows
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError
 from autoquant.io import atomic_write_text
@@ -163,7 +164,7 @@ def auto_quantize(
     notify = progress if progress is not None else (lambda *args, **kwargs: None)
     start = time.perf_counter()
     notify("calibration", "start", model=qmodel.model)
-    qmodel.calibrate(evaluator)
+    calibrate_model(qmodel, evaluator)
     notify("calibration", "end")
     t_calib = time.perf_counter() - start
 
@@ -215,6 +216,8 @@ def auto_quantize(
                             make_decision(evaluator, criterion.check), holdout)
     if checked is not None:
         checks["holdout"] = {**checked, "seconds": time.perf_counter() - start}
+    rows = calibration_rows(qmodel, rows)
+    chosen = calibration_overrides(qmodel)
     qmodel.finalize(plan)
     fallback = [n for n in context.ranking if plan.get(n) != context.quant_schemes[n]]
     result = SearchResult(
@@ -233,7 +236,7 @@ def auto_quantize(
         history=list(runner.history),
         sensitivity=list(ranking),
         model=qmodel.model,
-        config=final_config(cfg, plan, qmodel.never_executed),
+        config=final_config(cfg, plan, qmodel.never_executed, chosen),
         timings={
             "total": time.perf_counter() - total_start,
             "calibration": t_calib,
@@ -269,7 +272,7 @@ def quantize(
     Layers in ``config.skip_layers`` (and layers calibration never ran) stay float.
     """
     qmodel = QuantModel(model, _resolve_config(config), example_inputs)
-    qmodel.calibrate(evaluator)
+    calibrate_model(qmodel, evaluator)
     return qmodel.finalize(qmodel.quant_plan())
 
 
@@ -284,7 +287,7 @@ def sensitivity_analysis(
 ) -> list[LayerSensitivity]:
     """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation."""
     qmodel = QuantModel(model, _resolve_config(config), example_inputs)
-    qmodel.calibrate(evaluator)
+    calibrate_model(qmodel, evaluator)
     return compute_sensitivity(qmodel, evaluator, sensitivity, dump_dir)
 
 

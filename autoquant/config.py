@@ -25,8 +25,9 @@ from autoquant.plan import FLOAT, scheme_label
 __all__ = ["QuantizerConfig", "LayerConfig", "QuantConfig", "CONFIG_VERSION"]
 
 CONFIG_VERSION = 1
-ActivationAlgorithm = Literal["minmax", "percentile", "mse"]
-_ALGORITHMS = ("minmax", "percentile", "mse")
+ActivationAlgorithm = Literal["minmax", "percentile", "mse", "entropy", "auto"]
+_ALGORITHMS = ("minmax", "percentile", "mse", "entropy", "auto")
+_WEIGHT_ALGORITHMS = ("minmax", "mse")
 
 
 def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
@@ -66,9 +67,11 @@ class QuantizerConfig:
         symmetric: zero point 0 (signed range) if True, else an affine unsigned range.
         per_channel: one scale per output channel (weights) or per channel axis 1
             (activations, `minmax` only).
-        algorithm: range calibration for activations: ``minmax``, ``percentile`` (clip at
-            `percentile` of the observed values) or ``mse`` (clip range minimising the
-            quantization MSE). Weights always use min-max of the weight itself.
+        algorithm: range calibration. Activations: ``minmax``, ``percentile`` (clip at
+            `percentile` of the observed values), ``mse`` (clip range minimising the
+            quantization MSE), ``entropy`` (histogram KL divergence) or ``auto`` (per layer,
+            the candidate with the best local output SQNR; see `autoquant.calibration`).
+            Weights: ``minmax`` or ``mse`` (per-channel MSE-optimal clipping).
         percentile: the percentile used by ``algorithm="percentile"``, in (50, 100].
     """
 
@@ -91,11 +94,6 @@ class QuantizerConfig:
         _check_type(self.percentile, (int, float), "percentile")
         if not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.per_channel and self.algorithm != "minmax":
-            raise ConfigError(
-                f"per_channel quantization supports algorithm 'minmax' only, got "
-                f"{self.algorithm!r}; set per_channel: false or algorithm: minmax"
-            )
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "quantizer") -> QuantizerConfig:
@@ -144,6 +142,16 @@ class LayerConfig:
         for role in ("weight", "activation"):
             if not isinstance(getattr(self, role), QuantizerConfig):
                 raise ConfigError(f"{role} must be a mapping of quantizer settings")
+        if self.weight.algorithm not in _WEIGHT_ALGORITHMS:
+            raise ConfigError(
+                f"weight.algorithm must be one of {', '.join(_WEIGHT_ALGORITHMS)}, got "
+                f"{self.weight.algorithm!r}"
+            )
+        if self.activation.per_channel and self.activation.algorithm != "minmax":
+            raise ConfigError(
+                f"per_channel activation quantization supports algorithm 'minmax' only, got "
+                f"{self.activation.algorithm!r}; set per_channel: false or algorithm: minmax"
+            )
         if self.fallback != FLOAT:
             if isinstance(self.fallback, bool) or not isinstance(self.fallback, int) or not (
                 2 <= self.fallback <= 16
@@ -197,6 +205,12 @@ class QuantConfig:
             `LayerConfig` mapping (e.g. ``{"weight": {"bits": 4}}``) merged over `default`.
         skip_layers: qualified names of layers that stay float and are never searched.
         fold_bn: fold eval-mode BatchNorm into the preceding convolution first.
+        bias_correction: after weight quantization, add to each Linear/Conv bias the mean
+            output shift its weight quantization caused on the calibration data
+            (`autoquant.calibration`).
+        smoothing_alpha: None (off) or the SmoothQuant migration strength in [0, 1]: the
+            input-channel scales of Linear layers fed by a LayerNorm move into the weights
+            (`autoquant.smoothing`).
 
     Example:
         >>> cfg = QuantConfig.from_dict({"default": {"activation": {"algorithm": "mse"}},
@@ -210,6 +224,8 @@ class QuantConfig:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     skip_layers: list[str] = field(default_factory=list)
     fold_bn: bool = True
+    bias_correction: bool = False
+    smoothing_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
@@ -236,6 +252,14 @@ class QuantConfig:
         for name in self.skip_layers:
             _check_type(name, str, "an entry of skip_layers")
         _check_type(self.fold_bn, bool, "fold_bn")
+        _check_type(self.bias_correction, bool, "bias_correction")
+        if self.smoothing_alpha is not None:
+            _check_type(self.smoothing_alpha, (int, float), "smoothing_alpha")
+            if not 0.0 <= self.smoothing_alpha <= 1.0:
+                raise ConfigError(
+                    f"smoothing_alpha must be null (off) or in [0, 1] (0.5 is typical), got "
+                    f"{self.smoothing_alpha}"
+                )
 
     def layer_config(self, name: str) -> LayerConfig:
         """The resolved `LayerConfig` of layer `name` (default merged with its override)."""
@@ -268,6 +292,8 @@ class QuantConfig:
             "layers": copy.deepcopy(self.layers),
             "skip_layers": list(self.skip_layers),
             "fold_bn": self.fold_bn,
+            "bias_correction": self.bias_correction,
+            "smoothing_alpha": self.smoothing_alpha,
         }
 
     @classmethod

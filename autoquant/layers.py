@@ -78,10 +78,14 @@ class QuantLayer(nn.Module):
 
     The active qparams live in buffers (``act_scale``, ``act_zero_point``,
     ``weight_scale``, ``weight_zero_point``), so a state dict of the wrapped model carries
-    everything needed to rebuild the fake-quant model without re-calibrating.
+    everything needed to rebuild the fake-quant model without re-calibrating. ``bias_delta``
+    (empty unless bias correction is on) is added to the output channels of the quantized
+    forward; `bias_corrections` holds it per scheme (see `autoquant.calibration`).
     """
 
-    _QPARAM_BUFFERS = ("act_scale", "act_zero_point", "weight_scale", "weight_zero_point")
+    _QPARAM_BUFFERS = (
+        "act_scale", "act_zero_point", "weight_scale", "weight_zero_point", "bias_delta",
+    )
 
     def __init__(self, module: nn.Module, name: str, config: LayerConfig, weight_axis: int):
         super().__init__()
@@ -100,6 +104,8 @@ class QuantLayer(nn.Module):
         self._act_q: tuple[int, int, int | None] | None = None  # qmin, qmax, axis
         self._weight_q: tuple[int, int, int | None] | None = None
         self._weight_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._wqparam_cache: dict[tuple[int, int], tuple] = {}
+        self.bias_corrections: dict[str, torch.Tensor] = {}  # scheme -> per-channel delta
         for buf in self._QPARAM_BUFFERS:
             self.register_buffer(buf, torch.empty(0))
 
@@ -125,9 +131,15 @@ class QuantLayer(nn.Module):
                 setattr(self, buf, torch.empty(0, device=self.module.weight.device))
             return
         w_bits, a_bits = bits
-        scale, zp, qmin, qmax, axis = weight_qparams(
-            self.module.weight, w_bits, self.config.weight, self.weight_axis
-        )
+        weight = self.module.weight
+        key = (w_bits, weight._version)
+        if key not in self._wqparam_cache:  # MSE clipping is a search: do it once per bits
+            self._wqparam_cache[key] = weight_qparams(
+                weight, w_bits, self.config.weight, self.weight_axis)
+        scale, zp, qmin, qmax, axis = self._wqparam_cache[key]
+        if self.bias_corrections:  # else keep a bias_delta loaded from a state dict
+            self.bias_delta = self.bias_corrections.get(
+                scheme, torch.empty(0, device=weight.device))
         self.weight_scale, self.weight_zero_point = scale, zp
         self._weight_q = (qmin, qmax, axis)
         if self.observer.has_data:
@@ -178,6 +190,17 @@ class QuantLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, weight: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        out = self._run_module(x, weight, args, kwargs)
+        if self.bias_delta.numel() and isinstance(out, torch.Tensor):
+            dim = out.dim() - 1 if isinstance(self.module, nn.Linear) else 1
+            shape = [1] * out.dim()
+            shape[dim] = -1
+            out = out + self.bias_delta.reshape(shape).to(out.dtype)
+        return out
+
+    def _run_module(
+        self, x: torch.Tensor, weight: torch.Tensor, args: tuple, kwargs: dict
+    ) -> Any:
         module = self.module
         if not args and not kwargs:
             if type(module) is nn.Linear:

@@ -85,18 +85,35 @@ def fake_quantize(
 def weight_qparams(
     weight: torch.Tensor, bits: int, cfg: QuantizerConfig, axis: int
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, int | None]:
-    """Min-max qparams of a weight: per output channel along `axis`, or per tensor."""
+    """Qparams of a weight: per output channel along `axis`, or per tensor.
+
+    ``cfg.algorithm`` ``"minmax"`` covers the full range; ``"mse"`` clips each channel to
+    its MSE-optimal range (`autoquant.clipping.mse_weight_range`).
+    """
     w = weight.detach().float()
     if cfg.per_channel:
         flat = w.transpose(0, axis).reshape(w.shape[axis], -1)
-        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
         channel_axis: int | None = axis
     else:
-        lo, hi = w.min().reshape(1), w.max().reshape(1)
+        flat = w.reshape(1, -1)
         channel_axis = None
+    if cfg.algorithm == "mse":
+        from autoquant.clipping import mse_weight_range
+
+        lo, hi = mse_weight_range(flat, bits, cfg.symmetric)
+    else:
+        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     scale, zp = compute_qparams(lo, hi, bits, cfg.symmetric)
     qmin, qmax = qrange(bits, cfg.symmetric)
     return scale, zp, qmin, qmax, channel_axis
+
+
+def _quantile(ordered: torch.Tensor, q: float) -> torch.Tensor:
+    """`torch.quantile` (linear interpolation) of an already sorted 1-D tensor."""
+    pos = q * (ordered.numel() - 1)
+    low = int(pos)
+    high = min(low + 1, ordered.numel() - 1)
+    return ordered[low] + (pos - low) * (ordered[high] - ordered[low])
 
 
 class ActivationObserver:
@@ -104,7 +121,9 @@ class ActivationObserver:
 
     Keeps the exact running min/max (per tensor, or per channel on axis 1) and a uniform
     random sample of at most `sample_size` values over all batches seen (for the
-    `percentile` and `mse` algorithms). Deterministic for a given `seed`.
+    `percentile`, `mse`, `entropy` and `auto` algorithms). Deterministic for a given `seed`.
+    With algorithm ``auto``, `choice` (set by `autoquant.calibration.choose_calibration`)
+    names the algorithm used; min-max until it is set.
     """
 
     def __init__(self, cfg: QuantizerConfig, sample_size: int = 1 << 16, seed: int = 0) -> None:
@@ -116,6 +135,8 @@ class ActivationObserver:
         self.seen = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int, int, int | None]] = {}
+        self.choice: tuple[str, float] | None = None  # (algorithm, percentile) for "auto"
+        self._sorted_cache: tuple[bool, torch.Tensor] | None = None  # cleared by update
 
     @property
     def has_data(self) -> bool:
@@ -142,6 +163,7 @@ class ActivationObserver:
         if self.cfg.algorithm != "minmax":
             self._update_sample(x.reshape(-1).float())
         self._cache.clear()
+        self._sorted_cache = None
 
     def _update_sample(self, values: torch.Tensor) -> None:
         # Keep a uniform sample of the union of all batches: the new batch contributes in
@@ -162,36 +184,69 @@ class ActivationObserver:
 
     def qparams(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int | None]:
         """(scale, zero_point, qmin, qmax, axis) for `bits`; cached per bit width."""
-        if self.min_val is None or self.max_val is None:
-            raise RuntimeError("observer has no data: calibrate before quantizing")
         if bits in self._cache:
             return self._cache[bits]
-        lo, hi = self._range(bits)
+        algorithm, percentile = self.effective_algorithm()
+        self._cache[bits] = self.qparams_for(bits, algorithm, percentile)
+        return self._cache[bits]
+
+    def effective_algorithm(self) -> tuple[str, float]:
+        """The (algorithm, percentile) `qparams` uses: the configured one, or for ``auto``
+        the chosen one (min-max until chosen)."""
+        if self.cfg.algorithm == "auto":
+            return self.choice or ("minmax", self.cfg.percentile)
+        return self.cfg.algorithm, self.cfg.percentile
+
+    def set_choice(self, algorithm: str, percentile: float) -> None:
+        """Fix the algorithm an ``auto`` observer uses from now on."""
+        self.choice = (algorithm, float(percentile))
+        self._cache.clear()
+
+    def qparams_for(
+        self, bits: int, algorithm: str, percentile: float
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, int | None]:
+        """Qparams for `bits` with an explicit `algorithm` (uncached; for comparisons)."""
+        if self.min_val is None or self.max_val is None:
+            raise RuntimeError("observer has no data: calibrate before quantizing")
+        lo, hi = self._range(bits, algorithm, percentile)
         scale, zp = compute_qparams(lo, hi, bits, self.cfg.symmetric)
         qmin, qmax = qrange(bits, self.cfg.symmetric)
         axis = 1 if (self.cfg.per_channel and lo.numel() > 1) else None
-        self._cache[bits] = (scale, zp, qmin, qmax, axis)
-        return self._cache[bits]
+        return scale, zp, qmin, qmax, axis
 
-    def _range(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _range(
+        self, bits: int, algorithm: str, percentile: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.min_val, self.max_val
         assert lo is not None and hi is not None
-        if self.cfg.algorithm == "minmax" or self.sample is None:
+        if algorithm == "minmax" or self.sample is None:
             return lo, hi
-        if self.cfg.algorithm == "percentile":
-            return self._percentile_range(self.sample, lo, hi)
+        if algorithm == "percentile":
+            return self._percentile_range(self.sample, lo, hi, percentile)
+        if algorithm == "entropy":
+            from autoquant.clipping import entropy_range
+
+            return entropy_range(self.sample, lo, hi, bits, self.cfg.symmetric)
         return self._mse_range(self.sample, lo, hi, bits)
 
     def _percentile_range(
-        self, sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+        self, sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, percentile: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.cfg.percentile / 100.0
+        q = percentile / 100.0
         if self.cfg.symmetric:
-            amax = torch.quantile(sample.abs(), q).reshape(1)
+            amax = _quantile(self._sorted(sample, True), q).reshape(1)
             return torch.maximum(-amax, lo), torch.minimum(amax, hi)
-        low = torch.quantile(sample, 1.0 - q).reshape(1)
-        high = torch.quantile(sample, q).reshape(1)
+        ordered = self._sorted(sample, False)
+        low = _quantile(ordered, 1.0 - q).reshape(1)
+        high = _quantile(ordered, q).reshape(1)
         return torch.maximum(low, lo), torch.minimum(high, hi)
+
+    def _sorted(self, sample: torch.Tensor, absolute: bool) -> torch.Tensor:
+        # one sort serves every percentile level (the "auto" choice tries several)
+        if self._sorted_cache is None or self._sorted_cache[0] != absolute:
+            values = sample.abs() if absolute else sample
+            self._sorted_cache = (absolute, torch.sort(values).values)
+        return self._sorted_cache[1]
 
     def _mse_range(
         self, sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,23 @@ STATE_FILE = "model_state.pt"
 REPORT_FILE = "report.json"
 
 
-def final_config(base: QuantConfig, plan: QuantPlan, skipped: list[str]) -> QuantConfig:
+def final_config(
+    base: QuantConfig,
+    plan: QuantPlan,
+    skipped: list[str],
+    calibration: Mapping[str, Mapping[str, Any]] | None = None,
+) -> QuantConfig:
     """`base` with the plan's float layers skipped and its bit-width fallbacks written in.
 
-    Applying the returned config to the float model reproduces the plan.
+    `calibration` holds per-layer overrides that pin each layer's chosen activation
+    calibration (`autoquant.calibration.calibration_overrides`); they are written for the
+    layers the plan quantizes. Applying the returned config to the float model reproduces
+    the plan.
     """
-    layers = {k: dict(v) for k, v in base.layers.items()}
+    from autoquant.calibration import merge_overrides
+
+    quantized = {n: o for n, o in (calibration or {}).items() if plan.get(n, FLOAT) != FLOAT}
+    layers = merge_overrides(base.layers, quantized)
     skip = list(dict.fromkeys([*base.skip_layers, *skipped]))
     for name, scheme in plan.items():
         current = base.layer_config(name)
@@ -42,10 +55,8 @@ def final_config(base: QuantConfig, plan: QuantPlan, skipped: list[str]) -> Quan
             override = layers.setdefault(name, {})
             override["weight"] = {**override.get("weight", {}), "bits": w_bits}
             override["activation"] = {**override.get("activation", {}), "bits": a_bits}
-    return QuantConfig(
-        version=base.version, default=base.default, layers=layers, skip_layers=skip,
-        fold_bn=base.fold_bn,
-    )
+    # replace() carries every other field (fold_bn, bias_correction, smoothing_alpha, ...)
+    return dataclasses.replace(base, layers=layers, skip_layers=skip)
 
 
 @dataclass
