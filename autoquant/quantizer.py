@@ -190,6 +190,12 @@ class ActivationObserver:
         self._cache[bits] = self.qparams_for(bits, algorithm, percentile)
         return self._cache[bits]
 
+    def clip_range(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (low, high) range the effective algorithm clips to at `bits`."""
+        if self.min_val is None or self.max_val is None:
+            raise RuntimeError("observer has no data: calibrate before quantizing")
+        return self._range(bits, *self.effective_algorithm())
+
     def effective_algorithm(self) -> tuple[str, float]:
         """The (algorithm, percentile) `qparams` uses: the configured one, or for ``auto``
         the chosen one (min-max until chosen)."""

@@ -49,7 +49,7 @@ def test_config_round_trips_through_files(tmp_path, suffix):
         ({"version": 2}, "version 2 is not supported"),
         ({"skip_layers": "fc"}, "skip_layers must be list"),
         ({"default": {"activation": {"per_channel": True, "algorithm": "mse"}}},
-         "per_channel quantization supports algorithm 'minmax' only"),
+         "per_channel activation quantization supports algorithm 'minmax' only"),
     ],
 )
 def test_bad_config_values_name_the_key_and_the_fix(data, message):

@@ -105,7 +105,7 @@ def test_minmax_observer_tracks_exact_extremes_over_batches():
 def test_percentile_observer_clips_at_the_configured_percentile():
     values = torch.arange(10000, dtype=torch.float32)  # uniform 0..9999, sample holds it all
     obs = _observe("percentile", values, percentile=99.0)
-    lo, hi = obs._range(8)
+    lo, hi = obs.clip_range(8)
     assert hi.item() == pytest.approx(torch.quantile(values, 0.99).item(), rel=1e-4)
     assert lo.item() == pytest.approx(torch.quantile(values, 0.01).item(), abs=1.0)
 
@@ -120,10 +120,10 @@ def test_mse_observer_clips_outliers_and_beats_minmax_mse():
         s, z, qmin, qmax, _ = obs.qparams(bits)
         return torch.mean((fake_quantize(values, s, z, qmin, qmax) - values) ** 2).item()
 
-    assert mse_obs._range(4)[1].item() < 40.0
+    assert mse_obs.clip_range(4)[1].item() < 40.0
     assert err(mse_obs, 4) < err(mm_obs, 4)
     # 16 bits: clipping stops paying off, the range widens again
-    assert mse_obs._range(16)[1].item() >= mse_obs._range(4)[1].item()
+    assert mse_obs.clip_range(16)[1].item() >= mse_obs.clip_range(4)[1].item()
 
 
 def test_observer_sample_is_bounded_and_deterministic():
