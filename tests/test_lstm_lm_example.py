@@ -3,24 +3,39 @@ search meets a relative perplexity budget."""
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import autoquant as aq
 from evaluators import PerplexityEvaluator
-from examples.lstm_lm.data import VOCAB, encode, load_corpus, make_batches
+from examples.lstm_lm.data import VOCAB, collect_docstrings, encode, load_corpus, make_batches
 from examples.lstm_lm.run_search import make_config, search
 from examples.lstm_lm.train import perplexity, train
 
 
 def test_corpus_is_fixed_text_with_known_characters() -> None:
     corpus = load_corpus()
-    assert len(corpus.train) > 300_000 and len(corpus.val) > 10_000
+    assert len(corpus.train) > 250_000 and len(corpus.val) > 10_000
     assert int(corpus.train.max()) < len(VOCAB)
     assert float((corpus.train == 0).float().mean()) < 0.001  # few unknown characters
     assert encode("ab\n").tolist() == [VOCAB.index("a"), VOCAB.index("b"), 1]
     x, y = make_batches(corpus.val, 4, 16)[0]
     assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_corpus_is_identical_in_a_fresh_interpreter() -> None:
+    code = ("import hashlib; from examples.lstm_lm.data import collect_docstrings; "
+            "print(hashlib.sha256(collect_docstrings().encode()).hexdigest())")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, check=True, env={"PYTHONPATH": str(root),
+                                                     "PYTHONHASHSEED": "123"})
+    assert out.stdout.strip() == hashlib.sha256(collect_docstrings().encode()).hexdigest()
 
 
 @pytest.fixture(autouse=True)

@@ -42,15 +42,15 @@ _INDEX = {c: i for i, c in enumerate(VOCAB)}  # id 0 is "unknown"
 def collect_docstrings(modules: tuple[str, ...] = MODULES) -> str:
     """The docstrings of `modules` and of their public classes, functions and methods.
 
-    Why: a deterministic English corpus of about a megabyte from Python itself.
+    Why: a deterministic English corpus of about 330,000 characters from Python itself.
     """
     parts: list[str] = []
-    seen: set[int] = set()
+    seen: set[str] = set()  # by content: inherited docstrings appear once
 
     def add(obj: object) -> None:
         doc = inspect.getdoc(obj)
-        if doc and id(doc) not in seen and len(doc) > 40:
-            seen.add(id(doc))
+        if doc and len(doc) > 40 and doc not in seen:
+            seen.add(doc)
             parts.append(doc.strip())
 
     for name in modules:
