@@ -53,6 +53,11 @@ def find_quantizable_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def _no_fast_path(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook; its presence disables torch's fused encoder fast path."""
+    return None
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -123,6 +128,9 @@ class QuantModel:
             layer = wrapper(module, name, config.layer_config(name), weight_axis_of(module))
             for where in (name, *self.aliases.get(name, ())):
                 _set_submodule(self.model, where, layer)  # one wrapper at every alias
+            # torch's fused fast paths (nn.TransformerEncoderLayer in eval under no_grad)
+            # read raw weights past the wrappers unless a module has hooks: add a no-op one
+            layer.register_forward_pre_hook(_no_fast_path)
             self.layers[name] = layer
         for name, others in self.aliases.items():
             logger.info("layer %s is shared (also %s): one wrapper, one scheme", name,

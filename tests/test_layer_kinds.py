@@ -272,3 +272,18 @@ def test_new_kinds_are_named_units_in_ranking_and_round_trip_through_save(tmp_pa
     loaded = aq.load_quantized(model, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), result.model(idx), rtol=0, atol=0)
+
+
+def test_transformer_encoder_layer_fast_path_does_not_bypass_the_wrappers() -> None:
+    torch.manual_seed(8)
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True,
+                                       dropout=0.0).eval()
+    x = torch.randn(3, 5, 8)
+    qm = _quantized(model, x)
+    assert {"m.self_attn", "m.linear1", "m.linear2"} <= set(qm.layers)
+    with torch.no_grad():  # where torch would take its fused fast path
+        fast = qm.model(x)
+        reference = model(x)
+    slow = qm.model(x)  # grad enabled: always the module-by-module path
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-6)
+    assert (fast - reference).abs().max() > 1e-4
