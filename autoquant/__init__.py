@@ -29,7 +29,7 @@ from autoquant.errors import (
     ModelError,
     UserError,
 )
-from autoquant.kinds import QuantMatMul
+from autoquant.kinds import QuantMatMul, convert_matmuls
 from autoquant.metric import AccuracyCriterion
 from autoquant.result import SearchResult
 from autoquant.sensitivity import LayerSensitivity, SensitivityMetric, register_sensitivity
@@ -48,6 +48,7 @@ __all__ = [
     "LayerConfig",
     "QuantizerConfig",
     "QuantMatMul",
+    "convert_matmuls",
     "AccuracyCriterion",
     "SearchResult",
     "TrialRecord",

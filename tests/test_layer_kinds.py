@@ -287,3 +287,38 @@ def test_transformer_encoder_layer_fast_path_does_not_bypass_the_wrappers() -> N
     slow = qm.model(x)  # grad enabled: always the module-by-module path
     torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-6)
     assert (fast - reference).abs().max() > 1e-4
+
+
+class _PlainAttention(nn.Module):
+    """Attention written with ``@`` and ``torch.matmul``, plus a matmul with a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.mix_weight = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return torch.matmul(attn, v) @ self.mix_weight
+
+
+def test_convert_matmuls_turns_activation_matmuls_into_units() -> None:
+    torch.manual_seed(9)
+    model = _PlainAttention().eval()
+    x = torch.randn(2, 5, 8)
+    traced = aq.convert_matmuls(model)
+    units = [n for n, m in traced.named_modules() if isinstance(m, aq.QuantMatMul)]
+    assert units == ["matmul_0", "matmul_1"]  # the weight matmul is left alone
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    qm = _quantized(traced, x)
+    assert {"m.matmul_0", "m.matmul_1", "m.qkv"} <= set(qm.layers)
+
+
+def test_convert_matmuls_on_an_untraceable_model_is_a_model_error() -> None:
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x @ x.T if x.sum() > 0 else x
+
+    with pytest.raises(aq.ModelError, match="QuantMatMul"):
+        aq.convert_matmuls(Branchy())

@@ -10,8 +10,9 @@ nn.MultiheadAttention  `QuantMultiheadAttention`           projections + both ma
 `QuantMatMul`          `QuantMatMulLayer`                  both matmul operands
 =====================  ==================================  ===========================
 
-`autoquant.qmodel` imports this package, so the kinds are always registered before any
-model is wrapped. Register more with `autoquant.layers.register_layer_kind`.
+`convert_matmuls` rewrites a traceable model's ``torch.matmul``/``@`` between activations
+into `QuantMatMul` units. `autoquant.qmodel` imports this package, so the kinds are always
+registered before any model is wrapped. Register more with `autoquant.layers.register_layer_kind`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from autoquant.kinds.attention import QuantMatMul, QuantMatMulLayer, QuantMultiheadAttention
 from autoquant.kinds.base import MultiQuantLayer, dynamic_fake_quantize, primary_tensor
 from autoquant.kinds.embedding import QuantEmbedding
+from autoquant.kinds.fx_matmul import convert_matmuls
 from autoquant.kinds.rnn import QuantRNN
 from autoquant.layers import register_layer_kind
 
@@ -31,6 +33,7 @@ __all__ = [
     "QuantMatMulLayer",
     "QuantMultiheadAttention",
     "QuantRNN",
+    "convert_matmuls",
     "dynamic_fake_quantize",
     "primary_tensor",
 ]
