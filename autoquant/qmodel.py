@@ -53,6 +53,17 @@ def find_quantizable_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]) -> None:
+    """A config naming a shared module by a second name gets a pointed error."""
+    canonical = {alias: name for name, others in aliases.items() for alias in others}
+    for name in [*config.layers, *config.skip_layers]:
+        if name in canonical:
+            raise ConfigError(
+                f"the quant config names {name!r}, which is the same module object as "
+                f"{canonical[name]!r} (a shared module is one unit); use {canonical[name]!r}"
+            )
+
+
 def _no_fast_path(module: nn.Module, args: Any) -> None:
     """A no-op forward pre-hook; its presence disables torch's fused encoder fast path."""
     return None
@@ -108,6 +119,7 @@ class QuantModel:
                 f"{type(model).__name__} has no quantizable layer ({kinds}); there is nothing "
                 "to quantize"
             )
+        _check_no_alias_in_config(config, module_aliases(self.model))
         config.check_layers(names)
         self.folded: list[tuple[str, str]] = fold_conv_bn(self.model) if config.fold_bn else []
         if self.folded:

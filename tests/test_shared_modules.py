@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -87,3 +88,9 @@ def test_float_fallback_unwraps_every_alias() -> None:
     qm.calibrate(_Eval(x, model(x)))
     out = qm.finalize({"block": "float", "head": "w8a8"})
     assert type(out.block) is nn.Linear and out.block is out.again
+
+
+def test_config_naming_an_alias_points_to_the_canonical_name() -> None:
+    cfg = aq.QuantConfig.from_dict({"layers": {"again": {"weight": {"bits": 4}}}})
+    with pytest.raises(aq.ConfigError, match="'again'.*same module object as 'block'"):
+        QuantModel(Reused(), cfg)
