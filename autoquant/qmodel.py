@@ -21,7 +21,7 @@ from autoquant.fold import fold_conv_bn
 from autoquant.kinds import QuantEmbedding  # noqa: F401 - registers the extra layer kinds
 from autoquant.layers import QuantLayer, QuantState, layer_kinds, weight_axis_of, wrapper_class_of
 from autoquant.plan import FLOAT, QuantPlan
-from autoquant.shared import module_aliases
+from autoquant.shared import layers_sharing_parameters, module_aliases
 
 __all__ = ["QuantModel", "find_quantizable_layers", "run_model"]
 
@@ -147,6 +147,10 @@ class QuantModel:
         for name, others in self.aliases.items():
             logger.info("layer %s is shared (also %s): one wrapper, one scheme", name,
                         ", ".join(others))
+        self.tied = layers_sharing_parameters({n: layer.module for n, layer in self.layers.items()})
+        if self.tied:
+            logger.info("layers sharing a parameter (each is its own unit): %s",
+                        "; ".join(f"{n} ~ {', '.join(o)}" for n, o in self.tied.items()))
         self.all_layers = names
         self.never_executed: list[str] = []
         if example_inputs is not None:
@@ -264,6 +268,7 @@ class QuantModel:
                 "mode": module.config.mode if isinstance(module, QuantLayer) else None,
                 "aliases": list(self.aliases.get(name, ())),
                 "calls_per_forward": self.calls_per_forward.get(name),
+                "shares_parameters_with": list(self.tied.get(name, ())),
             })
         return rows
 

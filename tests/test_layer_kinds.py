@@ -114,6 +114,21 @@ def test_stacked_bidirectional_rnn_matches_a_copy_with_fake_quant_weights(kind) 
     torch.testing.assert_close(h, h_expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+def test_lstm_with_projection_quantizes_its_projection_weight() -> None:
+    torch.manual_seed(2)
+    lstm = nn.LSTM(4, 6, proj_size=3, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    qm = _quantized(lstm, x)
+    assert qm.layers["m"].weight_names == ("weight_ih_l0", "weight_hh_l0", "weight_hr_l0")
+    reference = copy.deepcopy(lstm)
+    with torch.no_grad():
+        for name in qm.layers["m"].weight_names:
+            getattr(reference, name).copy_(fq_rows(getattr(lstm, name)))
+        expected = reference(fq_affine(x, x.min(), x.max()))[0]
+        torch.testing.assert_close(qm.model(x)[0], expected, rtol=0, atol=1e-5)
+
+
 def test_packed_sequence_input_runs_quantized() -> None:
     torch.manual_seed(2)
     lstm = nn.LSTM(3, 4, batch_first=True)

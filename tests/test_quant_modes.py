@@ -114,3 +114,26 @@ def test_mode_round_trips_through_yaml_and_json(tmp_path) -> None:
 def test_bad_mode_is_a_config_error_naming_the_choices(bad) -> None:
     with pytest.raises(aq.ConfigError, match="static, dynamic, weight_only"):
         aq.QuantConfig.from_dict({"layers": {"fc": {"mode": bad}}})
+
+
+def test_weight_only_mha_quantizes_projections_and_nothing_else() -> None:
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8) * 7
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    qm = QuantModel(Wrap(), aq.QuantConfig.from_dict({"default": {"mode": "weight_only"}}))
+    qm.apply_plan({"attn": "w4a4"})  # no calibration needed; activation bits ignored
+    reference = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    reference.load_state_dict(mha.state_dict())
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(fq_rows(mha.in_proj_weight, bits=4))
+        reference.out_proj.weight.copy_(fq_rows(mha.out_proj.weight, bits=4))
+        torch.testing.assert_close(qm.model(x), reference(x, x, x)[0], rtol=0, atol=1e-5)

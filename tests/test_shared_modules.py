@@ -94,3 +94,21 @@ def test_config_naming_an_alias_points_to_the_canonical_name() -> None:
     cfg = aq.QuantConfig.from_dict({"layers": {"again": {"weight": {"bits": 4}}}})
     with pytest.raises(aq.ConfigError, match="'again'.*same module object as 'block'"):
         QuantModel(Reused(), cfg)
+
+
+def test_tied_embedding_and_decoder_are_reported_as_sharing_a_parameter() -> None:
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.dec = nn.Linear(4, 10)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.dec(self.emb(idx))
+
+    idx = torch.randint(0, 10, (3, 5))
+    qm = QuantModel(TiedLM(), aq.QuantConfig(), (idx,))
+    assert qm.tied == {"emb": ["dec"], "dec": ["emb"]}
+    rows = {r["name"]: r["shares_parameters_with"] for r in qm.layer_rows()}
+    assert rows == {"emb": ["dec"], "dec": ["emb"]}
