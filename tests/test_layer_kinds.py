@@ -61,6 +61,15 @@ def test_embedding_is_weight_only_per_row_and_float_mode_is_exact() -> None:
     assert torch.equal(qm.model(idx), emb(idx))
 
 
+def test_embedding_bag_is_quantized_per_row() -> None:
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(20, 6, mode="mean")
+    idx, offsets = torch.randint(0, 20, (10,)), torch.tensor([0, 4])
+    qm = _quantized(bag, idx, offsets)
+    expected = nn.functional.embedding_bag(idx, fq_rows(bag.weight), offsets, mode="mean")
+    torch.testing.assert_close(qm.model(idx, offsets), expected, rtol=0, atol=1e-6)
+
+
 # -- RNNs ---------------------------------------------------------------------------------
 def _lstm_reference(x, lstm, w_ih, w_hh):
     """An explicit single-layer batch-first LSTM recurrence with the given weights."""
@@ -315,7 +324,7 @@ class _PlainAttention(nn.Module):
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         attn = (q @ k.transpose(-2, -1)).softmax(-1)
-        return torch.matmul(attn, v) @ self.mix_weight
+        return torch.matmul(attn, v) @ self.mix_weight.T
 
 
 def test_convert_matmuls_turns_activation_matmuls_into_units() -> None:

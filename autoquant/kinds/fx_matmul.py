@@ -4,8 +4,9 @@ For models whose attention calls ``torch.matmul`` / ``@`` / ``torch.bmm`` direct
 rewrites a copy of the model with `torch.fx` so that every matmul between two activations
 becomes a `QuantMatMul` submodule (``matmul_0``, ``matmul_1``, ... in graph order), which the
 search then treats as a named unit. A matmul with a parameter or buffer operand is left
-alone (it is a weight, not an activation pair). Models that do not trace are a clear
-`ModelError`; using `QuantMatMul` in the model's code works for every model.
+alone (a weight, also transposed or reshaped, is not an activation). Models that do not
+trace are a clear `ModelError`; using `QuantMatMul` in the model's code works for every
+model.
 """
 
 from __future__ import annotations
@@ -58,14 +59,18 @@ def convert_matmuls(model: nn.Module, concrete_args: dict[str, Any] | None = Non
             f"{type(model).__name__} does not trace with torch.fx ({type(err).__name__}: "
             f"{err}); put autoquant.QuantMatMul modules in its attention code instead"
         ) from err
-    weights = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
+    # activations: values that depend on a model input (a weight, even transposed, does not)
+    activations: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(n in activations for n in node.all_input_nodes):
+            activations.add(node)
     count = 0
     for node in list(gm.graph.nodes):
         is_matmul = (node.op == "call_function" and node.target in _FUNCTIONS) or (
             node.op == "call_method" and node.target in _METHODS)
         if not is_matmul or len(node.args) != 2 or node.kwargs:
             continue
-        if any(isinstance(a, torch.fx.Node) and a.name in weights for a in node.args):
+        if not all(isinstance(a, torch.fx.Node) and a in activations for a in node.args):
             continue
         name = f"matmul_{count}"
         gm.add_submodule(name, QuantMatMul())
