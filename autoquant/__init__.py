@@ -29,6 +29,7 @@ from autoquant.errors import (
     ModelError,
     UserError,
 )
+from autoquant.kinds import QuantMatMul, convert_matmuls
 from autoquant.metric import AccuracyCriterion
 from autoquant.result import SearchResult
 from autoquant.sensitivity import LayerSensitivity, SensitivityMetric, register_sensitivity
@@ -46,6 +47,8 @@ __all__ = [
     "QuantConfig",
     "LayerConfig",
     "QuantizerConfig",
+    "QuantMatMul",
+    "convert_matmuls",
     "AccuracyCriterion",
     "SearchResult",
     "TrialRecord",

@@ -22,12 +22,14 @@ from autoquant.errors import ConfigError
 from autoquant.io import atomic_write_text
 from autoquant.plan import FLOAT, scheme_label
 
-__all__ = ["QuantizerConfig", "LayerConfig", "QuantConfig", "CONFIG_VERSION"]
+__all__ = ["QuantizerConfig", "LayerConfig", "QuantConfig", "CONFIG_VERSION", "QUANT_MODES"]
 
 CONFIG_VERSION = 1
 ActivationAlgorithm = Literal["minmax", "percentile", "mse", "entropy", "auto"]
 _ALGORITHMS = ("minmax", "percentile", "mse", "entropy", "auto")
 _WEIGHT_ALGORITHMS = ("minmax", "mse")
+QuantMode = Literal["static", "dynamic", "weight_only"]
+QUANT_MODES = ("static", "dynamic", "weight_only")
 
 
 def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
@@ -122,11 +124,15 @@ class LayerConfig:
         activation: the input-activation quantizer.
         fallback: what the search switches the layer to when it falls back: ``"float"`` or
             a bit width (e.g. 16 for W16A16, which keeps most of the int win).
+        mode: how input activations are quantized: ``"static"`` (ranges calibrated once),
+            ``"dynamic"`` (range of each batch, at run time) or ``"weight_only"``
+            (activations stay float; the scheme's activation bits are ignored).
     """
 
     weight: QuantizerConfig = field(default_factory=_default_weight)
     activation: QuantizerConfig = field(default_factory=_default_activation)
     fallback: str | int = FLOAT
+    mode: QuantMode = "static"
 
     def __post_init__(self) -> None:
         # A partial mapping overrides the role's own defaults (activations are asymmetric
@@ -159,6 +165,10 @@ class LayerConfig:
                 raise ConfigError(
                     f"fallback must be 'float' or a bit width from 2 to 16, got {self.fallback!r}"
                 )
+        if self.mode not in QUANT_MODES:
+            raise ConfigError(
+                f"mode must be one of {', '.join(QUANT_MODES)}, got {self.mode!r}"
+            )
 
     @property
     def scheme(self) -> str:

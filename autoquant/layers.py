@@ -12,7 +12,10 @@ A `QuantLayer` replaces a quantizable module at its qualified name and keeps it 
   hand both to a sensitivity accumulator, return the float output (so every layer is scored
   in isolation, and nothing but one layer's outputs is held at a time).
 
-New layer kinds register a weight axis with `register_layer_kind`.
+New layer kinds register a weight axis with `register_layer_kind`, and optionally their own
+wrapper class (a `QuantLayer` subclass, see `autoquant.kinds`). The layer's config ``mode``
+decides the input activation: ``static`` (calibrated qparams), ``dynamic`` (qparams from each
+batch's min/max at run time) or ``weight_only`` (left float).
 """
 
 from __future__ import annotations
@@ -29,9 +32,16 @@ from torch.func import functional_call
 from autoquant.config import LayerConfig
 from autoquant.errors import ModelError
 from autoquant.plan import FLOAT, parse_scheme
-from autoquant.quantizer import ActivationObserver, fake_quantize, weight_qparams
+from autoquant.quantizer import ActivationObserver, fake_quantize, qrange, weight_qparams
 
-__all__ = ["QuantState", "QuantLayer", "register_layer_kind", "layer_kinds", "weight_axis_of"]
+__all__ = [
+    "QuantState",
+    "QuantLayer",
+    "register_layer_kind",
+    "layer_kinds",
+    "weight_axis_of",
+    "wrapper_class_of",
+]
 
 
 class QuantState(enum.Enum):
@@ -54,10 +64,29 @@ _LAYER_KINDS: dict[type[nn.Module], int] = {
 }
 
 
-def register_layer_kind(module_type: type[nn.Module], weight_axis: int) -> None:
+# module type -> wrapper class, for kinds that need more than `QuantLayer` (see autoquant.kinds)
+_WRAPPERS: dict[type[nn.Module], type[QuantLayer]] = {}
+
+
+def register_layer_kind(
+    module_type: type[nn.Module], weight_axis: int, wrapper: type[QuantLayer] | None = None
+) -> None:
     """Make `module_type` (and its subclasses) quantizable; its ``weight`` has
-    output channels on `weight_axis`."""
+    output channels on `weight_axis`. `wrapper` is the `QuantLayer` subclass that wraps it
+    (default: `QuantLayer` itself)."""
     _LAYER_KINDS[module_type] = weight_axis
+    if wrapper is not None:
+        _WRAPPERS[module_type] = wrapper
+    else:
+        _WRAPPERS.pop(module_type, None)
+
+
+def wrapper_class_of(module: nn.Module) -> type[QuantLayer]:
+    """The wrapper class registered for `module`'s kind (most specific type first)."""
+    for kind in type(module).__mro__:
+        if kind in _WRAPPERS:
+            return _WRAPPERS[kind]
+    return QuantLayer
 
 
 def layer_kinds() -> dict[type[nn.Module], int]:
@@ -142,15 +171,20 @@ class QuantLayer(nn.Module):
                 scheme, torch.empty(0, device=weight.device))
         self.weight_scale, self.weight_zero_point = scale, zp
         self._weight_q = (qmin, qmax, axis)
-        if self.observer.has_data:
+        mode = self.config.mode
+        if mode != "static":
+            # weight_only: no activation quantizer; dynamic: qparams come from each batch
+            dev = self.module.weight.device
+            self.act_scale = self.act_zero_point = torch.empty(0, device=dev)
+            self._act_q = None if mode == "weight_only" else (
+                *qrange(a_bits, self.config.activation.symmetric), None)
+        elif self.observer.has_data:
             a_scale, a_zp, a_qmin, a_qmax, a_axis = self.observer.qparams(a_bits)
             dev = self.module.weight.device
             self.act_scale, self.act_zero_point = a_scale.to(dev), a_zp.to(dev)
             self._act_q = (a_qmin, a_qmax, a_axis)
         elif self.act_scale.numel():
             # qparams were loaded from a state dict; keep them
-            from autoquant.quantizer import qrange
-
             qmin_a, qmax_a = qrange(a_bits, self.config.activation.symmetric)
             axis_a = 1 if self.act_scale.numel() > 1 else None
             self._act_q = (qmin_a, qmax_a, axis_a)
@@ -183,9 +217,14 @@ class QuantLayer(nn.Module):
         return cached
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize an input activation with the active scheme."""
-        assert self._act_q is not None
+        """Fake-quantize an input activation with the active scheme (per the layer's mode)."""
+        if self._act_q is None:  # weight_only
+            return x
         qmin, qmax, axis = self._act_q
+        if self.config.mode == "dynamic":
+            from autoquant.kinds.base import dynamic_fake_quantize
+
+            return dynamic_fake_quantize(x, qmin, qmax, self.config.activation)
         return fake_quantize(x, self.act_scale, self.act_zero_point, qmin, qmax, axis)
 
     # -- forward -----------------------------------------------------------------------------
@@ -222,7 +261,8 @@ class QuantLayer(nn.Module):
             return self._quant_forward(x, args, kwargs)
         self.calls += 1
         if state is QuantState.CALIBRATE:
-            self.observer.update(x)
+            if self.config.mode == "static":
+                self.observer.update(x)
             return self.module(x, *args, **kwargs)
         # COMPARE
         if self.dump_dir is not None:

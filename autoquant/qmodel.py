@@ -18,8 +18,10 @@ from torch import nn
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError, EvaluatorError, ModelError
 from autoquant.fold import fold_conv_bn
-from autoquant.layers import QuantLayer, QuantState, weight_axis_of
+from autoquant.kinds import QuantEmbedding  # noqa: F401 - registers the extra layer kinds
+from autoquant.layers import QuantLayer, QuantState, layer_kinds, weight_axis_of, wrapper_class_of
 from autoquant.plan import FLOAT, QuantPlan
+from autoquant.shared import layers_sharing_parameters, module_aliases
 
 __all__ = ["QuantModel", "find_quantizable_layers", "run_model"]
 
@@ -31,18 +33,40 @@ def find_quantizable_layers(model: nn.Module) -> list[str]:
 
     Layers whose parent reads their weight directly instead of calling them (the output
     projection of `nn.MultiheadAttention`) are not listed: wrapping them would not quantize.
+    A module object reachable under several names (a shared module) is listed once, under
+    its first name (see `autoquant.shared.module_aliases`).
     """
     names: list[str] = []
+    seen: set[int] = set()
     for parent_name, parent in model.named_modules():
         if isinstance(parent, (QuantLayer, nn.MultiheadAttention)):
             continue
         for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
             if isinstance(child, QuantLayer):
                 names.append(full)
             elif weight_axis_of(child) is not None:
                 names.append(full)
     return names
+
+
+def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]) -> None:
+    """A config naming a shared module by a second name gets a pointed error."""
+    canonical = {alias: name for name, others in aliases.items() for alias in others}
+    for name in [*config.layers, *config.skip_layers]:
+        if name in canonical:
+            raise ConfigError(
+                f"the quant config names {name!r}, which is the same module object as "
+                f"{canonical[name]!r} (a shared module is one unit); use {canonical[name]!r}"
+            )
+
+
+def _no_fast_path(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook; its presence disables torch's fused encoder fast path."""
+    return None
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -90,24 +114,43 @@ class QuantModel:
         self.config = config
         names = find_quantizable_layers(self.model)
         if not names:
+            kinds = ", ".join(sorted(k.__name__ for k in layer_kinds()))
             raise ModelError(
-                f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d/2d/3d, "
-                "nn.ConvTranspose1d/2d); there is nothing to quantize"
+                f"{type(model).__name__} has no quantizable layer ({kinds}); there is nothing "
+                "to quantize"
             )
+        _check_no_alias_in_config(config, module_aliases(self.model))
         config.check_layers(names)
         self.folded: list[tuple[str, str]] = fold_conv_bn(self.model) if config.fold_bn else []
         if self.folded:
             logger.info("folded %d Conv-BatchNorm pair(s)", len(self.folded))
         skipped = set(config.skip_layers)
+        # canonical name -> other names of the same (shared) module object
+        self.aliases: dict[str, list[str]] = {
+            n: a for n, a in module_aliases(self.model).items() if n in set(names)
+        }
+        self.calls_per_forward: dict[str, float] = {}
         self.layers: dict[str, QuantLayer] = {}
         self.skipped: list[str] = [n for n in names if n in skipped]
         for name in names:
             if name in skipped:
                 continue
             module = self.model.get_submodule(name)
-            layer = QuantLayer(module, name, config.layer_config(name), weight_axis_of(module))
-            _set_submodule(self.model, name, layer)
+            wrapper = wrapper_class_of(module)
+            layer = wrapper(module, name, config.layer_config(name), weight_axis_of(module))
+            for where in (name, *self.aliases.get(name, ())):
+                _set_submodule(self.model, where, layer)  # one wrapper at every alias
+            # torch's fused fast paths (nn.TransformerEncoderLayer in eval under no_grad)
+            # read raw weights past the wrappers unless a module has hooks: add a no-op one
+            layer.register_forward_pre_hook(_no_fast_path)
             self.layers[name] = layer
+        for name, others in self.aliases.items():
+            logger.info("layer %s is shared (also %s): one wrapper, one scheme", name,
+                        ", ".join(others))
+        self.tied = layers_sharing_parameters({n: layer.module for n, layer in self.layers.items()})
+        if self.tied:
+            logger.info("layers sharing a parameter (each is its own unit): %s",
+                        "; ".join(f"{n} ~ {', '.join(o)}" for n, o in self.tied.items()))
         self.all_layers = names
         self.never_executed: list[str] = []
         if example_inputs is not None:
@@ -145,8 +188,26 @@ class QuantModel:
         """Run ``evaluator.calibration`` once with every layer observing its input."""
         for layer in self.layers.values():
             layer.calls = 0
-        with self.state(QuantState.CALIBRATE):
-            call_evaluator(evaluator, "calibration", self.model)
+        forwards = [0]
+
+        def count(*_: Any) -> None:
+            forwards[0] += 1
+
+        hook = self.model.register_forward_pre_hook(count)
+        try:
+            with self.state(QuantState.CALIBRATE):
+                call_evaluator(evaluator, "calibration", self.model)
+        finally:
+            hook.remove()
+        if forwards[0]:
+            # a module called at several places in one forward pass is a shared module too
+            self.calls_per_forward = {
+                n: layer.calls / forwards[0] for n, layer in self.layers.items()
+            }
+            for name, per in self.calls_per_forward.items():
+                if per > 1:
+                    logger.info("layer %s runs %.3g times per forward pass: one wrapper, "
+                                "one scheme, ranges calibrated over every call", name, per)
         self.never_executed = [n for n, layer in self.layers.items() if layer.calls == 0]
         if self.layers and len(self.never_executed) == len(self.layers):
             raise EvaluatorError(
@@ -188,11 +249,14 @@ class QuantModel:
         self.apply_plan(plan)
         for name in list(self.layers):
             if plan.get(name, FLOAT) == FLOAT:
-                _set_submodule(self.model, name, self.layers.pop(name).module)
+                original = self.layers.pop(name).module
+                for where in (name, *self.aliases.get(name, ())):
+                    _set_submodule(self.model, where, original)
         return self.model
 
     def layer_rows(self) -> list[dict[str, Any]]:
-        """Name, type and parameter count of every quantizable layer (for reports)."""
+        """Name, type, parameter count, mode, aliases and calls per forward pass of every
+        quantizable layer (for reports)."""
         rows = []
         for name in self.all_layers:
             module = self.model.get_submodule(name)
@@ -201,6 +265,10 @@ class QuantModel:
                 "name": name,
                 "type": type(inner).__name__,
                 "parameters": sum(p.numel() for p in inner.parameters()),
+                "mode": module.config.mode if isinstance(module, QuantLayer) else None,
+                "aliases": list(self.aliases.get(name, ())),
+                "calls_per_forward": self.calls_per_forward.get(name),
+                "shares_parameters_with": list(self.tied.get(name, ())),
             })
         return rows
 

@@ -103,12 +103,16 @@ def register_sensitivity(name: str, metric: type[SensitivityMetric]) -> None:
 
 @dataclass(frozen=True)
 class LayerSensitivity:
-    """One row of the ranking: a layer, its score and its rank (0 = most sensitive)."""
+    """One row of the ranking: a layer, its score and its rank (0 = most sensitive).
+
+    `aliases` are the other qualified names of a shared module (one unit, one scheme).
+    """
 
     name: str
     score: float
     rank: int
     calls: int
+    aliases: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form."""
@@ -156,5 +160,6 @@ def compute_sensitivity(
         "sensitivity (%s) of %d layers in %.2fs", metric_cls.name or metric_cls.__name__,
         len(rows), time.perf_counter() - start,
     )
-    return [LayerSensitivity(name, score, rank, calls)
+    aliases = getattr(qmodel, "aliases", {})
+    return [LayerSensitivity(name, score, rank, calls, tuple(aliases.get(name, ())))
             for rank, (score, name, calls) in enumerate(rows)]

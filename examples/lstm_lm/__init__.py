@@ -1,0 +1,1 @@
+"""A character-level LSTM language model on the standard library's docstrings."""

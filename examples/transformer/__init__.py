@@ -1,0 +1,1 @@
+"""A small transformer encoder classifying sklearn digits as sequences of pixel rows."""
