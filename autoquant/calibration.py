@@ -180,6 +180,15 @@ class _LayerRefiner:
         layer.bias_corrections = corrections
 
 
+def _refinable(layer: QuantLayer) -> bool:
+    """Single-weight wrappers with a weight tensor and one observer (Linear, Conv and
+    friends). Multi-weight kinds (RNNs, attention) keep their configured algorithms."""
+    from autoquant.kinds.base import MultiQuantLayer
+
+    return not isinstance(layer, MultiQuantLayer) and isinstance(
+        getattr(layer.module, "weight", None), torch.Tensor)
+
+
 def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
     """Choose each ``auto`` layer's calibration and measure bias corrections, in one pass.
 
@@ -190,6 +199,8 @@ def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
     wanted = {}
     for name in qmodel.searchable:
         layer = qmodel.layers[name]
+        if not _refinable(layer):
+            continue
         layer.bias_corrections = {}
         layer.bias_delta = torch.empty(0, device=layer.module.weight.device)
         auto = layer.config.activation.algorithm == "auto"
@@ -223,7 +234,8 @@ def calibration_overrides(qmodel: QuantModel) -> dict[str, dict[str, Any]]:
     final config (so re-applying it reproduces the choice without the choice pass)."""
     out: dict[str, dict[str, Any]] = {}
     for name, layer in qmodel.layers.items():
-        if layer.config.activation.algorithm != "auto" or layer.observer.choice is None:
+        if not _refinable(layer) or layer.config.activation.algorithm != "auto" \
+                or layer.observer.choice is None:
             continue
         algorithm, percentile = layer.observer.choice
         act: dict[str, Any] = {"algorithm": algorithm}
@@ -241,7 +253,7 @@ def calibration_rows(
     out = []
     for row in rows:
         layer = qmodel.layers.get(row["name"])
-        if layer is None:
+        if layer is None or not _refinable(layer):
             out.append(dict(row))
             continue
         out.append({

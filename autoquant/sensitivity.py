@@ -114,6 +114,10 @@ class LayerSensitivity:
     calls: int
     aliases: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # rows read back from JSON carry a list; keep rows comparable and hashable
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form."""
         return asdict(self)
