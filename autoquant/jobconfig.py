@@ -33,7 +33,7 @@ _TOP = {
     "seed": ((int,), False, 0),
     "model": ((str, dict), True, None),
     "evaluator": ((str, dict), True, None),
-    "example_inputs": ((list, dict), False, None),
+    "example_inputs": ((list, dict, str), False, None),
     "quant": ((dict, str), False, None),
     "search": ((dict,), True, None),
     "output_dir": ((str,), False, "autoquant_out"),
@@ -243,6 +243,8 @@ def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
     _resolve_import(v, evaluator["class"], ("evaluator", "class"), "evaluator")
 
     inputs = top["example_inputs"]
+    if isinstance(inputs, str):  # a bare import path: the factory, without kwargs
+        inputs = {"factory": inputs}
     if isinstance(inputs, dict):
         inputs = v.section(inputs, ("example_inputs",), _INPUTS_FACTORY)
         _resolve_import(v, inputs["factory"], ("example_inputs", "factory"),
