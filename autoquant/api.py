@@ -16,6 +16,7 @@ from torch import nn
 
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError
+from autoquant.guard import check_timeout_setting, load_state_dict_file
 from autoquant.io import atomic_write_text
 from autoquant.metric import AccuracyCriterion, LossType
 from autoquant.plan import FLOAT, plan_key
@@ -92,6 +93,9 @@ def auto_quantize(
     preloaded: Sequence[TrialRecord] = (),
     ranking: Sequence[LayerSensitivity] | None = None,
     progress: Any = None,
+    eval_timeout: float | None = None,
+    max_seconds: float | None = None,
+    check_determinism: bool = False,
 ) -> SearchResult:
     """Find the most-quantized version of `model` whose metric loss is within `max_loss`.
 
@@ -123,6 +127,16 @@ def auto_quantize(
             ``("calibration", "end")``, ``("sensitivity", "start", model=...)``,
             ``("sensitivity", "end", ranking=..., reused=bool)``, ``("search", "start",
             total=int | None)`` and ``("search", "trial", record=..., reused=bool)``.
+        eval_timeout: seconds one ``evaluate`` call may take; a longer one stops the search
+            with `EvaluatorTimeoutError` (finished evaluations are kept; the slow call is
+            abandoned in a background thread, Python cannot kill it). None: no limit, and
+            ``evaluate`` runs in the calling thread.
+        max_seconds: wall-time budget of the whole call: no new evaluation starts after it
+            (the status is then ``budget_exhausted``); the float baseline always runs.
+        check_determinism: evaluate the float model a second time, right after the
+            baseline, and compare: a difference is warned about and recorded in
+            ``result.determinism`` and the report. Costs one extra evaluation, which is not
+            a trial (not in ``history``, ``num_evaluations`` or ``max_evaluations``).
 
     Returns:
         A `SearchResult`; it always comes back, with ``status`` saying whether the budget
@@ -137,6 +151,9 @@ def auto_quantize(
         max_loss, loss_type, bool(getattr(evaluator, "higher_is_better", True))
     )
     _check_budget(max_evaluations)
+    eval_timeout = check_timeout_setting(eval_timeout, "eval_timeout")
+    max_seconds = check_timeout_setting(max_seconds, "max_seconds")
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     cfg = _resolve_config(config)
     search = _make_strategy(strategy, dict(strategy_options or {}))
     qmodel = QuantModel(model, cfg, example_inputs)
@@ -169,6 +186,7 @@ def auto_quantize(
         qmodel, evaluator, make_decision(evaluator, criterion.check),
         max_evaluations=max_evaluations, on_record=on_record,
         preloaded={plan_key(r.plan): r for r in preloaded},
+        eval_timeout=eval_timeout, deadline=deadline, check_determinism=bool(check_determinism),
     )
     start = time.perf_counter()
     outcome = run_search(runner, search, context, qmodel.float_plan(), progress=progress)
@@ -214,7 +232,10 @@ def auto_quantize(
             "higher_is_better": criterion.higher_is_better,
             "max_evaluations": max_evaluations,
             "folded_bn": [list(p) for p in qmodel.folded],
+            "eval_timeout": eval_timeout,
+            "max_seconds": max_seconds,
         },
+        determinism=runner.determinism,
     )
     logger.info("search finished: %s", result.summary().replace("\n", "; "))
     return result
@@ -263,7 +284,7 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
             )
     cfg = QuantConfig.load(directory / CONFIG_FILE)
     qmodel = QuantModel(model, cfg)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    state = load_state_dict_file(directory / STATE_FILE, "the saved quantized model")
     try:
         qmodel.model.load_state_dict(state)
     except RuntimeError as err:

@@ -125,16 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
 # -- run ---------------------------------------------------------------------------------------
 
 def _fingerprint_settings(job: Any) -> dict[str, Any]:
-    search = {k: v for k, v in job.config.search.items() if k != "max_evaluations"}
+    # Budgets and guards do not change what a record means: a resume may change them.
+    search = {k: v for k, v in job.config.search.items()
+              if k not in ("max_evaluations", "eval_timeout", "max_seconds", "check_determinism")}
     return {"evaluator": job.config.evaluator, "search": search}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``autoquant run``: the search as a resumable batch job."""
     from autoquant.api import auto_quantize
+    from autoquant.guard import check_output_dir
     from autoquant.io import atomic_write_text
     from autoquant.job import load_job
-    from autoquant.journal import Journal, fingerprint
+    from autoquant.journal import JOURNAL_FILE, Journal, fingerprint
     from autoquant.progress import ProgressBars, bars_enabled
     from autoquant.render import render_report
     from autoquant.report import build_report
@@ -147,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     evaluator = job.build_evaluator()
     inputs = job.example_inputs()
     parts = fingerprint(model, kwargs["config"].to_dict(), _fingerprint_settings(job))
+    check_output_dir(out, out / JOURNAL_FILE, resume=args.resume, overwrite=args.overwrite)
     journal = Journal.open(out, parts, resume=args.resume, overwrite=args.overwrite,
                            meta={"job": str(job.path)})
     job.save(out / JOB_COPY)

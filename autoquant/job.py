@@ -25,6 +25,9 @@ the valid choices. Relative paths resolve against the YAML file's folder. The sc
       max_loss: 0.01                # required
       loss_type: absolute           # or relative
       max_evaluations: null         # a budget, the float baseline included
+      eval_timeout: null            # seconds one evaluate() may take (null: no limit)
+      max_seconds: null             # wall-time budget of the run (null: no limit)
+      check_determinism: false      # evaluate the float model twice and compare
     output_dir: out                 # optional (default "autoquant_out")
 """
 
@@ -86,6 +89,9 @@ _SEARCH = {
     "max_loss": (_NUMBER, True, None),
     "loss_type": ((str,), False, "absolute"),
     "max_evaluations": ((int, type(None)), False, None),
+    "eval_timeout": ((int, float, type(None)), False, None),
+    "max_seconds": ((int, float, type(None)), False, None),
+    "check_determinism": ((bool,), False, False),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
                list: "a list", type(None): "null"}
@@ -308,6 +314,10 @@ def _validate(path: Path, data: Any, lines: LineMap) -> JobConfig:
     if budget is not None and budget < 2:
         raise v.error(("search", "max_evaluations"), f"must be >= 2 (the float baseline and "
                                                      f"one quantized trial) or null, got {budget}")
+    for key in ("eval_timeout", "max_seconds"):
+        if search[key] is not None and search[key] <= 0:
+            raise v.error(("search", key), f"must be a number of seconds > 0 or null (no "
+                                           f"limit), got {search[key]}")
     return JobConfig(
         path=path, model=model, evaluator=evaluator, search=search,
         output_dir=_resolve_path(base, top["output_dir"]), example_inputs=inputs, quant=quant,
@@ -339,6 +349,8 @@ class Job:
         import torch
         from torch import nn
 
+        from autoquant.guard import check_model_devices, load_state_dict_file
+
         spec = self.config.model
         torch.manual_seed(self.config.seed)
         factory = self._import(spec["factory"], "model factory")
@@ -351,12 +363,13 @@ class Job:
             raise ModelError(f"{self.path}: model factory {spec['factory']!r} returned "
                              f"{type(model).__name__}; it must return a torch.nn.Module")
         if spec.get("checkpoint") is not None:
+            state = load_state_dict_file(spec["checkpoint"], f"{self.path}: checkpoint")
             try:
-                state = torch.load(spec["checkpoint"], map_location="cpu", weights_only=True)
                 model.load_state_dict(state)
-            except (OSError, RuntimeError, ValueError) as err:
+            except (RuntimeError, ValueError, TypeError) as err:
                 raise ModelError(f"{self.path}: cannot load checkpoint "
                                  f"{str(spec['checkpoint'])!r} into the model: {err}") from err
+        check_model_devices(model)
         return model.eval()
 
     def build_evaluator(self) -> Any:
@@ -420,6 +433,8 @@ class Job:
             "max_loss": s["max_loss"], "loss_type": s["loss_type"],
             "strategy": s["strategy"], "strategy_options": dict(s["strategy_options"]),
             "sensitivity": s["sensitivity"], "max_evaluations": s["max_evaluations"],
+            "eval_timeout": s["eval_timeout"], "max_seconds": s["max_seconds"],
+            "check_determinism": s["check_determinism"],
             "config": self.quant_config(),
         }
 

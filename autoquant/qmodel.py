@@ -18,6 +18,7 @@ from torch import nn
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError, EvaluatorError, ModelError
 from autoquant.fold import fold_conv_bn
+from autoquant.guard import check_model_devices
 from autoquant.layers import QuantLayer, QuantState, weight_axis_of
 from autoquant.plan import FLOAT, QuantPlan
 
@@ -86,6 +87,7 @@ class QuantModel:
                 "on a copy so your model is never changed. Make the model deep-copyable "
                 "(no open file handles, generators or locks as attributes)."
             ) from err
+        check_model_devices(self.model)
         self.model.eval()
         self.config = config
         names = find_quantizable_layers(self.model)

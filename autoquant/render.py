@@ -75,6 +75,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"Time: {_fmt(t.get('total'), '.1f')} s total, {_fmt(t.get('evaluator'), '.1f')} s "
         "inside the evaluator",
     ]
+    det = report.get("determinism")
+    if det and not det.get("deterministic", True):
+        lines.append(f"WARNING: the evaluator is not deterministic: the float model scored "
+                     f"{_fmt(det.get('first'), '.9g')} then {_fmt(det.get('second'), '.9g')} "
+                     f"(difference {_fmt(det.get('difference'), '.3g')})")
     sizes = report.get("sizes")
     if sizes:
         f_b, q_b = sizes.get("float_weight_bytes"), sizes.get("quantized_weight_bytes")

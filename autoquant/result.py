@@ -76,6 +76,8 @@ class SearchResult:
         timings: seconds spent: total, calibration, sensitivity, search, evaluator.
         layers: per-layer rows (name, type, parameters) of every quantizable layer.
         settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget).
+        determinism: the evaluator determinism check (``check_determinism=True``): the two
+            float metrics, their difference and whether they agree; None if not checked.
     """
 
     status: str
@@ -97,6 +99,7 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    determinism: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """A few lines a person reads in ten seconds."""
