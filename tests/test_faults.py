@@ -51,12 +51,13 @@ def search(evaluator, model=None, **kwargs):
 
 def job_file(folder: Path, *, evaluator: str = "jobhelpers:TinyEvaluator",
              eval_kwargs: str = "{depth: 3}", max_loss: float = 0.05, extra: str = "",
-             model_extra: str = "", quant: str = "{default: {weight: {bits: 6}}}") -> Path:
+             model_extra: str = "", quant: str = "{default: {weight: {bits: 6}}}",
+             depth: int = 3) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "job.yaml"
     path.write_text(f"""\
 python_path: [{TESTS}]
-model: {{factory: "jobhelpers:build_model", kwargs: {{depth: 3}}{model_extra}}}
+model: {{factory: "jobhelpers:build_model", kwargs: {{depth: {depth}}}{model_extra}}}
 evaluator: {{class: "{evaluator}", kwargs: {eval_kwargs}}}
 example_inputs: [{{shape: [2, 8]}}]
 quant: {quant}
