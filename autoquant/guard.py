@@ -121,8 +121,9 @@ def determinism_record(first: float, second: float, seconds: float,
 def check_model_devices(model: Any) -> None:
     """Refuse a model with parameters or buffers on the 'meta' device (they hold no data).
 
-    Parameters on several real devices (model parallelism) are allowed: every quantizer
-    keeps its statistics on the device its layer's input arrives on.
+    Parameters on several real devices (model parallelism) are not refused: each layer's
+    weight qparams are computed on the weight's device and its activation statistics on
+    the device its input arrives on (not yet covered by a test on a multi-device machine).
     """
     meta = [name for name, t in (*model.named_parameters(), *model.named_buffers())
             if t.device.type == "meta"]

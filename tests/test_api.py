@@ -81,7 +81,7 @@ def test_save_then_load_quantized_reproduces_the_model(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"quant_config.yaml", "model_state.pt",
                                                 "report.json"}
     report = json.loads((out / "report.json").read_text())
-    assert report["schema_version"] == 1 and report["status"] == result.status
+    assert report["schema_version"] == 2 and report["status"] == result.status
     assert [row["name"] for row in report["layers"]] == ["conv", "head.1", "head.3"]
     assert report["counts"]["evaluations"] == result.num_evaluations
     loaded = aq.load_quantized(model, out)
