@@ -268,6 +268,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from autoquant.render import render_report
     from autoquant.report import report_from_journal
     from autoquant.result import REPORT_FILE
+    from autoquant.yamlload import safe_load_no_aliases
 
     directory = args.directory.resolve()
     report_path = directory / REPORT_FILE
@@ -276,10 +277,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             report = json.loads(report_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read {report_path}: {err}") from err
+        if not isinstance(report, dict) or not {"status", "metrics", "counts"} <= set(report):
+            raise ConfigError(f"{report_path} is not an autoquant report (no status, metrics "
+                              "and counts); rerun `autoquant run`, or delete it to rebuild it "
+                              "from the journal")
     elif (directory / JOURNAL_FILE).is_file():
         job = None
         if (directory / JOB_COPY).is_file():
-            job = yaml.safe_load((directory / JOB_COPY).read_text(encoding="utf-8"))
+            try:
+                job = safe_load_no_aliases((directory / JOB_COPY).read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{directory / JOB_COPY} is not valid YAML: {err}") from err
         report = report_from_journal(read_journal(directory / JOURNAL_FILE), job)
         report["run"]["journal"] = str(directory / JOURNAL_FILE)
         atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")

@@ -59,10 +59,26 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(err, OSError) and not isinstance(err, OutputError):
-            raise output_error(path, err) from err
+        os_error = _os_error_in(err)
+        if os_error is not None:
+            raise output_error(path, os_error) from err
         raise
     return path
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError `err` is or was raised while handling (torch.save, for one, masks a
+    failed write with a RuntimeError from its own cleanup); None if there is none."""
+    seen: set[int] = set()
+    probe: BaseException | None = err
+    while probe is not None and id(probe) not in seen:
+        if isinstance(probe, OutputError):
+            return None
+        if isinstance(probe, OSError):
+            return probe
+        seen.add(id(probe))
+        probe = probe.__cause__ or probe.__context__
+    return None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -204,6 +204,37 @@ def disk_full_while_saving_over_a_previous_result(tmp, mp):
     return lambda: result.save(out)
 
 
+class _FillsUp:
+    """A file handle on a disk that fills up after `room` bytes."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+def disk_full_in_the_middle_of_writing_the_model(tmp, mp):
+    result, out = saved_result(tmp)
+    real = os.fdopen
+    mp.setattr(os, "fdopen", lambda fd, *a, **k: _FillsUp(real(fd, *a, **k), room=2000))
+    assert (out / "quant_config.yaml").stat().st_size < 2000 < (out / "model_state.pt").stat(
+    ).st_size  # the config fits, the model does not
+    return lambda: result.save(out)
+
+
 def disk_full_while_journaling(tmp, mp, after: int = 0):
     journal = Journal.open(tmp / "out", PARTS, resume=False)
     fail_os_call(mp, os, "fsync", errno.ENOSPC, after=after)  # `after` trials are journaled
@@ -226,6 +257,22 @@ def output_dir_of_another_job_with_resume(tmp, mp):
 def output_dir_with_results_but_no_journal(tmp, mp):
     saved_result(tmp)
     return cli_run(job_file(tmp / "job"), "--output-dir", str(tmp / "saved"))
+
+
+def cli_report(folder: Path):
+    args = build_parser().parse_args(["report", str(folder), "-q"])
+    return lambda: args.func(args)
+
+
+def report_json_is_not_a_report(tmp, mp):
+    (tmp / "report.json").write_text("[1, 2, 3]\n")
+    return cli_report(tmp)
+
+
+def yaml_bomb_in_the_job_copy_of_an_interrupted_run(tmp, mp):
+    journal(tmp, [])
+    (tmp / "job.yaml").write_text(BOMB + "\n")
+    return cli_report(tmp)
 
 
 def journal(tmp: Path, lines: list[str]) -> Path:
@@ -341,6 +388,8 @@ FAULTS = [
     # files
     (read_only_output_dir, OutputError, r"quant_config\.yaml.*read-only"),
     (disk_full_while_saving_over_a_previous_result, OutputError, r"disk is full"),
+    (disk_full_in_the_middle_of_writing_the_model, OutputError,
+     r"model_state\.pt.*disk is full"),
     (disk_full_while_journaling, OutputError, r"journal\.jsonl.*disk is full"),
     (output_dir_of_another_job_without_resume, ConfigError,
      r"already exists from an earlier run; pass --resume"),
@@ -349,6 +398,8 @@ FAULTS = [
     (output_dir_with_results_but_no_journal, ConfigError,
      r"already holds results \(report\.json, quant_config\.yaml, model_state\.pt\) but no "
      r"journal"),
+    (report_json_is_not_a_report, ConfigError, r"report\.json is not an autoquant report"),
+    (yaml_bomb_in_the_job_copy_of_an_interrupted_run, ConfigError, r"YAML alias \*a"),
     (journal_with_a_corrupt_middle_line, ConfigError, r"line 3 is corrupt"),
     (journal_with_an_invalid_record, ConfigError, r"line 3 is not a valid trial entry"),
     (journal_without_a_header, ConfigError, r"first line is not a journal header"),
@@ -420,3 +471,16 @@ def test_real_read_only_directory_is_an_output_error(tmp_path):
 def test_yaml_bomb_is_refused_before_any_expansion():
     with pytest.raises(ConfigError, match="alias"):
         QuantConfig.from_yaml(BOMB)
+
+
+def test_cli_reports_a_full_disk_as_an_error_without_a_traceback(tmp_path, monkeypatch,
+                                                                  capsys):
+    from autoquant.cli import EXIT_ERROR, main
+
+    job = job_file(tmp_path)
+    fail_os_call(monkeypatch, os, "fsync", errno.ENOSPC)
+    assert main(["run", str(job), "-q"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "autoquant: error: cannot write" in err and "disk is full" in err
+    assert "Traceback" not in err and "internal error" not in err
+    assert not list((tmp_path / "out").glob("*.tmp")) if (tmp_path / "out").exists() else True
