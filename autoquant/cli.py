@@ -132,19 +132,26 @@ def _fingerprint_settings(job: Any) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``autoquant run``: the search as a resumable batch job."""
+    """``autoquant run``: the search as a resumable batch job (one run per output dir)."""
+    from autoquant.guard import lock_output_dir
+    from autoquant.job import load_job
+
+    job = load_job(args.job)
+    out = (args.output_dir or job.config.output_dir).resolve()
+    with lock_output_dir(out):  # a second run into the same folder would mix journals
+        return _run_locked(args, job, out)
+
+
+def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
     from autoquant.api import auto_quantize
     from autoquant.guard import check_output_dir
     from autoquant.io import atomic_write_text
-    from autoquant.job import load_job
     from autoquant.journal import JOURNAL_FILE, Journal, fingerprint
     from autoquant.progress import ProgressBars, bars_enabled
     from autoquant.render import render_report
     from autoquant.report import build_report
     from autoquant.result import REPORT_FILE
 
-    job = load_job(args.job)
-    out = (args.output_dir or job.config.output_dir).resolve()
     kwargs = job.search_kwargs()  # reads the quant config: fail before anything heavy
     model = job.build_model()
     evaluator = job.build_evaluator()

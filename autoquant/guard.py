@@ -8,10 +8,12 @@ the fix (or, for a non-deterministic evaluator, a warning plus a record in the r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ __all__ = [
     "check_model_devices",
     "check_output_dir",
     "load_state_dict_file",
+    "lock_output_dir",
     "RUN_ARTIFACTS",
 ]
 
@@ -152,6 +155,45 @@ def check_output_dir(directory: Path, journal: Path, *, resume: bool, overwrite:
             f"cannot be from this job; refusing to {action} it and overwrite them. Choose "
             "another --output-dir, or pass --overwrite to replace them."
         )
+
+
+@contextlib.contextmanager
+def lock_output_dir(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (created if missing) for a run.
+
+    Two runs writing into one output directory would interleave their journals; the second
+    one gets a ConfigError instead. The lock is ``flock`` on the directory itself (no lock
+    file is written), released when the block ends or the process dies, even by
+    ``kill -9``. Where ``fcntl`` does not exist (Windows) the block runs unlocked.
+
+    Raises:
+        ConfigError: another process holds the lock.
+        OutputError: the directory cannot be created.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    from autoquant.io import output_error
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as err:
+        raise output_error(directory, err) from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise ConfigError(
+                f"another autoquant run is writing into {directory} right now; wait for it "
+                "to finish, or choose another --output-dir (two runs would mix their "
+                "journals)"
+            ) from err
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def load_state_dict_file(path: str | Path, what: str) -> Mapping[str, Any]:

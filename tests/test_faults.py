@@ -254,6 +254,18 @@ def output_dir_of_another_job_with_resume(tmp, mp):
                    "--resume")
 
 
+def output_dir_in_use_by_a_running_job(tmp, mp):
+    from autoquant.guard import lock_output_dir
+
+    run = copy_run(_FINISHED[0], tmp)
+    action = cli_run(run / "job.yaml", "--resume")
+
+    def run_while_locked():
+        with lock_output_dir(run / "out"):  # what the other process holds while it runs
+            action()
+    return run_while_locked
+
+
 def output_dir_with_results_but_no_journal(tmp, mp):
     saved_result(tmp)
     return cli_run(job_file(tmp / "job"), "--output-dir", str(tmp / "saved"))
@@ -395,6 +407,8 @@ FAULTS = [
      r"already exists from an earlier run; pass --resume"),
     (output_dir_of_another_job_with_resume, JournalMismatchError,
      r"written by a different run: the search settings"),
+    (output_dir_in_use_by_a_running_job, ConfigError,
+     r"another autoquant run is writing into .*/run/out right now"),
     (output_dir_with_results_but_no_journal, ConfigError,
      r"already holds results \(report\.json, quant_config\.yaml, model_state\.pt\) but no "
      r"journal"),
