@@ -58,6 +58,8 @@ def run_with_timeout(func: Callable[[], T], timeout: float | None, what: str) ->
     running until `func` returns on its own (its result is discarded, and a daemon thread
     never keeps the process alive). The caller gets `EvaluatorTimeoutError` at once, so a
     search stops with a clear error, and the journal keeps every evaluation finished before.
+    Thread-local torch state of the caller (autocast, inference_mode, the current CUDA
+    device) does not carry into the worker; `func` must set what it needs.
 
     Args:
         func: the call to guard (e.g. one ``Evaluator.evaluate``).

@@ -36,6 +36,7 @@ def logged_plans(log: Path) -> list[str]:
             for line in log.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_evaluator_crash_in_trial_k_keeps_trials_before_k_and_resume_repeats_none(
         tmp_path, capsys):
     flag, log = tmp_path / "fail_at", tmp_path / "evals.log"
@@ -180,6 +181,7 @@ def test_layers_calibration_never_runs_are_reported_and_left_float():
     assert result.config.skip_layers == ["2", "4"]
 
 
+@pytest.mark.slow
 def test_journal_cut_at_any_byte_resumes_with_exactly_the_complete_lines(tmp_path):
     journal = Journal.open(tmp_path / "src", PARTS, resume=False)
     records = []
