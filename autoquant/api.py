@@ -17,6 +17,7 @@ from torch import nn
 from autoquant.calibration import calibrate_model, calibration_overrides, calibration_rows
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError
+from autoquant.guard import check_timeout_setting, load_state_dict_file
 from autoquant.io import atomic_write_text
 from autoquant.metric import AccuracyCriterion, LossType
 from autoquant.parallel import WorkerPool, check_workers
@@ -103,6 +104,9 @@ def auto_quantize(
     workers: int = 1,
     holdout: bool | None = None,
     audit: int = 0,
+    eval_timeout: float | None = None,
+    max_seconds: float | None = None,
+    check_determinism: bool = False,
 ) -> SearchResult:
     """Find the most-quantized version of `model` whose metric loss is within `max_loss`.
 
@@ -141,6 +145,16 @@ def auto_quantize(
         audit: evaluate the `audit` worst-ranked layers alone quantized after the search
             and report Spearman's rho of the ranking against the measured losses
             (these evaluations count in ``num_evaluations``).
+        eval_timeout: seconds one ``evaluate`` call may take; a longer one stops the search
+            with `EvaluatorTimeoutError` (finished evaluations are kept; the slow call is
+            abandoned in a background thread, Python cannot kill it). None: no limit, and
+            ``evaluate`` runs in the calling thread.
+        max_seconds: wall-time budget of the whole call: no new evaluation starts after it
+            (the status is then ``budget_exhausted``); the float baseline always runs.
+        check_determinism: evaluate the float model a second time, right after the
+            baseline, and compare: a difference is warned about and recorded in
+            ``result.determinism`` and the report. Costs one extra evaluation, which is not
+            a trial (not in ``history``, ``num_evaluations`` or ``max_evaluations``).
 
     Returns:
         A `SearchResult`; it always comes back, with ``status`` saying whether the budget
@@ -157,6 +171,9 @@ def auto_quantize(
     _check_budget(max_evaluations)
     check_workers(workers)
     check_trust_args(holdout, audit)
+    eval_timeout = check_timeout_setting(eval_timeout, "eval_timeout")
+    max_seconds = check_timeout_setting(max_seconds, "max_seconds")
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     cfg = _resolve_config(config)
     search = _make_strategy(strategy, dict(strategy_options or {}))
     qmodel = QuantModel(model, cfg, example_inputs)
@@ -193,6 +210,7 @@ def auto_quantize(
         qmodel, evaluator, make_decision(evaluator, criterion.check),
         max_evaluations=max_evaluations, on_record=on_record,
         preloaded={plan_key(r.plan): r for r in preloaded}, pool=pool,
+        eval_timeout=eval_timeout, deadline=deadline, check_determinism=bool(check_determinism),
     )
     start = time.perf_counter()
     checks: dict[str, Any] = {}
@@ -254,8 +272,11 @@ def auto_quantize(
             "max_evaluations": max_evaluations,
             "folded_bn": [list(p) for p in qmodel.folded],
             "workers": workers,
+            "eval_timeout": eval_timeout,
+            "max_seconds": max_seconds,
         },
         checks=checks,
+        determinism=runner.determinism,
     )
     logger.info("search finished: %s", result.summary().replace("\n", "; "))
     return result
@@ -304,7 +325,7 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
             )
     cfg = QuantConfig.load(directory / CONFIG_FILE)
     qmodel = QuantModel(model, cfg)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    state = load_state_dict_file(directory / STATE_FILE, "the saved quantized model")
     try:
         qmodel.model.load_state_dict(state)
     except RuntimeError as err:

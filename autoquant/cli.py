@@ -125,28 +125,39 @@ def build_parser() -> argparse.ArgumentParser:
 # -- run ---------------------------------------------------------------------------------------
 
 def _fingerprint_settings(job: Any) -> dict[str, Any]:
-    search = {k: v for k, v in job.config.search.items() if k != "max_evaluations"}
+    # Budgets and guards do not change what a record means: a resume may change them.
+    search = {k: v for k, v in job.config.search.items()
+              if k not in ("max_evaluations", "eval_timeout", "max_seconds", "check_determinism")}
     return {"evaluator": job.config.evaluator, "search": search}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``autoquant run``: the search as a resumable batch job."""
-    from autoquant.api import auto_quantize
-    from autoquant.io import atomic_write_text
+    """``autoquant run``: the search as a resumable batch job (one run per output dir)."""
+    from autoquant.guard import lock_output_dir
     from autoquant.job import load_job
-    from autoquant.journal import Journal, fingerprint
+
+    job = load_job(args.job)
+    out = (args.output_dir or job.config.output_dir).resolve()
+    with lock_output_dir(out):  # a second run into the same folder would mix journals
+        return _run_locked(args, job, out)
+
+
+def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
+    from autoquant.api import auto_quantize
+    from autoquant.guard import check_output_dir
+    from autoquant.io import atomic_write_text
+    from autoquant.journal import JOURNAL_FILE, Journal, fingerprint
     from autoquant.progress import ProgressBars, bars_enabled
     from autoquant.render import render_report
     from autoquant.report import build_report
     from autoquant.result import REPORT_FILE
 
-    job = load_job(args.job)
-    out = (args.output_dir or job.config.output_dir).resolve()
     kwargs = job.search_kwargs()  # reads the quant config: fail before anything heavy
     model = job.build_model()
     evaluator = job.build_evaluator()
     inputs = job.example_inputs()
     parts = fingerprint(model, kwargs["config"].to_dict(), _fingerprint_settings(job))
+    check_output_dir(out, out / JOURNAL_FILE, resume=args.resume, overwrite=args.overwrite)
     journal = Journal.open(out, parts, resume=args.resume, overwrite=args.overwrite,
                            meta={"job": str(job.path)})
     job.save(out / JOB_COPY)
@@ -268,6 +279,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from autoquant.render import render_report
     from autoquant.report import report_from_journal
     from autoquant.result import REPORT_FILE
+    from autoquant.yamlload import safe_load_no_aliases
 
     directory = args.directory.resolve()
     report_path = directory / REPORT_FILE
@@ -276,10 +288,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             report = json.loads(report_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read {report_path}: {err}") from err
+        if not isinstance(report, dict) or not {"status", "metrics", "counts"} <= set(report):
+            raise ConfigError(f"{report_path} is not an autoquant report (no status, metrics "
+                              "and counts); rerun `autoquant run`, or delete it to rebuild it "
+                              "from the journal")
     elif (directory / JOURNAL_FILE).is_file():
         job = None
         if (directory / JOB_COPY).is_file():
-            job = yaml.safe_load((directory / JOB_COPY).read_text(encoding="utf-8"))
+            try:
+                job = safe_load_no_aliases((directory / JOB_COPY).read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{directory / JOB_COPY} is not valid YAML: {err}") from err
         report = report_from_journal(read_journal(directory / JOURNAL_FILE), job)
         report["run"]["journal"] = str(directory / JOURNAL_FILE)
         atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")

@@ -21,6 +21,7 @@ import yaml
 from autoquant.errors import ConfigError
 from autoquant.io import atomic_write_text
 from autoquant.plan import FLOAT, scheme_label
+from autoquant.yamlload import safe_load_no_aliases
 
 __all__ = ["QuantizerConfig", "LayerConfig", "QuantConfig", "CONFIG_VERSION", "QUANT_MODES"]
 
@@ -320,7 +321,7 @@ class QuantConfig:
     def from_yaml(cls, text: str) -> QuantConfig:
         """Parse YAML text (safe loader)."""
         try:
-            data = yaml.safe_load(text)
+            data = safe_load_no_aliases(text)  # aliases could be a YAML bomb
         except yaml.YAMLError as err:
             raise ConfigError(f"quant config is not valid YAML: {err}") from err
         return cls.from_dict(data)

@@ -11,6 +11,8 @@ __all__ = [
     "ConfigError",
     "ModelError",
     "EvaluatorError",
+    "EvaluatorTimeoutError",
+    "OutputError",
     "InternalError",
 ]
 
@@ -33,6 +35,17 @@ class ModelError(UserError):
 
 class EvaluatorError(UserError):
     """The user's Evaluator raised or returned something that is not a finite number."""
+
+
+class EvaluatorTimeoutError(EvaluatorError):
+    """An evaluation ran longer than the ``eval_timeout`` the user set."""
+
+
+class OutputError(UserError, OSError):
+    """An output file cannot be written (read-only folder, disk full, ...).
+
+    Also an `OSError`, so code that caught the raw OS error keeps working.
+    """
 
 
 class InternalError(AutoquantError):

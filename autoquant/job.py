@@ -25,6 +25,9 @@ the valid choices. Relative paths resolve against the YAML file's folder. The sc
       max_loss: 0.01                # required
       loss_type: absolute           # or relative
       max_evaluations: null         # a budget, the float baseline included
+      eval_timeout: null            # seconds one evaluate() may take (null: no limit)
+      max_seconds: null             # wall-time budget of the run (null: no limit)
+      check_determinism: false      # evaluate the float model twice and compare
     output_dir: out                 # optional (default "autoquant_out")
 """
 
@@ -67,6 +70,8 @@ class Job:
         import torch
         from torch import nn
 
+        from autoquant.guard import check_model_devices, load_state_dict_file
+
         spec = self.config.model
         torch.manual_seed(self.config.seed)
         factory = self._import(spec["factory"], "model factory")
@@ -79,12 +84,13 @@ class Job:
             raise ModelError(f"{self.path}: model factory {spec['factory']!r} returned "
                              f"{type(model).__name__}; it must return a torch.nn.Module")
         if spec.get("checkpoint") is not None:
+            state = load_state_dict_file(spec["checkpoint"], f"{self.path}: checkpoint")
             try:
-                state = torch.load(spec["checkpoint"], map_location="cpu", weights_only=True)
                 model.load_state_dict(state)
-            except (OSError, RuntimeError, ValueError) as err:
+            except (RuntimeError, ValueError, TypeError) as err:
                 raise ModelError(f"{self.path}: cannot load checkpoint "
                                  f"{str(spec['checkpoint'])!r} into the model: {err}") from err
+        check_model_devices(model)
         return model.eval()
 
     def build_evaluator(self) -> Any:
@@ -148,6 +154,8 @@ class Job:
             "max_loss": s["max_loss"], "loss_type": s["loss_type"],
             "strategy": s["strategy"], "strategy_options": dict(s["strategy_options"]),
             "sensitivity": s["sensitivity"], "max_evaluations": s["max_evaluations"],
+            "eval_timeout": s["eval_timeout"], "max_seconds": s["max_seconds"],
+            "check_determinism": s["check_determinism"],
             "config": self.quant_config(),
         }
 

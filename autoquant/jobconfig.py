@@ -62,6 +62,9 @@ _SEARCH = {
     "max_loss": (_NUMBER, True, None),
     "loss_type": ((str,), False, "absolute"),
     "max_evaluations": ((int, type(None)), False, None),
+    "eval_timeout": ((int, float, type(None)), False, None),
+    "max_seconds": ((int, float, type(None)), False, None),
+    "check_determinism": ((bool,), False, False),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
                list: "a list", type(None): "null"}

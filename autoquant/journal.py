@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.errors import ConfigError
-from autoquant.io import atomic_write_text
+from autoquant.io import atomic_write_text, output_error
 from autoquant.sensitivity import LayerSensitivity
 from autoquant.strategy import TrialRecord
 
@@ -132,12 +132,17 @@ def read_journal(path: str | Path) -> JournalContents:
         if number == 1 and kind != "header":
             raise ConfigError(f"{path}: the first line is not a journal header; is this an "
                               "autoquant journal?")
-        if kind == "header":
-            out.header = obj
-        elif kind == "ranking":
-            out.ranking = [LayerSensitivity(**row) for row in obj["ranking"]]
-        elif kind == "trial":
-            out.records.append(TrialRecord.from_dict(obj["record"]))
+        try:
+            if kind == "header":
+                out.header = obj
+            elif kind == "ranking":
+                out.ranking = [LayerSensitivity(**row) for row in obj["ranking"]]
+            elif kind == "trial":
+                out.records.append(TrialRecord.from_dict(obj["record"]))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{path}: line {number} is not a valid {kind} entry "
+                              f"({type(err).__name__}: {err}); the journal was edited or "
+                              "corrupted. Delete it (or pass --overwrite) to start over.") from err
         offset += len(raw) + 1
         out.good_bytes = offset
     return out
@@ -205,10 +210,22 @@ class Journal:
 
     def _append(self, obj: Mapping[str, Any]) -> None:
         line = (json.dumps(obj, sort_keys=True) + "\n").encode("utf-8")
-        with open(self.path, "ab") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as err:
+            raise output_error(self.path, err) from err
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:  # unbuffered: a failure cannot be retried later by a flush
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as err:
+                _truncate_quietly(fd, size)  # never leave a partial line behind
+                raise output_error(self.path, err) from err
+        finally:
+            os.close(fd)
 
     def append_record(self, record: TrialRecord) -> None:
         """Append one finished evaluation (durable when this returns)."""
@@ -218,6 +235,16 @@ class Journal:
         """Append the sensitivity ranking (durable when this returns)."""
         self.ranking = list(ranking)
         self._append({"type": "ranking", "ranking": [r.to_dict() for r in ranking]})
+
+
+def _truncate_quietly(fd: int, size: int) -> None:
+    """Cut a failed append back to `size` bytes (if even that fails, resume drops the torn
+    last line anyway)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        logger.warning("could not cut the failed journal append back; --resume will drop "
+                       "the torn last line")
 
 
 def _check_fingerprint(path: Path, stored: Mapping[str, str], parts: Mapping[str, str]) -> None:

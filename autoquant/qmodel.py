@@ -18,6 +18,7 @@ from torch import nn
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError, EvaluatorError, ModelError
 from autoquant.fold import fold_conv_bn
+from autoquant.guard import check_model_devices
 from autoquant.kinds import QuantEmbedding  # noqa: F401 - registers the extra layer kinds
 from autoquant.layers import QuantLayer, QuantState, layer_kinds, weight_axis_of, wrapper_class_of
 from autoquant.plan import FLOAT, QuantPlan
@@ -110,6 +111,7 @@ class QuantModel:
                 "on a copy so your model is never changed. Make the model deep-copyable "
                 "(no open file handles, generators or locks as attributes)."
             ) from err
+        check_model_devices(self.model)
         self.model.eval()
         self.config = config
         names = find_quantizable_layers(self.model)

@@ -77,6 +77,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                                   "interrupted run)" if reused and
                                   run.get("reused_evaluator_seconds") else ""),
     ]
+    det = report.get("determinism")
+    if det and not det.get("deterministic", True):
+        lines.append(f"WARNING: the evaluator is not deterministic: the float model scored "
+                     f"{_fmt(det.get('first'), '.9g')} then {_fmt(det.get('second'), '.9g')} "
+                     f"(difference {_fmt(det.get('difference'), '.3g')})")
     sizes = report.get("sizes")
     if sizes:
         f_b, q_b = sizes.get("float_weight_bytes"), sizes.get("quantized_weight_bytes")

@@ -165,6 +165,7 @@ def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
         "plan": dict(result.plan),
         "fallback_layers": list(result.fallback_layers),
         "config": result.config.to_dict(),
+        "determinism": result.determinism,
     }
 
 

@@ -91,6 +91,8 @@ class SearchResult:
             evaluator's held-out data), ``audit`` (per-layer measured drops and Spearman's
             rho against the proxy ranking) and ``monotonicity`` (pass/fail violations
             among the prefix plans evaluated); a key is absent when its check did not run.
+        determinism: the evaluator determinism check (``check_determinism=True``): the two
+            float metrics, their difference and whether they agree; None if not checked.
     """
 
     status: str
@@ -121,6 +123,7 @@ class SearchResult:
         from autoquant.report import effective_bits
 
         return effective_bits(self.layers, self.plan)
+    determinism: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """A few lines a person reads in ten seconds."""

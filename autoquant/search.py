@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from autoquant.errors import EvaluatorError
+from autoquant.guard import determinism_record, run_with_timeout
 from autoquant.metric import check_metric_value
 from autoquant.plan import FLOAT, QuantPlan, plan_key
 from autoquant.qmodel import QuantModel, call_evaluator
@@ -80,6 +81,11 @@ class TrialRunner:
     evaluator_seconds: float = 0.0
     float_metric: float | None = None
     pool: Any = None  # an autoquant.parallel.WorkerPool when workers > 1
+    eval_timeout: float | None = None
+    deadline: float | None = None
+    check_determinism: bool = False
+    determinism: dict[str, Any] | None = None
+    stopped_by: str | None = None
     _cache: dict[str, TrialRecord] = field(default_factory=dict)
     _ranking: list[str] = field(default_factory=list)
     _prefetched: dict[str, tuple[Any, float]] = field(default_factory=dict)
@@ -125,6 +131,11 @@ class TrialRunner:
         reused = self.preloaded.get(key)
         if reused is None and self.max_evaluations is not None and \
                 self.num_evaluations >= self.max_evaluations:
+            self.stopped_by = "evaluations"
+            raise BudgetExhausted
+        if reused is None and self.deadline is not None and self.num_evaluations >= 1 and \
+                time.monotonic() >= self.deadline:  # the float baseline always runs
+            self.stopped_by = "time"
             raise BudgetExhausted
         if reused is not None:
             record = reused
@@ -139,19 +150,29 @@ class TrialRunner:
             self.on_record(record)
         return record
 
-    def _run(self, plan: QuantPlan, label: str) -> TrialRecord:
-        index = self.num_evaluations
-        where = f"in trial {index} ({label})"
+    def measure(self, plan: QuantPlan, where: str) -> tuple[float, float]:
+        """Evaluate `plan` once, uncached and unrecorded: ``(metric, seconds)``.
+
+        Uses the worker pool's result when the plan was prefetched; otherwise evaluates in
+        this process, honouring ``eval_timeout`` (see `autoquant.guard.run_with_timeout`).
+        """
         done = self._prefetched.pop(plan_key(plan), None)
         if done is not None:
             value, seconds = done
         else:
             self.qmodel.apply_plan(plan)
             start = time.perf_counter()
-            value = call_evaluator(self.evaluator, "evaluate", self.qmodel.model, where)
+            value = run_with_timeout(
+                lambda: call_evaluator(self.evaluator, "evaluate", self.qmodel.model, where),
+                self.eval_timeout, f"{type(self.evaluator).__name__}.evaluate() {where}")
             seconds = time.perf_counter() - start
         self.evaluator_seconds += seconds
         metric = check_metric_value(value, f"{type(self.evaluator).__name__}.evaluate() {where}")
+        return metric, seconds
+
+    def _run(self, plan: QuantPlan, label: str) -> TrialRecord:
+        index = self.num_evaluations
+        metric, seconds = self.measure(plan, f"in trial {index} ({label})")
         if self.float_metric is None:
             self.float_metric = metric
         passed, loss = self.decide(self.float_metric, metric)
@@ -222,6 +243,9 @@ def run_search(
         strategy.name or type(strategy).__name__, len(context.ranking), bound, budget,
     )
     float_record = evaluate(float_plan, "float")
+    if runner.check_determinism:  # one extra evaluation, outside the trial budget
+        metric, seconds = runner.measure(float_plan, "in the determinism check (float again)")
+        runner.determinism = determinism_record(float_record.metric, metric, seconds)
     status: SearchStatus | None = None
     visited: list[TrialRecord] = []  # records the strategy asked for (the baseline too, if so)
     while status is None:
@@ -262,6 +286,9 @@ def run_search(
         reason = ("no evaluated plan met the loss budget, not even with every searchable layer "
                   "fallen back; the evaluator may be non-deterministic, or the threshold below "
                   "its noise")
+    elif runner.stopped_by == "time":
+        reason = ("the wall-time budget (max_seconds) ran out before the strategy finished; "
+                  "the result is the best plan found so far")
     else:
         reason = (f"the evaluation budget ({runner.max_evaluations}) ran out before the "
                   "strategy finished; the result is the best plan found so far")

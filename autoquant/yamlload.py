@@ -16,7 +16,7 @@ import yaml
 
 from autoquant.errors import ConfigError
 
-__all__ = ["load_yaml_with_lines", "KeyPath", "LineMap"]
+__all__ = ["load_yaml_with_lines", "safe_load_no_aliases", "KeyPath", "LineMap"]
 
 KeyPath = tuple[Any, ...]
 LineMap = dict[KeyPath, int]
@@ -83,3 +83,17 @@ def load_yaml_with_lines(path: str | Path) -> tuple[Any, LineMap]:
     if node is not None:
         _collect_lines(node, (), lines)
     return data, lines
+
+
+def safe_load_no_aliases(text: str) -> Any:
+    """`yaml.safe_load` that refuses aliases (a YAML bomb) with a ConfigError naming the line.
+
+    Raises:
+        ConfigError: an alias is used.
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    loader = _NoAliasSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
