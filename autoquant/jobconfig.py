@@ -290,6 +290,10 @@ def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
     if budget is not None and budget < 2:
         raise v.error(("search", "max_evaluations"), f"must be >= 2 (the float baseline and "
                                                      f"one quantized trial) or null, got {budget}")
+    for key in ("eval_timeout", "max_seconds"):
+        if search[key] is not None and search[key] <= 0:
+            raise v.error(("search", key), f"must be a number of seconds > 0 or null (no "
+                                           f"limit), got {search[key]}")
     return JobConfig(
         path=path, model=model, evaluator=evaluator, search=search,
         output_dir=_resolve_path(base, top["output_dir"]), example_inputs=inputs, quant=quant,

@@ -24,10 +24,10 @@ class CrashingEvaluator(_Tiny):
     def __init__(self, fail_flag: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.fail_flag = Path(fail_flag)
-        self.calls = 0
+        self.evaluations = 0
 
     def evaluate(self, model: nn.Module) -> float:
-        index, self.calls = self.calls, self.calls + 1
+        index, self.evaluations = self.evaluations, self.evaluations + 1
         if self.fail_flag.exists() and index == int(self.fail_flag.read_text()):
             raise RuntimeError(f"simulated crash in evaluation {index}")
         return super().evaluate(model)
@@ -41,10 +41,10 @@ class BlockingEvaluator(_Tiny):
         super().__init__(**kwargs)
         self.block_at, self.hang = block_at, hang
         self.release = threading.Event()
-        self.calls = 0
+        self.evaluations = 0
 
     def evaluate(self, model: nn.Module) -> float:
-        index, self.calls = self.calls, self.calls + 1
+        index, self.evaluations = self.evaluations, self.evaluations + 1
         if index == self.block_at:
             self.release.wait(self.hang)
         return super().evaluate(model)
@@ -56,11 +56,11 @@ class NoisyEvaluator(_Tiny):
     def __init__(self, noise: float = 1e-3, **kwargs) -> None:
         super().__init__(**kwargs)
         self.noise = noise
-        self.calls = 0
+        self.evaluations = 0
 
     def evaluate(self, model: nn.Module) -> float:
-        self.calls += 1
-        return super().evaluate(model) - self.noise * self.calls
+        self.evaluations += 1
+        return super().evaluate(model) - self.noise * self.evaluations
 
 
 class ModeRecorder(_Tiny):

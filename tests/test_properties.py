@@ -109,8 +109,9 @@ def test_per_channel_weight_qparams_equal_each_slices_own_qparams(shape, data, b
 
 # -- config round-trips ----------------------------------------------------------------------
 
-def quantizer_dicts(partial: bool):
-    algorithm = st.sampled_from(["minmax", "percentile", "mse"])
+def quantizer_dicts(partial: bool, weight: bool = False):
+    algorithm = st.sampled_from(["minmax", "mse"] if weight else
+                                ["minmax", "percentile", "mse", "entropy", "auto"])
 
     @st.composite
     def build(draw):
@@ -119,7 +120,7 @@ def quantizer_dicts(partial: bool):
             "bits": draw(bits_st),
             "symmetric": draw(st.booleans()),
             "per_channel": per_channel,
-            "algorithm": "minmax" if per_channel else draw(algorithm),
+            "algorithm": "minmax" if per_channel and not weight else draw(algorithm),
             "percentile": draw(st.floats(50.001, 100.0, allow_nan=False)),
         }
         if not partial:
@@ -134,11 +135,12 @@ layer_name = st.text(alphabet="ab.0_-", min_size=1, max_size=6) | st.sampled_fro
     ["null", "yes", "on", "1", "1.5", "~", "fc.weight"])
 
 config_st = st.fixed_dictionaries({
-    "default": st.fixed_dictionaries({"weight": quantizer_dicts(False),
+    "default": st.fixed_dictionaries({"weight": quantizer_dicts(False, weight=True),
                                       "activation": quantizer_dicts(False),
                                       "fallback": fallback_st}),
     "layers": st.dictionaries(layer_name, st.fixed_dictionaries(
-        {}, optional={"weight": quantizer_dicts(True), "activation": quantizer_dicts(True),
+        {}, optional={"weight": quantizer_dicts(True, weight=True),
+                      "activation": quantizer_dicts(True),
                       "fallback": fallback_st}), max_size=4),
     "skip_layers": st.lists(layer_name, max_size=3, unique=True),
     "fold_bn": st.booleans(),
