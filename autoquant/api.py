@@ -203,6 +203,7 @@ def auto_quantize(
             "max_evaluations": max_evaluations,
             "folded_bn": [list(p) for p in qmodel.folded],
         },
+        example_inputs=example_inputs,
     )
     logger.info("search finished: %s", result.summary().replace("\n", "; "))
     return result

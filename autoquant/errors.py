@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "ModelError",
     "EvaluatorError",
+    "ExportError",
     "InternalError",
 ]
 
@@ -33,6 +34,10 @@ class ModelError(UserError):
 
 class EvaluatorError(UserError):
     """The user's Evaluator raised or returned something that is not a finite number."""
+
+
+class ExportError(UserError):
+    """The quantized model cannot be exported (an op or layer the exporter refuses)."""
 
 
 class InternalError(AutoquantError):

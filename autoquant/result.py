@@ -75,7 +75,9 @@ class SearchResult:
         config: the final `QuantConfig` (applying it to the float model reproduces `plan`).
         timings: seconds spent: total, calibration, sensitivity, search, evaluator.
         layers: per-layer rows (name, type, parameters) of every quantizable layer.
-        settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget).
+        settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget);
+            `export_onnx` adds a ``deployment`` entry with the export's measured figures.
+        example_inputs: the inputs the search checked the model with (used by `export_onnx`).
     """
 
     status: str
@@ -97,6 +99,7 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    example_inputs: Any = field(default=None, repr=False, compare=False)
 
     def summary(self) -> str:
         """A few lines a person reads in ten seconds."""
@@ -119,6 +122,30 @@ class SearchResult:
         from autoquant.report import build_report
 
         return build_report(self)
+
+    def export_onnx(self, path: str | Path, example_inputs: Any = None,
+                    opset: int | None = None, measure: bool = True) -> Path:
+        """Export the chosen model as an ONNX QDQ graph (see `autoquant.export.export_onnx`).
+
+        With `measure`, the file size, onnxruntime and torch latency on the example inputs
+        and the largest output difference go into ``settings["deployment"]`` (and so into
+        the report). The result itself is otherwise unchanged, also when export fails.
+
+        Example:
+            >>> result.export_onnx("model_qdq.onnx")
+        """
+        from autoquant.export import DEFAULT_OPSET, export_onnx
+
+        inputs = self.example_inputs if example_inputs is None else example_inputs
+        out = export_onnx(self.model, path, inputs, opset)
+        figures: dict[str, Any] = {"onnx_path": str(out), "opset": opset or DEFAULT_OPSET,
+                                   "file_bytes": out.stat().st_size}
+        if measure:
+            from autoquant.deploy import deployment_figures
+
+            figures = deployment_figures(self.model, out, inputs, opset or DEFAULT_OPSET)
+        self.settings["deployment"] = figures
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Write the final config, the fake-quant state dict and ``report.json``.

@@ -1,0 +1,159 @@
+"""Measured deployment figures of an exported ONNX model: size, latency, parity.
+
+Used by `SearchResult.export_onnx`, `autoquant.export.export_saved` (the figures go into the
+report's ``settings.deployment``) and ``benchmarks/deploy.py``. onnxruntime is optional
+(the ``onnx`` extra) and imported only here, when a session is made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.errors import ConfigError
+from autoquant.io import atomic_write_text
+
+__all__ = [
+    "ort_session",
+    "ort_feed",
+    "ort_run",
+    "median_ms",
+    "flat_outputs",
+    "deployment_figures",
+    "record_deployment",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def ort_session(path: str | Path, threads: int = 2) -> Any:
+    """An onnxruntime CPU session on `path` with `threads` intra-op threads (1 inter-op)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ConfigError(
+            "onnxruntime is not installed; pip install 'autoquant[onnx]' to run ONNX models"
+        ) from err
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _tensors(example_inputs: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    if isinstance(example_inputs, Mapping):
+        leaves = tree_leaves(dict(example_inputs))
+    elif isinstance(example_inputs, (tuple, list)):
+        leaves = tree_leaves(tuple(example_inputs))
+    else:
+        leaves = [example_inputs]
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def ort_feed(session: Any, example_inputs: Any) -> dict[str, Any]:
+    """The input dict of `session` for `example_inputs` (the tensors, in flattened order)."""
+    tensors = _tensors(example_inputs)
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise ConfigError(
+            f"the ONNX model takes {len(names)} input(s) ({', '.join(names)}) but the example "
+            f"inputs hold {len(tensors)} tensor(s); pass the inputs the model was exported with"
+        )
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+
+
+def ort_run(session: Any, example_inputs: Any) -> list[Any]:
+    """Run `session` on `example_inputs`; the outputs as numpy arrays."""
+    return session.run(None, ort_feed(session, example_inputs))
+
+
+def flat_outputs(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, tuple, list or dict), in flattened order."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def median_ms(fn: Callable[[], Any], repeats: int = 30, warmup: int = 3) -> float:
+    """Median wall time of `fn()` in milliseconds over `repeats` runs, after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def _run_torch(model: nn.Module, example_inputs: Any) -> Any:
+    from autoquant.qmodel import run_model
+
+    with torch.no_grad():
+        return run_model(model, example_inputs)
+
+
+def deployment_figures(model: nn.Module, onnx_path: str | Path, example_inputs: Any,
+                       opset: int, threads: int = 2, repeats: int = 20) -> dict[str, Any]:
+    """File size, latency (onnxruntime and the torch fake-quant model) and output parity.
+
+    Latencies are medians over `repeats` runs on `example_inputs` (their batch) with
+    `threads` threads; ``max_abs_diff`` is the largest absolute difference between the
+    ONNX outputs and the torch model's outputs on the same inputs. Without onnxruntime only
+    the size is recorded.
+    """
+    path = Path(onnx_path)
+    figures: dict[str, Any] = {
+        "onnx_path": str(path),
+        "opset": opset,
+        "file_bytes": path.stat().st_size,
+        "threads": threads,
+    }
+    tensors = _tensors(example_inputs)
+    if tensors and tensors[0].dim() >= 1:
+        figures["batch"] = int(tensors[0].shape[0])
+    try:
+        session = ort_session(path, threads)
+    except ConfigError as err:
+        logger.info("no latency or parity figures: %s", err)
+        return figures
+    ort_out = ort_run(session, example_inputs)
+    torch_out = [t.detach().cpu().float() for t in flat_outputs(_run_torch(model,
+                                                                            example_inputs))]
+    if len(torch_out) == len(ort_out):
+        figures["max_abs_diff"] = max(
+            (float((torch.from_numpy(o).float() - t).abs().max()) if t.numel() else 0.0)
+            for o, t in zip(ort_out, torch_out, strict=True)
+        )
+    feed = ort_feed(session, example_inputs)
+    figures["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), repeats)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        figures["torch_fake_quant_ms"] = median_ms(lambda: _run_torch(model, example_inputs),
+                                                   repeats)
+    finally:
+        torch.set_num_threads(previous)
+    return figures
+
+
+def record_deployment(report_path: str | Path, figures: Mapping[str, Any]) -> Path:
+    """Write `figures` into ``settings.deployment`` of a saved ``report.json`` (atomically)."""
+    path = Path(report_path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read the report {path}: {err}") from err
+    report.setdefault("settings", {})["deployment"] = dict(figures)
+    return atomic_write_text(path, json.dumps(report, indent=2) + "\n")
