@@ -25,6 +25,7 @@ from autoquant.errors import (
     AutoquantError,
     ConfigError,
     EvaluatorError,
+    ExportError,
     InternalError,
     ModelError,
     UserError,
@@ -61,6 +62,7 @@ __all__ = [
     "ConfigError",
     "ModelError",
     "EvaluatorError",
+    "ExportError",
     "InternalError",
     "__version__",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "ort_run",
     "median_ms",
     "flat_outputs",
+    "parity",
     "deployment_figures",
     "record_deployment",
 ]
@@ -34,8 +35,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def ort_session(path: str | Path, threads: int = 2) -> Any:
-    """An onnxruntime CPU session on `path` with `threads` intra-op threads (1 inter-op)."""
+def ort_session(path: str | Path, threads: int = 2,
+                config: Mapping[str, str] | None = None) -> Any:
+    """An onnxruntime CPU session on `path` with `threads` intra-op threads (1 inter-op)
+    and the session `config` entries (e.g. ``{"session.disable_quant_qdq": "1"}``)."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -46,6 +49,8 @@ def ort_session(path: str | Path, threads: int = 2) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -104,14 +109,31 @@ def _run_torch(model: nn.Module, example_inputs: Any) -> Any:
         return run_model(model, example_inputs)
 
 
+def parity(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[str, float]:
+    """How closely `outputs` (e.g. onnxruntime's) match `reference` (the torch model's).
+
+    ``max_abs_diff``: the largest absolute difference; ``matching_outputs``: the fraction of
+    elements within ``1e-4 * (1 + max|reference|)`` (the rest are the rare one-step rounding
+    flips caused by a different float summation order).
+    """
+    ref = torch.cat([t.detach().float().reshape(-1) for t in reference])
+    out = torch.cat([t.detach().float().reshape(-1) for t in outputs])
+    if ref.numel() == 0:
+        return {"max_abs_diff": 0.0, "matching_outputs": 1.0}
+    diff = (out - ref).abs()
+    tol = 1e-4 * (1.0 + float(ref.abs().max()))
+    return {"max_abs_diff": float(diff.max()),
+            "matching_outputs": float((diff <= tol).float().mean())}
+
+
 def deployment_figures(model: nn.Module, onnx_path: str | Path, example_inputs: Any,
                        opset: int, threads: int = 2, repeats: int = 20) -> dict[str, Any]:
     """File size, latency (onnxruntime and the torch fake-quant model) and output parity.
 
     Latencies are medians over `repeats` runs on `example_inputs` (their batch) with
-    `threads` threads; ``max_abs_diff`` is the largest absolute difference between the
-    ONNX outputs and the torch model's outputs on the same inputs. Without onnxruntime only
-    the size is recorded.
+    `threads` threads; ``max_abs_diff`` and ``matching_outputs`` compare the ONNX outputs
+    with the torch model's on the same inputs (see `parity`). Without onnxruntime only the
+    size is recorded.
     """
     path = Path(onnx_path)
     figures: dict[str, Any] = {
@@ -131,11 +153,8 @@ def deployment_figures(model: nn.Module, onnx_path: str | Path, example_inputs: 
     ort_out = ort_run(session, example_inputs)
     torch_out = [t.detach().cpu().float() for t in flat_outputs(_run_torch(model,
                                                                             example_inputs))]
-    if len(torch_out) == len(ort_out):
-        figures["max_abs_diff"] = max(
-            (float((torch.from_numpy(o).float() - t).abs().max()) if t.numel() else 0.0)
-            for o, t in zip(ort_out, torch_out, strict=True)
-        )
+    if len(torch_out) == len(ort_out) and torch_out:
+        figures.update(parity(torch_out, [torch.from_numpy(o) for o in ort_out]))
     feed = ort_feed(session, example_inputs)
     figures["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), repeats)
     previous = torch.get_num_threads()
