@@ -42,11 +42,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from autoquant.errors import ConfigError, ExportError, InternalError, ModelError
+from autoquant.errors import ConfigError, ExportError, ModelError
 from autoquant.io import atomic_write_bytes
 from autoquant.layers import QuantLayer, QuantState
+from autoquant.qdq import QDQLayer, translation_table
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "export_float_onnx", "export_saved"]
 
@@ -57,179 +57,8 @@ _MIN_OPSET = 18  # the dynamo exporter's lowest supported opset (per-axis QDQ ne
 _INT16_OPSET = 21
 
 
-# -- the two custom ops (eager semantics = ONNX semantics) ------------------------------------
-def _broadcast(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return t.reshape(())
-    shape = [1] * dim
-    shape[axis] = -1
-    return t.reshape(shape)
-
-
-@torch.library.custom_op("autoquant::quantize_linear", mutates_args=())
-def quantize_linear(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None
-) -> torch.Tensor:
-    """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)`` in the
-    dtype of `zero_point`."""
-    info = torch.iinfo(zero_point.dtype)
-    s = _broadcast(scale, x.dim(), axis)
-    z = _broadcast(zero_point, x.dim(), axis).to(torch.float32)
-    q = torch.round(x.float() / s) + z
-    return q.clamp(info.min, info.max).to(zero_point.dtype)
-
-
-@quantize_linear.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
-    return torch.empty_like(x, dtype=zero_point.dtype)
-
-
-@torch.library.custom_op("autoquant::dequantize_linear", mutates_args=())
-def dequantize_linear(
-    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None
-) -> torch.Tensor:
-    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` as float32."""
-    s = _broadcast(scale, q.dim(), axis)
-    z = _broadcast(zero_point, q.dim(), axis).to(torch.int32)
-    return (q.to(torch.int32) - z).to(torch.float32) * s
-
-
-@dequantize_linear.register_fake
-def _(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
-    return torch.empty_like(q, dtype=torch.float32)
-
-
-def _translation_table(opset: int) -> dict[Any, Any]:
-    import onnxscript
-
-    op = getattr(onnxscript, f"opset{opset}", None)
-    if op is None:
-        raise ExportError(
-            f"opset {opset} is not known to the installed onnxscript "
-            f"{onnxscript.__version__}; pass opset={DEFAULT_OPSET} or upgrade onnxscript"
-        )
-
-    def onnx_quantize(x: Any, scale: Any, zero_point: Any, axis: int | None = None) -> Any:
-        if axis is None:
-            return op.QuantizeLinear(x, scale, zero_point)
-        return op.QuantizeLinear(x, scale, zero_point, axis=axis)
-
-    def onnx_dequantize(q: Any, scale: Any, zero_point: Any, axis: int | None = None) -> Any:
-        if axis is None:
-            return op.DequantizeLinear(q, scale, zero_point)
-        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
-
-    return {
-        torch.ops.autoquant.quantize_linear.default: onnx_quantize,
-        torch.ops.autoquant.dequantize_linear.default: onnx_dequantize,
-    }
-
-
-# -- the export-time replacement of an active QuantLayer ---------------------------------------
-def _storage(qmin: int, qmax: int) -> tuple[torch.dtype, int]:
-    """The ONNX integer type holding [qmin, qmax] and the offset added to fit it."""
-    if qmin >= 0 and qmax <= 255:
-        return torch.uint8, 0
-    if qmin >= -128 and qmax <= 127:
-        return torch.int8, 0
-    if qmin >= -32768 and qmax <= 32767:
-        return torch.int16, 0
-    if qmin >= 0 and qmax <= 65535:
-        return torch.int16, -32768  # unsigned 16-bit: same values as int16, shifted
-    raise InternalError(f"no ONNX integer type holds the range [{qmin}, {qmax}]")
-
-
-class _QDQLayer(nn.Module):
-    """What an active `QuantLayer` computes, written with the QDQ custom ops."""
-
-    def __init__(self, layer: QuantLayer) -> None:
-        super().__init__()
-        assert layer._weight_q is not None and layer._act_q is not None
-        self.layer_name = layer.layer_name
-        self.module = layer.module
-        w_qmin, w_qmax, self.weight_axis = layer._weight_q
-        a_qmin, a_qmax, self.act_axis = layer._act_q
-        self.weight_dtype = layer.module.weight.dtype
-        self.storage_bits = max(_storage(w_qmin, w_qmax)[0].itemsize,
-                                _storage(a_qmin, a_qmax)[0].itemsize) * 8
-
-        w_fq = layer.quantized_weight().detach().float()
-        w_dtype, w_off = _storage(w_qmin, w_qmax)
-        w_scale = layer.weight_scale.detach().float().cpu()
-        w_zp = layer.weight_zero_point.detach().to(torch.int32).cpu()
-        if self.weight_axis is None:
-            w_scale, w_zp = w_scale.reshape(()), w_zp.reshape(())
-        s = _broadcast(w_scale, w_fq.dim(), self.weight_axis).to(w_fq.device)
-        z = _broadcast(w_zp, w_fq.dim(), self.weight_axis).to(w_fq.device)
-        q = torch.round(w_fq / s).to(torch.int32) + z
-        if int(q.min()) < w_qmin or int(q.max()) > w_qmax or \
-                not torch.equal((q - z).float() * s, w_fq):
-            raise InternalError(
-                f"layer {self.layer_name!r}: the fake-quantized weight does not map back to "
-                f"integers in [{w_qmin}, {w_qmax}]; please report this"
-            )
-        self.register_buffer("weight_int", (q + w_off).to(w_dtype))
-        self.register_buffer("weight_scale", w_scale.to(w_fq.device))
-        self.register_buffer("weight_zero_point", (w_zp + w_off).to(w_dtype).to(w_fq.device))
-
-        a_dtype, a_off = _storage(a_qmin, a_qmax)
-        a_scale = layer.act_scale.detach().float()
-        a_zp = layer.act_zero_point.detach().to(torch.int32)
-        if self.act_axis is None:
-            a_scale, a_zp = a_scale.reshape(()), a_zp.reshape(())
-        self.register_buffer("act_scale", a_scale)
-        self.register_buffer("act_zero_point", (a_zp + a_off).to(a_dtype))
-        info = torch.iinfo(a_dtype)
-        self.clip = (a_qmin + a_off, a_qmax + a_off) != (info.min, info.max)
-        # QuantizeLinear saturates to the storage type only: clamp to the layer's own range
-        low, high = (a_qmin - a_zp).float() * a_scale, (a_qmax - a_zp).float() * a_scale
-        self.register_buffer("act_low", low)
-        self.register_buffer("act_high", high)
-        # per-tensor bounds as Python floats: a scalar Clip, no data-dependent tensor reads
-        self.clip_range = (float(low), float(high)) if self.act_axis is None else None
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        dtype = x.dtype
-        x = x.float()
-        if self.clip:
-            if self.clip_range is not None:
-                x = torch.clamp(x, *self.clip_range)
-            else:
-                x = torch.clamp(x, _broadcast(self.act_low, x.dim(), self.act_axis),
-                                _broadcast(self.act_high, x.dim(), self.act_axis))
-        axis = None if self.act_axis is None else self.act_axis % x.dim()
-        q = quantize_linear(x, self.act_scale, self.act_zero_point, axis)
-        x = dequantize_linear(q, self.act_scale, self.act_zero_point, axis).to(dtype)
-        w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
-                              self.weight_axis).to(self.weight_dtype)
-        module = self.module
-        bias = getattr(module, "bias", None)
-        channel = _channel_axis(module, x.dim())
-        if isinstance(bias, torch.Tensor) and channel is not None:
-            # The bias is added after the Gemm/Conv, not as its third input: onnxruntime's
-            # WeightBiasQuantization optimizer would otherwise round a float bias fed to a
-            # QDQ Conv/Gemm to int32 at scale act_scale * weight_scale, which is not what the
-            # searched model computes (and overflows at 16 bits).
-            y = functional_call(module, {"weight": w, "bias": torch.zeros_like(bias)},
-                                (x, *args), kwargs)
-            return y + _broadcast(bias, y.dim(), channel % y.dim())
-        return functional_call(module, {"weight": w}, (x, *args), kwargs)
-
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
-
-
-def _channel_axis(module: nn.Module, input_dim: int) -> int | None:
-    """The output-channel axis of a Linear/Conv output (the bias axis); None otherwise."""
-    if isinstance(module, nn.Linear):
-        return -1
-    if isinstance(module, _CONVS):
-        return input_dim - len(module.kernel_size) - 1  # batched or unbatched input
-    return None
-
-
 def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str, int]]:
-    """A copy of `model` with every QuantLayer swapped for a `_QDQLayer` (if active and
+    """A copy of `model` with every QuantLayer swapped for a `QDQLayer` (if active and
     `quantized`) or for its float module; returns it and ``{layer: storage bits}``."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -247,7 +76,7 @@ def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str
             continue
         active = (quantized and module.state is QuantState.QUANTIZE
                   and module._weight_q is not None and module._act_q is not None)
-        new: nn.Module = _QDQLayer(module) if active else module.module
+        new: nn.Module = QDQLayer(module) if active else module.module
         if active:
             layers[name] = new.storage_bits  # type: ignore[assignment]
         parent_name, _, child = name.rpartition(".")
@@ -292,7 +121,7 @@ def _module_names(model: nn.Module) -> dict[int, str]:
     for name, module in model.named_modules():
         names[id(module)] = name
     for name, module in model.named_modules():
-        if isinstance(module, _QDQLayer):  # report the searched layer, not its child
+        if isinstance(module, QDQLayer):  # report the searched layer, not its child
             names[id(module.module)] = name
     return names
 
@@ -321,7 +150,7 @@ def _layer_from_node(err: BaseException, program: Any) -> tuple[str | None, str 
     for node in program.graph.nodes:
         if node_match and node.name == node_match.group(1):
             candidates.insert(0, node)
-        elif op and op.split(".")[1].lstrip("_") in str(node.target):
+        elif op and op.split(".")[-2 if "." in op else -1].lstrip("_") in str(node.target):
             candidates.append(node)
     for node in candidates:
         stack = node.meta.get("nn_module_stack")
@@ -344,6 +173,10 @@ def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
         dynamic = _dynamic_batch(args, kwargs, work) if dynamic_batch else None
     except TypeError:
         dynamic = None
+    if dynamic_batch and any(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1
+                             for t in (*args, *kwargs.values())):
+        logger.info("an example input has batch size 1, so the exported batch size is fixed "
+                    "at 1; pass a batch of 2 or more for a dynamic batch dimension")
     try:
         program = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as err:
@@ -358,7 +191,7 @@ def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
     try:
         onnx_program = torch.onnx.export(
             program, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
-            custom_translation_table=_translation_table(opset), verbose=False, optimize=True,
+            custom_translation_table=translation_table(opset), verbose=False, optimize=True,
         )
     except ExportError:
         raise
