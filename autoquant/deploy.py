@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, ExportError
 from autoquant.io import atomic_write_text
 
 __all__ = [
@@ -147,10 +147,22 @@ def deployment_figures(model: nn.Module, onnx_path: str | Path, example_inputs: 
         figures["batch"] = int(tensors[0].shape[0])
     try:
         session = ort_session(path, threads)
-    except ConfigError as err:
+    except ConfigError as err:  # onnxruntime is not installed
         logger.info("no latency or parity figures: %s", err)
         return figures
-    ort_out = ort_run(session, example_inputs)
+    except Exception as err:  # onnxruntime's own error types
+        raise ExportError(
+            f"onnxruntime cannot load the exported {path}: {err}. The file is written; "
+            "pass measure=False to skip this check, or report the model"
+        ) from err
+    try:
+        ort_out = ort_run(session, example_inputs)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ExportError(
+            f"onnxruntime cannot run the exported {path} on the example inputs: {err}"
+        ) from err
     torch_out = [t.detach().cpu().float() for t in flat_outputs(_run_torch(model,
                                                                             example_inputs))]
     if len(torch_out) == len(ort_out) and torch_out:

@@ -6,7 +6,8 @@ Usage::
     python benchmarks/deploy.py                 # both models, batch 1 and 32, 2 threads
     python benchmarks/deploy.py --models resnet18 --repeats 10
 
-Latency is the median wall time of repeated runs (after warm-up) with 2 intra-op threads.
+Latency is the median wall time of repeated runs (after warm-up) with 2 intra-op threads,
+one runtime at a time.
 The QDQ model is the all-int8 fake-quant model (W8A8: per-channel symmetric weights,
 per-tensor affine activations) exported by `autoquant.export.export_onnx`; its outputs are
 checked against the torch fake-quant model before timing. The ResNet-18 has random weights
@@ -16,9 +17,11 @@ checked against the torch fake-quant model before timing. The ResNet-18 has rand
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -135,6 +138,15 @@ def bench(name: str, repeats: int, threads: int, out_dir: Path) -> list[tuple]:
               f"(max |y| {float(ref.abs().max()):.3g}), matching outputs "
               f"{close['matching_outputs']:.4f}, top-1 agreement "
               f"{float((out.argmax(1) == ref.argmax(1)).float().mean()):.4f}")
+        del session
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", UserWarning)  # a note on TF32 for Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            other = qmodel(x32)  # the same torch model with its other CPU conv implementation
+    close = parity([ref], [other])
+    print(f"{name}: for scale, torch fake-quant without vs with oneDNN convolutions: max abs "
+          f"diff {close['max_abs_diff']:.2e}, matching outputs {close['matching_outputs']:.4f}")
 
     torch.set_num_threads(threads)
     runtimes: list[tuple[str, object, dict[str, str]]] = [
@@ -142,26 +154,33 @@ def bench(name: str, repeats: int, threads: int, out_dir: Path) -> list[tuple]:
         ("onnxruntime float", f_path, {}),
         *((label, q_path, config) for label, config in QDQ_SESSIONS.items()),
     ]
+    # One runtime at a time, each onnxruntime session closed before the next is timed:
+    # an idle session's worker threads spin for a while after each run and would steal the
+    # two cores from whatever runs next (torch's batch-1 latency suffered tenfold from it).
     rows = []
     for runtime, target, config in runtimes:
+        session = None
+        if isinstance(target, nn.Module):
+            size = _torch_bytes(target)
+        else:
+            session = ort_session(target, threads, config)
+            size = Path(target).stat().st_size
         times = []
         for batch in (1, 32):
             x = x32[:batch]
-            if isinstance(target, nn.Module):
-                size = _torch_bytes(target)
-
+            if session is None:
                 def run(net: nn.Module = target, x: torch.Tensor = x) -> None:
                     with torch.no_grad():
                         net(x)
             else:
-                session = ort_session(target, threads, config)
                 feed = {session.get_inputs()[0].name: x.numpy()}
-                size = Path(target).stat().st_size
 
                 def run(session=session, feed=feed) -> None:  # type: ignore[no-untyped-def]
                     session.run(None, feed)
             times.append(median_ms(run, repeats=repeats if batch == 1 else max(3, repeats // 4),
                                    warmup=5))
+        del session
+        gc.collect()
         rows.append((name, runtime, size, *times))
     return rows
 

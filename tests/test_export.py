@@ -24,6 +24,7 @@ import autoquant as aq
 from autoquant.errors import ConfigError, ExportError
 from autoquant.export import _export_copy, export_float_onnx, export_onnx, export_saved
 from autoquant.layers import QuantLayer
+from autoquant.qdq import QDQLayer, dequantize_linear
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnx.numpy_helper")
@@ -117,7 +118,7 @@ MIXED = {
                "activation": {"symmetric": True}},
         "c3": {"weight": {"bits": 16}, "activation": {"bits": 16}},  # int16 QDQ
         "c1": {"weight": {"bits": 4}, "activation": {"bits": 4}},  # stored in int8 + Clip
-        "t1": {"activation": {"per_channel": True}},  # per-channel activation
+        "t1": {"activation": {"per_channel": True, "bits": 6}},  # per-channel, clamped
     },
     "skip_layers": ["fc"],  # stays float
 }
@@ -170,7 +171,8 @@ def test_mixed_per_layer_settings_export_exactly(tmp_path) -> None:
     assert types["c3.weight_int"] == acts["c3"] == onnx.TensorProto.INT16
     assert acts["c2"] == acts["c1"] == acts["t1"] == onnx.TensorProto.UINT8
     assert types["c1.weight_int"] == onnx.TensorProto.INT8
-    assert ops["Clip"] == 1  # the 4-bit activation only
+    assert ops["Clip"] == 1  # c1's 4-bit per-tensor range; t1's per-channel one: Max/Min
+    assert ops["Max"] + ops["Min"] >= 2 or ops["Clip"] == 2
     model = onnx.load(str(path))
     t1_q = [n for n in model.graph.node
             if n.op_type == "QuantizeLinear" and n.input[1] == "t1.act_scale"]
@@ -178,6 +180,17 @@ def test_mixed_per_layer_settings_export_exactly(tmp_path) -> None:
     _check_parity(qmodel, path, torch.cat(data[1:]))
     # far outside the calibrated ranges: the 4-bit activation saturates at 15, not at 255
     _check_parity(qmodel, path, 8.0 * data[1])
+
+
+def test_integer_weights_dequantize_to_the_searched_weights_bit_for_bit() -> None:
+    qmodel, _ = _quantized(MIXED)
+    layers = [m for m in qmodel.modules() if isinstance(m, QuantLayer)]
+    assert len(layers) == 5
+    for layer in layers:
+        qdq = QDQLayer(layer)
+        weight = dequantize_linear(qdq.weight_int, qdq.weight_scale, qdq.weight_zero_point,
+                                   qdq.weight_axis)
+        assert torch.equal(weight, layer.quantized_weight()), layer.layer_name
 
 
 def test_int8_export_is_about_4x_smaller_than_the_float_export(tmp_path) -> None:
