@@ -150,7 +150,7 @@ def _layer_from_node(err: BaseException, program: Any) -> tuple[str | None, str 
     for node in program.graph.nodes:
         if node_match and node.name == node_match.group(1):
             candidates.insert(0, node)
-        elif op and op.split(".")[-2 if "." in op else -1].lstrip("_") in str(node.target):
+        elif op and op.split(".")[min(1, op.count("."))].lstrip("_") in str(node.target):
             candidates.append(node)
     for node in candidates:
         stack = node.meta.get("nn_module_stack")
