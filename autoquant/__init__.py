@@ -25,6 +25,7 @@ from autoquant.errors import (
     AutoquantError,
     ConfigError,
     EvaluatorError,
+    ExportError,
     InternalError,
     ModelError,
     UserError,
@@ -64,6 +65,7 @@ __all__ = [
     "ConfigError",
     "ModelError",
     "EvaluatorError",
+    "ExportError",
     "InternalError",
     "__version__",
 ]

@@ -277,6 +277,7 @@ def auto_quantize(
         },
         checks=checks,
         determinism=runner.determinism,
+        example_inputs=example_inputs,
     )
     logger.info("search finished: %s", result.summary().replace("\n", "; "))
     return result

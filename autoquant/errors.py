@@ -13,6 +13,7 @@ __all__ = [
     "EvaluatorError",
     "EvaluatorTimeoutError",
     "OutputError",
+    "ExportError",
     "InternalError",
 ]
 
@@ -46,6 +47,10 @@ class OutputError(UserError, OSError):
 
     Also an `OSError`, so code that caught the raw OS error keeps working.
     """
+
+
+class ExportError(UserError):
+    """The quantized model cannot be exported (an op or layer the exporter refuses)."""
 
 
 class InternalError(AutoquantError):

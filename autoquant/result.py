@@ -86,13 +86,15 @@ class SearchResult:
         config: the final `QuantConfig` (applying it to the float model reproduces `plan`).
         timings: seconds spent: total, calibration, sensitivity, search, evaluator.
         layers: per-layer rows (name, type, parameters) of every quantizable layer.
-        settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget).
+        settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget);
+            `export_onnx` adds a ``deployment`` entry with the export's measured figures.
         checks: trust checks (`autoquant.trust`): ``holdout`` (float and final metric on the
             evaluator's held-out data), ``audit`` (per-layer measured drops and Spearman's
             rho against the proxy ranking) and ``monotonicity`` (pass/fail violations
             among the prefix plans evaluated); a key is absent when its check did not run.
         determinism: the evaluator determinism check (``check_determinism=True``): the two
             float metrics, their difference and whether they agree; None if not checked.
+        example_inputs: the inputs the search checked the model with (used by `export_onnx`).
     """
 
     status: str
@@ -115,6 +117,8 @@ class SearchResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
+    determinism: dict[str, Any] | None = None
+    example_inputs: Any = field(default=None, repr=False, compare=False)
 
     @property
     def effective_bits(self) -> dict[str, float]:
@@ -123,7 +127,6 @@ class SearchResult:
         from autoquant.report import effective_bits
 
         return effective_bits(self.layers, self.plan)
-    determinism: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """A few lines a person reads in ten seconds."""
@@ -159,6 +162,30 @@ class SearchResult:
         from autoquant.report import build_report
 
         return build_report(self)
+
+    def export_onnx(self, path: str | Path, example_inputs: Any = None,
+                    opset: int | None = None, measure: bool = True) -> Path:
+        """Export the chosen model as an ONNX QDQ graph (see `autoquant.export.export_onnx`).
+
+        With `measure`, the file size, onnxruntime and torch latency on the example inputs
+        and the largest output difference go into ``settings["deployment"]`` (and so into
+        the report). The result itself is otherwise unchanged, also when export fails.
+
+        Example:
+            >>> result.export_onnx("model_qdq.onnx")
+        """
+        from autoquant.export import DEFAULT_OPSET, export_onnx
+
+        inputs = self.example_inputs if example_inputs is None else example_inputs
+        out = export_onnx(self.model, path, inputs, opset)
+        figures: dict[str, Any] = {"onnx_path": str(out), "opset": opset or DEFAULT_OPSET,
+                                   "file_bytes": out.stat().st_size}
+        if measure:
+            from autoquant.deploy import deployment_figures
+
+            figures = deployment_figures(self.model, out, inputs, opset or DEFAULT_OPSET)
+        self.settings["deployment"] = figures
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Write the final config, the fake-quant state dict and ``report.json``.

@@ -1,0 +1,330 @@
+"""ONNX export of a fake-quant model as a QDQ graph that computes what the searched model does.
+
+Each quantized layer becomes, in the ONNX graph::
+
+    x ─[Clip]─► QuantizeLinear ─► DequantizeLinear ─┐
+    int8/int16 weight initializer ─► DequantizeLinear ─┴─► Gemm / Conv / ConvTranspose ...
+
+with the layer's own scales and zero points (per-channel ``axis`` where the weight is
+per-channel); a layer that fell back stays float, a 16-bit layer gets int16 QDQ (opset 21).
+
+Why this design (custom ops traced by the dynamo exporter, not a rewrite of a float graph):
+the searched model quantizes at module boundaries (`autoquant.layers.QuantLayer`), so on a
+copy of the model each active wrapper is swapped for a module that calls two `torch.library`
+custom ops, ``autoquant::quantize_linear`` and ``autoquant::dequantize_linear``, around the
+original module's computation. `torch.onnx.export(..., dynamo=True)` traces that with
+`torch.export` and translates the two ops to ONNX QuantizeLinear/DequantizeLinear through a
+``custom_translation_table``. This works for any `nn.Module` the exporter can trace, with no
+guessing of which Gemm/MatMul/Conv node (possibly transposed or fused by the exporter's
+optimizer) belongs to which layer, which a graph rewrite would have to do. The TorchScript
+exporter (``dynamo=False``) is deprecated and is not used. The integer weights are buffers of
+the swapped module, so they become integer initializers and the float weights disappear.
+
+Exactness: the weight integers are recovered from the fake-quantized weight itself, so the
+dequantized weight is bit-identical to the one the searched model used. Activations are
+quantized with QuantizeLinear, round half to even like `torch.fake_quantize_*`; the only
+difference is that ONNX divides by the scale where torch multiplies by its reciprocal, which
+can move a value lying within a float rounding error of a .5 tie by one step. QuantizeLinear
+saturates to its storage type (int8/uint8/int16), so a narrower range (e.g. 4-bit
+activations stored in uint8) gets a float Clip to ``[(qmin - zp) * s, (qmax - zp) * s]``
+first, which gives exactly the fake-quant clamp. Unsigned 16-bit ranges are stored as int16
+with the zero point shifted by -32768 (the same dequantized values).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.errors import ConfigError, ExportError, ModelError
+from autoquant.io import atomic_write_bytes
+from autoquant.layers import QuantLayer, QuantState
+from autoquant.qdq import QDQLayer, translation_table
+
+__all__ = ["DEFAULT_OPSET", "export_onnx", "export_float_onnx", "export_saved"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 21  # the first opset with int16/uint16 QuantizeLinear/DequantizeLinear
+_MIN_OPSET = 18  # the dynamo exporter's lowest supported opset (per-axis QDQ needs 13)
+_INT16_OPSET = 21
+
+
+def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str, int]]:
+    """A copy of `model` with every QuantLayer swapped for a `QDQLayer` (if active and
+    `quantized`) or for its float module; returns it and ``{layer: storage bits}``."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        work = copy.deepcopy(model)
+    except Exception as err:
+        raise ModelError(
+            f"cannot deep-copy the model ({type(err).__name__}: {err}); export works on a "
+            "copy so the search result is never changed. Make the model deep-copyable."
+        ) from err
+    work.eval()
+    layers: dict[str, int] = {}
+    for name, module in list(work.named_modules()):
+        if not isinstance(module, QuantLayer):
+            continue
+        active = (quantized and module.state is QuantState.QUANTIZE
+                  and module._weight_q is not None and module._act_q is not None)
+        new: nn.Module = QDQLayer(module) if active else module.module
+        if active:
+            layers[name] = new.storage_bits  # type: ignore[assignment]
+        parent_name, _, child = name.rpartition(".")
+        setattr(work.get_submodule(parent_name) if parent_name else work, child, new)
+    return work, layers
+
+
+# -- tracing, translation and error naming -----------------------------------------------------
+def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if example_inputs is None:
+        raise ConfigError(
+            "export needs example_inputs: a tuple of positional inputs (e.g. (x,)) or a dict "
+            "of keyword inputs that the model runs on"
+        )
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _dynamic_batch(args: tuple, kwargs: dict, model: nn.Module) -> Any:
+    from torch.export import Dim
+    from torch.utils._pytree import tree_map
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return {0: Dim.AUTO}
+        return None
+
+    if not kwargs:
+        return tree_map(spec, args, is_leaf=lambda v: isinstance(v, torch.Tensor))
+    import inspect
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {k: tree_map(spec, v, is_leaf=lambda v: isinstance(v, torch.Tensor))
+            for k, v in bound.arguments.items()}
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    names = {}
+    for name, module in model.named_modules():
+        names[id(module)] = name
+    for name, module in model.named_modules():
+        if isinstance(module, QDQLayer):  # report the searched layer, not its child
+            names[id(module.module)] = name
+    return names
+
+
+def _layer_from_traceback(err: BaseException, model: nn.Module) -> str | None:
+    """The innermost module of `model` whose forward was running when `err` was raised."""
+    names = _module_names(model)
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+def _layer_from_node(err: BaseException, program: Any) -> tuple[str | None, str | None]:
+    """(module path, op) of the graph node the ONNX translation failed on, if named."""
+    text = str(err)
+    node_match = re.search(r"translating node %(\w+)", text)
+    op_match = re.search(r"target=torch\.ops\.([\w.]+)", text) or re.search(
+        r"OpOverload\(op='([\w.]+)'", text)
+    op = op_match.group(1) if op_match else None
+    candidates = []
+    for node in program.graph.nodes:
+        if node_match and node.name == node_match.group(1):
+            candidates.insert(0, node)
+        elif op and op.split(".")[min(1, op.count("."))].lstrip("_") in str(node.target):
+            candidates.append(node)
+    for node in candidates:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            return (path or "<top-level forward>"), op
+    return None, op
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    summary = [ln for ln in lines if "Error" in ln and ":" in ln and "translating" not in ln]
+    return (summary[-1] if summary else (lines[0] if lines else type(err).__name__))[:300]
+
+
+def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
+                   dynamic_batch: bool) -> bytes:
+    args, kwargs = _split_inputs(example_inputs)
+    try:
+        dynamic = _dynamic_batch(args, kwargs, work) if dynamic_batch else None
+    except TypeError:
+        dynamic = None
+    if dynamic_batch and any(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1
+                             for t in (*args, *kwargs.values())):
+        logger.info("an example input has batch size 1, so the exported batch size is fixed "
+                    "at 1; pass a batch of 2 or more for a dynamic batch dimension")
+    try:
+        program = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as err:
+        layer = _layer_from_traceback(err, work)
+        where = f" in layer {layer!r} ({type(work.get_submodule(layer)).__name__})" \
+            if layer else ""
+        raise ExportError(
+            f"torch.export could not trace the model{where}: {type(err).__name__}: "
+            f"{_first_line(err)}. Make that forward traceable (no data-dependent Python "
+            "control flow, inputs as tensors); the search result is unchanged."
+        ) from err
+    try:
+        onnx_program = torch.onnx.export(
+            program, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+            custom_translation_table=translation_table(opset), verbose=False, optimize=True,
+        )
+    except ExportError:
+        raise
+    except Exception as err:
+        layer, op = _layer_from_node(err, program)
+        what = f"op {op}" if op else "an op"
+        where = f" in layer {layer!r}" if layer else ""
+        raise ExportError(
+            f"the ONNX exporter refused {what}{where}: {_first_line(err)}. Rewrite that "
+            "forward with ops ONNX supports, or export with another opset; the search "
+            "result is unchanged."
+        ) from err
+    proto = onnx_program.model_proto
+    for node in proto.graph.node:
+        # keep the layer path of each node; drop the exporter's debug records (source stack
+        # traces with local file paths, FX node dumps), which would double a small file
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key == "namespace"]
+        del node.metadata_props[:]
+        for key, value in keep:
+            node.metadata_props.add(key=key, value=value)
+    try:
+        return proto.SerializeToString()
+    except ValueError as err:  # protobuf's 2 GB limit
+        raise ExportError(f"the ONNX model is too large to serialize: {err}") from err
+
+
+def _check_opset(opset: int | None, layers: dict[str, int]) -> int:
+    opset = DEFAULT_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < _MIN_OPSET:
+        raise ConfigError(f"opset must be an int >= {_MIN_OPSET}, got {opset!r}; use "
+                          f"{DEFAULT_OPSET}")
+    wide = [name for name, bits in layers.items() if bits > 8]
+    if wide and opset < _INT16_OPSET:
+        raise ExportError(
+            f"layer {wide[0]!r} runs with more than 8 bits, which needs int16 QDQ from opset "
+            f"{_INT16_OPSET}; pass opset={_INT16_OPSET} (or higher), got {opset}"
+        )
+    return opset
+
+
+# -- public API ------------------------------------------------------------------------------
+def export_onnx(model: nn.Module, path: str | Path, example_inputs: Any,
+                opset: int | None = None, *, dynamic_batch: bool = True) -> Path:
+    """Export a fake-quant model as an ONNX QDQ graph computing what the model computes.
+
+    Every active `QuantLayer` becomes QuantizeLinear/DequantizeLinear on its input and a
+    DequantizeLinear on its integer weight initializer; float layers stay float. The model
+    is copied first: `model` (e.g. ``SearchResult.model``) is never changed, also on error.
+
+    Args:
+        model: a fake-quant model: ``SearchResult.model``, or the output of
+            `autoquant.quantize` or `autoquant.load_quantized`.
+        path: the ``.onnx`` file to write (atomically).
+        example_inputs: a tuple of positional inputs (or a dict of keyword inputs) the
+            model runs on; they fix the graph's input signature.
+        opset: the ONNX opset, at least 18; default 21 (needed for 16-bit layers).
+        dynamic_batch: make dimension 0 of every tensor input dynamic where the model
+            allows it (an example batch of 1 gives a fixed batch of 1).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ExportError: the exporter cannot trace or translate part of the model; the message
+            names the layer and the op.
+
+    Example:
+        >>> qmodel = autoquant.quantize(model, evaluator)
+        >>> export_onnx(qmodel, "model_qdq.onnx", (x,))
+    """
+    work, layers = _export_copy(model, quantized=True)
+    opset = _check_opset(opset, layers)
+    if not layers:
+        logger.warning("the model has no quantized layer; exporting a float graph")
+    data = _to_onnx_bytes(work, example_inputs, opset, dynamic_batch)
+    out = atomic_write_bytes(path, data)
+    logger.info("exported %d QDQ layer(s) to %s (%d bytes, opset %d)", len(layers), out,
+                len(data), opset)
+    return out
+
+
+def export_float_onnx(model: nn.Module, path: str | Path, example_inputs: Any,
+                      opset: int | None = None, *, dynamic_batch: bool = True) -> Path:
+    """Export the float counterpart of `model` (every `QuantLayer` unwrapped) to ONNX.
+
+    The baseline for sizes and speed: the same graph as `export_onnx` without QDQ.
+    """
+    work, _ = _export_copy(model, quantized=False)
+    opset = _check_opset(opset, {})
+    data = _to_onnx_bytes(work, example_inputs, opset, dynamic_batch)
+    return atomic_write_bytes(path, data)
+
+
+def export_saved(directory: str | Path, onnx_path: str | Path, model: nn.Module | None = None,
+                 example_inputs: Any = None, opset: int | None = None) -> Path:
+    """Export the result saved by `SearchResult.save` in `directory` to `onnx_path`.
+
+    The fake-quant model is rebuilt with `autoquant.load_quantized` on `model` (the float
+    architecture the search ran on). Without `model`, the float model and its example
+    inputs come from ``directory/job.yaml`` through `autoquant.job.load_job`. When
+    ``directory/report.json`` exists, its ``settings.deployment`` entry is updated with the
+    export's figures (see `autoquant.deploy.deployment_figures`).
+
+    Example:
+        >>> export_saved("out/search", "model_qdq.onnx", model=DigitsCNN(), example_inputs=(x,))
+    """
+    from autoquant.api import load_quantized
+
+    directory = Path(directory)
+    if model is None:
+        job_file = directory / "job.yaml"
+        if not job_file.is_file():
+            raise ConfigError(
+                f"{job_file} does not exist: pass model= (the float model the search ran on) "
+                "and example_inputs=, or save the search with its job file"
+            )
+        try:
+            from autoquant.job import load_job
+        except ImportError as err:
+            raise ConfigError(
+                "this autoquant has no job files (autoquant.job is missing); pass model= and "
+                "example_inputs= to export_saved"
+            ) from err
+        job = load_job(job_file)
+        model = job.build_model()
+        if example_inputs is None:
+            example_inputs = job.example_inputs()
+    qmodel = load_quantized(model, directory)
+    out = export_onnx(qmodel, onnx_path, example_inputs, opset)
+    report = directory / "report.json"
+    if report.is_file():
+        from autoquant.deploy import deployment_figures, record_deployment
+
+        figures = deployment_figures(qmodel, out, example_inputs, opset or DEFAULT_OPSET)
+        record_deployment(report, figures)
+    return out
