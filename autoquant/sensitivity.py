@@ -61,27 +61,28 @@ class CosineSimilarity(SensitivityMetric):
     name = "cosine"
 
     def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0
+        self.norms: list[torch.Tensor] = []
 
     def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
-        # Three float32 reductions instead of float64 copies: cos = (|a|^2 + |b|^2 - |a-b|^2)
+        # Three float32 norms instead of float64 copies: cos = (|a|^2 + |b|^2 - |a-b|^2)
         # / (2|a||b|) keeps the precision of 1 - cos, which is what the ranking compares.
+        # They stay on the device until `score`, so a GPU pass never waits on a sync.
         a, b = y_float.reshape(-1).float(), y_quant.reshape(-1).float()
-        na = float(torch.linalg.vector_norm(a))
-        nb = float(torch.linalg.vector_norm(b))
-        if na == 0 and nb == 0:
-            cos = 1.0  # both all-zero: identical
-        elif na == 0 or nb == 0:
-            cos = 0.0
-        else:
-            nd = float(torch.linalg.vector_norm(a - b))
-            cos = max(-1.0, min(1.0, (na * na + nb * nb - nd * nd) / (2.0 * na * nb)))
-        self.total += cos
-        self.count += 1
+        self.norms.append(torch.stack([torch.linalg.vector_norm(t) for t in (a, b, a - b)]))
 
     def score(self) -> float:
-        return self.total / self.count if self.count else 1.0
+        if not self.norms:
+            return 1.0
+        total = 0.0
+        for na, nb, nd in torch.stack(self.norms).double().cpu().tolist():
+            if na == 0 and nb == 0:
+                cos = 1.0  # both all-zero: identical
+            elif na == 0 or nb == 0:
+                cos = 0.0
+            else:
+                cos = max(-1.0, min(1.0, (na * na + nb * nb - nd * nd) / (2.0 * na * nb)))
+            total += cos
+        return total / len(self.norms)
 
 
 SENSITIVITY_METRICS: Registry[type[SensitivityMetric]] = Registry(
