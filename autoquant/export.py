@@ -7,6 +7,13 @@ Each quantized layer becomes, in the ONNX graph::
 
 with the layer's own scales and zero points (per-channel ``axis`` where the weight is
 per-channel); a layer that fell back stays float, a 16-bit layer gets int16 QDQ (opset 21).
+A ``dynamic``-mode layer computes its activation qparams in the graph (ReduceMin/ReduceMax,
+the formula of `autoquant.quantizer.compute_qparams`); a ``weight_only`` layer (and every
+embedding, a DequantizeLinear on its integer table feeding Gather) keeps a float input; a
+bias correction is an Add after the layer. LSTM/GRU/RNN, MultiheadAttention and QuantMatMul
+wrappers export their own quantized forward with the QDQ ops (`autoquant.qdq.QDQMultiLayer`:
+an ONNX LSTM/GRU on dequantized weights, attention as its MatMuls). A part the exporter
+cannot trace raises `ExportError` naming the layer, its kind and the fix.
 
 Why this design (custom ops traced by the dynamo exporter, not a rewrite of a float graph):
 the searched model quantizes at module boundaries (`autoquant.layers.QuantLayer`), so on a
@@ -36,6 +43,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,8 +53,9 @@ from torch import nn
 
 from autoquant.errors import ConfigError, ExportError, ModelError
 from autoquant.io import atomic_write_bytes
+from autoquant.kinds.base import MultiQuantLayer
 from autoquant.layers import QuantLayer, QuantState
-from autoquant.qdq import QDQLayer, translation_table
+from autoquant.qdq import QDQLayer, QDQMultiLayer, translation_table
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "export_float_onnx", "export_saved"]
 
@@ -75,8 +84,11 @@ def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str
         if not isinstance(module, QuantLayer):
             continue
         active = (quantized and module.state is QuantState.QUANTIZE
-                  and module._weight_q is not None and module._act_q is not None)
-        new: nn.Module = QDQLayer(module) if active else module.module
+                  and module._weight_q is not None)
+        new: nn.Module = module.module
+        if active:
+            new = QDQMultiLayer(module) if isinstance(module, MultiQuantLayer) \
+                else QDQLayer(module)
         if active:
             layers[name] = new.storage_bits  # type: ignore[assignment]
         parent_name, _, child = name.rpartition(".")
@@ -121,7 +133,7 @@ def _module_names(model: nn.Module) -> dict[int, str]:
     for name, module in model.named_modules():
         names[id(module)] = name
     for name, module in model.named_modules():
-        if isinstance(module, QDQLayer):  # report the searched layer, not its child
+        if isinstance(module, (QDQLayer, QDQMultiLayer)):  # the searched layer, not its child
             names[id(module.module)] = name
     return names
 
@@ -178,15 +190,26 @@ def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
         logger.info("an example input has batch size 1, so the exported batch size is fixed "
                     "at 1; pass a batch of 2 or more for a dynamic batch dimension")
     try:
-        program = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        with warnings.catch_warnings():
+            # an RNN run through functional_call (QDQMultiLayer) swaps its _flat_weights
+            # for the dequantized ones while tracing and restores them: nothing to fix
+            warnings.filterwarnings(
+                "ignore", message=r"The tensor attributes .*_flat_weights.* assigned during")
+            program = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic,
+                                          strict=False)
     except Exception as err:
         layer = _layer_from_traceback(err, work)
-        where = f" in layer {layer!r} ({type(work.get_submodule(layer)).__name__})" \
-            if layer else ""
+        where, hint = "", ""
+        if layer:
+            sub = work.get_submodule(layer)
+            where = f" in layer {layer!r} ({getattr(sub, 'kind', type(sub).__name__)})"
+            if isinstance(sub, (QDQLayer, QDQMultiLayer)):
+                hint = (f", or keep {layer!r} float (list it in the config's skip_layers, "
+                        "or give it the plan entry 'float')")
         raise ExportError(
             f"torch.export could not trace the model{where}: {type(err).__name__}: "
             f"{_first_line(err)}. Make that forward traceable (no data-dependent Python "
-            "control flow, inputs as tensors); the search result is unchanged."
+            f"control flow, inputs as tensors){hint}; the search result is unchanged."
         ) from err
     try:
         onnx_program = torch.onnx.export(
@@ -198,10 +221,11 @@ def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
     except Exception as err:
         layer, op = _layer_from_node(err, program)
         what = f"op {op}" if op else "an op"
-        where = f" in layer {layer!r}" if layer else ""
+        where, hint = (f" in layer {layer!r}", f", or keep {layer!r} float (skip_layers)") \
+            if layer else ("", "")
         raise ExportError(
             f"the ONNX exporter refused {what}{where}: {_first_line(err)}. Rewrite that "
-            "forward with ops ONNX supports, or export with another opset; the search "
+            f"forward with ops ONNX supports, or export with another opset{hint}; the search "
             "result is unchanged."
         ) from err
     proto = onnx_program.model_proto

@@ -203,7 +203,12 @@ class QuantLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight of the active scheme (cached until the scheme changes)."""
+        """The fake-quantized weight of the active scheme.
+
+        Cached in QUANTIZE state (trials run many forwards with one plan; the cost is one
+        extra copy of the quantized layers' weights). Not cached in COMPARE state, so the
+        sensitivity pass holds at most one layer's quantized weight at a time.
+        """
         assert self._weight_q is not None
         weight = self.module.weight
         key = (self.scheme, weight._version)
@@ -213,7 +218,7 @@ class QuantLayer(nn.Module):
             cached = fake_quantize(
                 weight.detach(), self.weight_scale, self.weight_zero_point, qmin, qmax, axis
             )
-            self._weight_cache = {key: cached}
+            self._weight_cache = {key: cached} if self.state is QuantState.QUANTIZE else {}
         return cached
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:

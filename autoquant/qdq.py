@@ -4,7 +4,16 @@
 custom ops whose eager semantics are ONNX QuantizeLinear/DequantizeLinear (divide by the
 scale, round half to even, saturate to the zero point's integer type); `translation_table`
 maps them to those ONNX ops for `torch.onnx.export(..., dynamo=True)`. `QDQLayer` is what an
-active `autoquant.layers.QuantLayer` becomes in the exported copy (see `autoquant.export`).
+active `autoquant.layers.QuantLayer` (and `autoquant.kinds.QuantEmbedding`) becomes in the
+exported copy, `QDQMultiLayer` what an active `autoquant.kinds.MultiQuantLayer` (RNNs,
+attention, `QuantMatMul`) becomes (see `autoquant.export`).
+
+Every layer mode exports as the searched model computes it: ``static`` as QDQ with the
+calibrated qparams, ``dynamic`` with ReduceMin/ReduceMax and `compute_qparams`'s own formula
+in the graph before QuantizeLinear/DequantizeLinear (ONNX DynamicQuantizeLinear is not
+used: it covers only 8-bit affine per-tensor uint8, and an all-zero input gives it a zero
+scale where `compute_qparams` clamps the scale to eps), ``weight_only`` as a
+float input; a bias-correction ``bias_delta`` is added to the output as the layer adds it.
 """
 
 from __future__ import annotations
@@ -12,14 +21,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from autoquant.errors import ExportError, InternalError
 from autoquant.layers import QuantLayer
 
-__all__ = ["quantize_linear", "dequantize_linear", "translation_table", "QDQLayer",
-           "storage_type"]
+__all__ = ["quantize_linear", "dequantize_linear", "dynamic_qdq", "translation_table",
+           "QDQLayer", "QDQMultiLayer", "storage_type"]
 
 # -- the two custom ops (eager semantics = ONNX semantics) ------------------------------------
 def _broadcast(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:
@@ -104,69 +114,150 @@ def storage_type(qmin: int, qmax: int) -> tuple[torch.dtype, int]:
     raise InternalError(f"no ONNX integer type holds the range [{qmin}, {qmax}]")
 
 
+def _weight_ints(layer_name: str, w_fq: torch.Tensor, scale: torch.Tensor,
+                 zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(integer weight, scale, zero point) in the storage type whose DequantizeLinear gives
+    back the fake-quantized weight `w_fq`."""
+    w_fq = w_fq.detach().float()
+    dtype, off = storage_type(qmin, qmax)
+    w_scale = scale.detach().float().to(w_fq.device)
+    w_zp = zero_point.detach().to(torch.int32).to(w_fq.device)
+    if axis is None:
+        w_scale, w_zp = w_scale.reshape(()), w_zp.reshape(())
+    s = _broadcast(w_scale, w_fq.dim(), axis)
+    z = _broadcast(w_zp, w_fq.dim(), axis)
+    q = torch.round(w_fq / s).to(torch.int32) + z
+    # DequantizeLinear gives (q - z) * s, the very product fake_quantize returned; allow
+    # float rounding only (a real mismatch would be a quarter step or more)
+    if int(q.min()) < qmin or int(q.max()) > qmax or \
+            bool(((q - z).float() * s - w_fq).abs().gt(0.25 * s).any()):
+        raise InternalError(
+            f"layer {layer_name!r}: the fake-quantized weight does not map back to "
+            f"integers in [{qmin}, {qmax}]; please report this"
+        )
+    return (q + off).to(dtype), w_scale, (w_zp + off).to(dtype)
+
+
+def _static_act(owner: nn.Module, names: tuple[str, str, str, str], scale: torch.Tensor,
+                zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
+                ) -> tuple[tuple[str, str, str, str], int | None, bool,
+                           tuple[float, float] | None]:
+    """Register the buffers of a calibrated activation quantizer on `owner` under `names`
+    (scale, zero point, low, high); returns the spec `_static_qdq` runs with."""
+    dtype, off = storage_type(qmin, qmax)
+    a_scale = scale.detach().float()
+    a_zp = zero_point.detach().to(torch.int32)
+    if axis is None:
+        a_scale, a_zp = a_scale.reshape(()), a_zp.reshape(())
+    owner.register_buffer(names[0], a_scale)
+    owner.register_buffer(names[1], (a_zp + off).to(dtype))
+    info = torch.iinfo(dtype)
+    clip = (qmin + off, qmax + off) != (info.min, info.max)
+    # QuantizeLinear saturates to the storage type only: clamp to the layer's own range
+    low, high = (qmin - a_zp).float() * a_scale, (qmax - a_zp).float() * a_scale
+    owner.register_buffer(names[2], low)
+    owner.register_buffer(names[3], high)
+    # per-tensor bounds as Python floats: a scalar Clip, no data-dependent tensor reads
+    clip_range = (float(low), float(high)) if axis is None else None
+    return names, axis, clip, clip_range
+
+
+def _static_qdq(owner: nn.Module, spec: tuple, x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize `x` with the calibrated quantizer `spec` of `owner`, as QDQ ops."""
+    (scale_name, zp_name, low_name, high_name), axis, clip, clip_range = spec
+    scale, zero_point = getattr(owner, scale_name), getattr(owner, zp_name)
+    dtype = x.dtype
+    x = x.float()
+    if clip:
+        if clip_range is not None:
+            x = torch.clamp(x, *clip_range)
+        else:
+            x = torch.clamp(x, _broadcast(getattr(owner, low_name), x.dim(), axis),
+                            _broadcast(getattr(owner, high_name), x.dim(), axis))
+    axis = None if axis is None else axis % x.dim()
+    q = quantize_linear(x, scale, zero_point, axis)
+    return dequantize_linear(q, scale, zero_point, axis).to(dtype)
+
+
+def dynamic_qdq(x: torch.Tensor, qmin: int, qmax: int, cfg: Any) -> torch.Tensor:
+    """`autoquant.kinds.base.dynamic_fake_quantize` as graph ops: min/max of `x` (per
+    tensor, or per channel on axis 1), the qparams by `compute_qparams` itself, then
+    QuantizeLinear/DequantizeLinear (after a Clip where [qmin, qmax] is narrower than the
+    storage type)."""
+    from autoquant.quantizer import compute_qparams
+
+    dtype = x.dtype
+    xf = x.float()
+    if cfg.per_channel and x.dim() >= 2:
+        flat = xf.transpose(0, 1).reshape(x.shape[1], -1)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        axis: int | None = 1
+    else:
+        lo, hi = xf.min().reshape(1), xf.max().reshape(1)
+        axis = None
+    bits = (qmax + 1).bit_length() if qmin < 0 else qmax.bit_length()
+    scale, zp = compute_qparams(lo, hi, bits, cfg.symmetric)
+    if axis is None:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    store, off = storage_type(qmin, qmax)
+    info = torch.iinfo(store)
+    if (qmin + off, qmax + off) != (info.min, info.max):
+        zf = zp.float()
+        xf = torch.clamp(xf, _broadcast((qmin - zf) * scale, xf.dim(), axis),
+                         _broadcast((qmax - zf) * scale, xf.dim(), axis))
+    zq = (zp + off).to(store)
+    q = quantize_linear(xf, scale, zq, axis)
+    return dequantize_linear(q, scale, zq, axis).to(dtype)
+
+
 class QDQLayer(nn.Module):
-    """What an active `QuantLayer` computes, written with the QDQ custom ops."""
+    """What an active `QuantLayer` computes, written with the QDQ custom ops: integer
+    weight + DequantizeLinear, the input activation per the layer's mode (static: the
+    calibrated QDQ; dynamic: qparams computed in the graph; weight_only: float), and the
+    layer's ``bias_delta`` (bias correction) added to the output as the layer adds it."""
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
-        assert layer._weight_q is not None and layer._act_q is not None
+        if layer._weight_q is None:
+            raise InternalError(f"layer {layer.layer_name!r} has no active scheme to export")
         self.layer_name = layer.layer_name
+        self.kind = type(layer).__name__
         self.module = layer.module
+        self.mode = layer.config.mode
+        self.act_cfg = layer.config.activation
         w_qmin, w_qmax, self.weight_axis = layer._weight_q
-        a_qmin, a_qmax, self.act_axis = layer._act_q
         self.weight_dtype = layer.module.weight.dtype
-        self.storage_bits = max(storage_type(w_qmin, w_qmax)[0].itemsize,
-                                storage_type(a_qmin, a_qmax)[0].itemsize) * 8
+        weight_int, w_scale, w_zp = _weight_ints(
+            self.layer_name, layer.quantized_weight(), layer.weight_scale,
+            layer.weight_zero_point, w_qmin, w_qmax, self.weight_axis)
+        self.register_buffer("weight_int", weight_int)
+        self.register_buffer("weight_scale", w_scale)
+        self.register_buffer("weight_zero_point", w_zp)
+        sizes = [storage_type(w_qmin, w_qmax)[0].itemsize]
+        self.act_range: tuple[int, int] | None = None
+        self.act_spec: tuple | None = None
+        if layer._act_q is not None:
+            a_qmin, a_qmax, act_axis = layer._act_q
+            sizes.append(storage_type(a_qmin, a_qmax)[0].itemsize)
+            self.act_range = (a_qmin, a_qmax)
+            if self.mode != "dynamic":
+                self.act_spec = _static_act(
+                    self, ("act_scale", "act_zero_point", "act_low", "act_high"),
+                    layer.act_scale, layer.act_zero_point, a_qmin, a_qmax, act_axis)
+        self.storage_bits = max(sizes) * 8
+        delta = layer.bias_delta.detach()
+        self.register_buffer("bias_delta", delta if delta.numel() else None)
 
-        w_fq = layer.quantized_weight().detach().float()
-        w_dtype, w_off = storage_type(w_qmin, w_qmax)
-        w_scale = layer.weight_scale.detach().float().cpu()
-        w_zp = layer.weight_zero_point.detach().to(torch.int32).cpu()
-        if self.weight_axis is None:
-            w_scale, w_zp = w_scale.reshape(()), w_zp.reshape(())
-        s = _broadcast(w_scale, w_fq.dim(), self.weight_axis).to(w_fq.device)
-        z = _broadcast(w_zp, w_fq.dim(), self.weight_axis).to(w_fq.device)
-        q = torch.round(w_fq / s).to(torch.int32) + z
-        # DequantizeLinear gives (q - z) * s, the very product fake_quantize returned; allow
-        # float rounding only (a real mismatch would be a quarter step or more)
-        if int(q.min()) < w_qmin or int(q.max()) > w_qmax or \
-                bool(((q - z).float() * s - w_fq).abs().gt(0.25 * s).any()):
-            raise InternalError(
-                f"layer {self.layer_name!r}: the fake-quantized weight does not map back to "
-                f"integers in [{w_qmin}, {w_qmax}]; please report this"
-            )
-        self.register_buffer("weight_int", (q + w_off).to(w_dtype))
-        self.register_buffer("weight_scale", w_scale.to(w_fq.device))
-        self.register_buffer("weight_zero_point", (w_zp + w_off).to(w_dtype).to(w_fq.device))
-
-        a_dtype, a_off = storage_type(a_qmin, a_qmax)
-        a_scale = layer.act_scale.detach().float()
-        a_zp = layer.act_zero_point.detach().to(torch.int32)
-        if self.act_axis is None:
-            a_scale, a_zp = a_scale.reshape(()), a_zp.reshape(())
-        self.register_buffer("act_scale", a_scale)
-        self.register_buffer("act_zero_point", (a_zp + a_off).to(a_dtype))
-        info = torch.iinfo(a_dtype)
-        self.clip = (a_qmin + a_off, a_qmax + a_off) != (info.min, info.max)
-        # QuantizeLinear saturates to the storage type only: clamp to the layer's own range
-        low, high = (a_qmin - a_zp).float() * a_scale, (a_qmax - a_zp).float() * a_scale
-        self.register_buffer("act_low", low)
-        self.register_buffer("act_high", high)
-        # per-tensor bounds as Python floats: a scalar Clip, no data-dependent tensor reads
-        self.clip_range = (float(low), float(high)) if self.act_axis is None else None
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_range is None:  # weight_only
+            return x
+        if self.act_spec is None:  # dynamic
+            return dynamic_qdq(x, *self.act_range, self.act_cfg)
+        return _static_qdq(self, self.act_spec, x)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        dtype = x.dtype
-        x = x.float()
-        if self.clip:
-            if self.clip_range is not None:
-                x = torch.clamp(x, *self.clip_range)
-            else:
-                x = torch.clamp(x, _broadcast(self.act_low, x.dim(), self.act_axis),
-                                _broadcast(self.act_high, x.dim(), self.act_axis))
-        axis = None if self.act_axis is None else self.act_axis % x.dim()
-        q = quantize_linear(x, self.act_scale, self.act_zero_point, axis)
-        x = dequantize_linear(q, self.act_scale, self.act_zero_point, axis).to(dtype)
+        x = self._input(x)
         w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
                               self.weight_axis).to(self.weight_dtype)
         module = self.module
@@ -177,10 +268,18 @@ class QDQLayer(nn.Module):
             # WeightBiasQuantization optimizer would otherwise round a float bias fed to a
             # QDQ Conv/Gemm to int32 at scale act_scale * weight_scale, which is not what the
             # searched model computes (and overflows at 16 bits).
-            y = functional_call(module, {"weight": w, "bias": torch.zeros_like(bias)},
-                                (x, *args), kwargs)
-            return y + _broadcast(bias, y.dim(), channel % y.dim())
-        return functional_call(module, {"weight": w}, (x, *args), kwargs)
+            with _GemmLinear():
+                y = functional_call(module, {"weight": w, "bias": torch.zeros_like(bias)},
+                                    (x, *args), kwargs)
+            y = y + _broadcast(bias, y.dim(), channel % y.dim())
+        else:
+            with _GemmLinear():
+                y = functional_call(module, {"weight": w}, (x, *args), kwargs)
+        if self.bias_delta is not None and isinstance(y, torch.Tensor):
+            # as QuantLayer._run adds it: last axis for Linear, axis 1 otherwise
+            dim = y.dim() - 1 if isinstance(module, nn.Linear) else 1
+            y = y + _broadcast(self.bias_delta, y.dim(), dim).to(y.dtype)
+        return y
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -193,3 +292,99 @@ def _channel_axis(module: nn.Module, input_dim: int) -> int | None:
     if isinstance(module, _CONVS):
         return input_dim - len(module.kernel_size) - 1  # batched or unbatched input
     return None
+
+
+# -- the export-time replacement of an active MultiQuantLayer ----------------------------------
+class QDQMultiLayer(nn.Module):
+    """What an active `autoquant.kinds.MultiQuantLayer` (RNN, attention, QuantMatMul)
+    computes, written with the QDQ custom ops.
+
+    It runs the wrapper class's own ``compute`` with this module as ``self``: its hooks
+    ``qw`` (an integer weight buffer + DequantizeLinear) and ``qa`` (the activation point's
+    calibrated QDQ, the graph-computed dynamic QDQ, or nothing in ``weight_only`` mode)
+    replace the fake-quant ones, so the exported graph is the wrapper's forward op for op
+    (an LSTM/GRU is traced through ``torch.func.functional_call`` with dequantized
+    weights). A subclass's ``compute`` may use ``self.module``, ``self.weight_names``,
+    ``self.act_points``, ``self.config``, ``self._phase``, ``self.qw`` and ``self.qa``.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        super().__init__()
+        if layer._weight_q is None:
+            raise InternalError(f"layer {layer.layer_name!r} has no active scheme to export")
+        self.layer_name = layer.layer_name
+        self.module = layer.module
+        self.config = layer.config
+        self.weight_names = tuple(layer.weight_names)
+        self.act_points = tuple(layer.act_points)
+        self.kind = type(layer).__name__
+        self._compute = type(layer).compute  # a plain function, called with self below
+        self._phase = "quant"
+        self.mode = layer.config.mode
+        sizes = [1]
+        self._weights: dict[str, tuple[str, str, str, torch.dtype, int | None]] = {}
+        layer._phase = "quant"
+        try:
+            for name in self.weight_names:
+                qmin, qmax, axis = layer._wq[name]
+                key = name.replace(".", "_")
+                ints, scale, zp = _weight_ints(
+                    f"{self.layer_name}:{name}", layer.qw(name),
+                    getattr(layer, f"wscale_{key}"), getattr(layer, f"wzp_{key}"),
+                    qmin, qmax, axis)
+                names = (f"wint_{key}", f"wscale_{key}", f"wzp_{key}")
+                for buf, value in zip(names, (ints, scale, zp), strict=True):
+                    self.register_buffer(buf, value)
+                dtype = self.module.get_parameter(name).dtype
+                self._weights[name] = (*names, dtype, axis)
+                sizes.append(storage_type(qmin, qmax)[0].itemsize)
+        finally:
+            layer._phase = "float"
+        self._acts: dict[str, tuple] = {}
+        self._act_ranges: dict[str, tuple[int, int]] = dict(layer._act_q or {})
+        for point, (qmin, qmax) in self._act_ranges.items():
+            sizes.append(storage_type(qmin, qmax)[0].itemsize)
+            if self.mode == "static":
+                self._acts[point] = _static_act(
+                    self, (f"ascale_{point}", f"azp_{point}", f"alow_{point}",
+                           f"ahigh_{point}"),
+                    getattr(layer, f"ascale_{point}"), getattr(layer, f"azp_{point}"),
+                    qmin, qmax, None)
+        self.storage_bits = max(sizes) * 8
+
+    def qw(self, name: str) -> torch.Tensor:
+        """The dequantized integer weight `name` (in the parameter's dtype)."""
+        ints, scale, zp, dtype, axis = self._weights[name]
+        return dequantize_linear(getattr(self, ints), getattr(self, scale), getattr(self, zp),
+                                 axis).to(dtype)
+
+    def qa(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """Activation `x` at `point`, fake-quantized as the wrapper does, as QDQ ops."""
+        if point not in self._act_ranges:  # weight_only
+            return x
+        if self.mode == "dynamic":
+            return dynamic_qdq(x, *self._act_ranges[point], self.config.activation)
+        return _static_qdq(self, self._acts[point], x)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _GemmLinear():
+            return self._compute(self, args, kwargs)
+
+
+class _GemmLinear(torch.overrides.TorchFunctionMode):
+    """Runs ``F.linear`` on an input of more than 2 dims as a 2-D Gemm (reshaped around).
+
+    onnxruntime (1.20+) rewrites DequantizeLinear(int8 weight) -> MatMul into MatMulNBits,
+    which by default quantizes a float input to int8 on the fly (accuracy_level 4): a
+    weight-only layer would no longer compute what the searched model computes. It leaves
+    Gemm alone."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear and args and isinstance(args[0], torch.Tensor) \
+                and args[0].dim() > 2:
+            x = args[0]
+            y = func(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return func(*args, **kwargs)

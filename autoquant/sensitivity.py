@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 class SensitivityMetric(ABC):
     """Accumulates a similarity score of a layer's quantized vs float output.
 
-    Contract: `update` is called once per layer call with detached tensors of equal shape;
+    Contract: `update` is called once per layer call with detached tensors of equal shape
+    (`y_quant` is the metric's to consume: it may be overwritten in place, which keeps the
+    pass's peak memory near a float forward pass);
     `score` returns a float where **higher means less sensitive** (closer to float), so the
     ranking sorts ascending. Instances are created fresh per layer and per run.
     """
@@ -68,7 +70,9 @@ class CosineSimilarity(SensitivityMetric):
         # / (2|a||b|) keeps the precision of 1 - cos, which is what the ranking compares.
         # They stay on the device until `score`, so a GPU pass never waits on a sync.
         a, b = y_float.reshape(-1).float(), y_quant.reshape(-1).float()
-        self.norms.append(torch.stack([torch.linalg.vector_norm(t) for t in (a, b, a - b)]))
+        na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+        nd = torch.linalg.vector_norm(b.sub_(a))  # in place: y_quant is ours to consume
+        self.norms.append(torch.stack([na, nb, nd]))
 
     def score(self) -> float:
         if not self.norms:

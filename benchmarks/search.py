@@ -5,8 +5,9 @@ N, evaluations spent vs the ceil(log2(N+1))+2 bound, layers quantized k/N, loss 
 wall time and the share spent inside the evaluator, and the sensitivity pass's time and
 peak memory as ratios to one plain float forward pass over the same calibration batches.
 
-Peak memory on CPU is the growth of the process's peak RSS during the pass, each pass
-measured in a fresh subprocess; on CUDA it is ``torch.cuda.max_memory_allocated``.
+Peak memory on CPU is the growth of the process's peak RSS (VmHWM, reset just before the
+pass) over its RSS before the pass, each pass measured in a fresh subprocess; on CUDA it is
+``torch.cuda.max_memory_allocated`` over the memory allocated before the pass.
 
 Usage::
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -61,7 +63,7 @@ def synthetic(depth: int, width: int, device: str) -> tuple[nn.Module, Evaluator
     with torch.no_grad():  # a few layers with outlier weights: the search has work to do
         for i in range(0, depth, max(1, depth // 6)):
             model.blocks[i][1].weight[:, :2] *= 40
-    inputs = [torch.randn(256, 32, device=device) for _ in range(8)]
+    inputs = [torch.randn(1024, 32, device=device) for _ in range(8)]
     return model, FidelityEvaluator(model, inputs, calibration_inputs=inputs[:4]), (inputs[0],)
 
 
@@ -87,6 +89,24 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the pass's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float, int]:
     """(seconds, peak extra bytes) of one pass: 'float' forward or 'sensitivity'."""
     model, evaluator, inputs = build(name, args)
@@ -99,6 +119,7 @@ def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
+        _reset_peak_rss()
     start = time.perf_counter()
     if which == "float":
         with qmodel.state(QuantState.FLOAT), torch.no_grad():
@@ -111,8 +132,14 @@ def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
     return seconds, max(peak, 0)
+
+
+# Fixed malloc thresholds: large tensors are mmap'd and returned on free, so the peak RSS
+# follows live tensors instead of glibc's arena caching (its dynamic mmap threshold).
+MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
+               "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def pass_ratios(name: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -122,7 +149,8 @@ def pass_ratios(name: str, args: argparse.Namespace) -> tuple[float, float]:
         for _ in range(3):
             cmd = [sys.executable, __file__, "--measure", name, which, "--device", args.device,
                    "--layers", str(args.layers), "--width", str(args.width)]
-            text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            text = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                  env=MEASURE_ENV).stdout
             seconds, mem = text.split()
             best_t, peak = min(best_t, float(seconds)), max(peak, int(mem))
         out[which] = (best_t, peak)

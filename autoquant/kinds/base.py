@@ -191,7 +191,8 @@ class MultiQuantLayer(QuantLayer):
                 param.detach(), getattr(self, f"wscale_{_key(name)}"),
                 getattr(self, f"wzp_{_key(name)}"), qmin, qmax, axis,
             )
-            self._weight_cache[key] = cached
+            if self.state is QuantState.QUANTIZE:  # see QuantLayer.quantized_weight
+                self._weight_cache[key] = cached
         return cached
 
     def qa(self, point: str, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""ONNX export of the layer modes (static, dynamic, weight_only), bias correction and the
+extra layer kinds (Embedding, RNNs, attention, QuantMatMul): onnxruntime computes what the
+torch fake-quant model computes, within the tolerance stated in tests/test_export.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import autoquant as aq
+from autoquant.errors import ExportError
+from autoquant.export import export_onnx
+from autoquant.layers import QuantLayer
+from tests.synthetic import DropEvaluator, mlp
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def _ort(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def _check_parity(qmodel: nn.Module, path, x: torch.Tensor) -> None:
+    """The stated tolerance: >= 90% within 1e-4 * m, all within 5e-2 * m (m = 1 + max|y|)."""
+    with torch.no_grad():
+        ref = qmodel(x)
+    if isinstance(ref, tuple):
+        ref = ref[0]
+    diff = (_ort(path, x) - ref).abs()
+    scale = 1.0 + float(ref.abs().max())
+    close = float((diff <= 1e-4 * scale).float().mean())
+    assert close >= 0.9, f"only {close:.4f} of the outputs match (max diff {diff.max()})"
+    assert float(diff.max()) <= 5e-2 * scale, f"max abs diff {diff.max()}"
+
+
+def _ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _initializers(path) -> dict[str, int]:
+    return {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
+
+
+MLP_CASES = {
+    "bias_correction": {"bias_correction": True},
+    "weight_only": {"default": {"mode": "weight_only"}},
+    "dynamic": {"default": {"mode": "dynamic"}, "layers": {
+        "2": {"activation": {"symmetric": True, "bits": 4}},  # int8 storage + Clip
+        "4": {"activation": {"per_channel": True, "bits": 6}},  # per-channel ranges
+    }},
+}
+
+
+@pytest.mark.parametrize("case", list(MLP_CASES))
+def test_layer_modes_and_bias_correction_export_faithfully(case, tmp_path) -> None:
+    torch.manual_seed(0)
+    qmodel = aq.quantize(mlp(3), DropEvaluator({}), MLP_CASES[case])
+    path = export_onnx(qmodel, tmp_path / "m.onnx", (torch.randn(2, 8),))
+    ops, inits = _ops(path), _initializers(path)
+    assert ops["DequantizeLinear"] >= 3 and inits["0.weight_int"] == onnx.TensorProto.INT8
+    if case == "weight_only":
+        assert "QuantizeLinear" not in ops  # the activations stay float
+    else:
+        assert ops["QuantizeLinear"] == 3
+    if case.startswith("dynamic"):
+        assert ops["ReduceMin"] + ops["Min"] >= 3  # qparams computed in the graph
+        assert "0.act_scale" not in inits
+    if case == "bias_correction":
+        deltas = [m.bias_delta for m in qmodel.modules() if isinstance(m, QuantLayer)]
+        assert all(d.numel() == 8 for d in deltas) and any(bool(d.abs().gt(0).any())
+                                                           for d in deltas)
+        assert ops["Add"] == 6  # bias and bias_delta after each Gemm
+    gen = torch.Generator().manual_seed(1)
+    _check_parity(qmodel, path, torch.randn(16, 8, generator=gen))
+    # far outside the calibrated range: saturation (static) or a new range (dynamic)
+    _check_parity(qmodel, path, 6.0 * torch.randn(5, 8, generator=gen))
+
+
+class Kinds(nn.Module):
+    """Embedding, LSTM, bidirectional GRU, MultiheadAttention, QuantMatMul and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True, bidirectional=True)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mm = aq.QuantMatMul()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx)
+        x, _ = self.lstm(x)
+        x, _ = self.gru(x)
+        a, _ = self.attn(x, x, x)
+        scores = self.mm(a, a.transpose(1, 2)).softmax(-1)
+        return self.head(scores @ a)
+
+
+class Calib:
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches = batches
+
+    def calibration(self, model: nn.Module) -> None:
+        for x in self.batches:
+            model(x)
+
+    def evaluate(self, model: nn.Module) -> float:
+        return 0.0
+
+
+# (config, number of activation QDQ points, of them dynamic); every layer has a mode and
+# each kind is exported in at least two modes. attn's query = key = value is quantized once.
+KIND_CASES = {
+    "static_dynamic_weight_only_bias_correction": (
+        {"bias_correction": True,
+         "layers": {"lstm": {"mode": "dynamic"}, "gru": {"mode": "weight_only"}}},
+        1 + 0 + 6 + 2 + 1, 1),  # lstm, gru, attn, mm, head
+    "dynamic_static_weight_only": (
+        {"default": {"mode": "dynamic"},
+         "layers": {"lstm": {"mode": "static"}, "attn": {"mode": "weight_only"},
+                    # a weight-only Linear on (N, T, C): onnxruntime would rewrite
+                    # DequantizeLinear -> MatMul into MatMulNBits (an int8 input), the
+                    # export keeps a 2-D Gemm
+                    "head": {"mode": "weight_only"}}},
+        1 + 1 + 0 + 2 + 0, 3),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(KIND_CASES))
+def test_embedding_rnn_and_attention_kinds_export_faithfully(case, tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 20, (4, 7), generator=gen) for _ in range(3)]
+    torch.manual_seed(0)
+    config, acts, dynamic = KIND_CASES[case]
+    qmodel = aq.quantize(Kinds().eval(), Calib(data), config)
+    path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
+    ops, inits = _ops(path), _initializers(path)
+    assert ops["LSTM"] == ops["GRU"] == 1 and ops["Gather"] >= 1
+    # integer tables and gate matrices; no float copy of a quantized weight
+    assert inits["emb.weight_int"] == onnx.TensorProto.INT8
+    for name in ("lstm.wint_weight_ih_l0", "gru.wint_weight_hh_l0_reverse",
+                 "attn.wint_in_proj_weight", "attn.wint_out_proj_weight"):
+        assert inits[name] == onnx.TensorProto.INT8, name
+    matrices = [i.name for i in onnx.load(str(path)).graph.initializer
+                if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2
+                and sorted(i.dims)[-2] >= 5]
+    assert not matrices  # float vectors only (biases, scales)
+    # emb 1, lstm 2, gru 4, attn 2, head 1 weights; + the activation points
+    assert ops["DequantizeLinear"] == 10 + acts and ops["QuantizeLinear"] == acts
+    assert ops["ReduceMin"] == ops["ReduceMax"] == dynamic
+    x = torch.randint(0, 20, (6, 7), generator=gen)
+    _check_parity(qmodel, path, x)
+    if case.startswith("static"):  # the tolerance has teeth: a 1% error in one activation scale
+        broken = onnx.load(str(path))
+        for init in broken.graph.initializer:
+            if init.name == "attn.ascale_attn":
+                value = onnx.numpy_helper.to_array(init) * 1.01
+                init.CopyFrom(onnx.numpy_helper.from_array(value, init.name))
+        onnx.save(broken, str(tmp_path / "broken.onnx"))
+        with pytest.raises(AssertionError, match="outputs match"):
+            _check_parity(qmodel, tmp_path / "broken.onnx", x)
+
+
+class PackedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        out, _ = self.lstm(pack_padded_sequence(x, lengths, batch_first=True))
+        return out.data
+
+
+def test_untraceable_rnn_is_refused_naming_the_layer_its_kind_and_the_fix(tmp_path) -> None:
+    data = [torch.randn(4, 5, 8)]
+    torch.manual_seed(0)
+    qmodel = aq.quantize(PackedLSTM().eval(), Calib(data))
+    with pytest.raises(ExportError, match=r"layer 'lstm' \(QuantRNN\).*skip_layers"):
+        export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class CrossAttention(nn.Module):
+    """MultiheadAttention with separate q/k/v projection weights (kdim, vdim != embed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x[..., :6], x[..., 3:])[0]
+
+
+def test_weight_only_attention_projections_on_sequences_stay_exact_in_onnxruntime(
+        tmp_path) -> None:
+    # F.linear on (N, T, C) with a dequantized weight would become MatMulNBits in
+    # onnxruntime (an int8 input); the export runs it as a 2-D Gemm
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 5, 8, generator=gen) for _ in range(2)]
+    torch.manual_seed(0)
+    qmodel = aq.quantize(CrossAttention().eval(), Calib(data),
+                         {"default": {"mode": "weight_only"}})
+    path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
+    assert "QuantizeLinear" not in _ops(path)
+    assert _initializers(path)["attn.wint_k_proj_weight"] == onnx.TensorProto.INT8
+    _check_parity(qmodel, path, torch.randn(3, 5, 8, generator=gen))
