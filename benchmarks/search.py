@@ -107,8 +107,9 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float, int]:
-    """(seconds, peak extra bytes) of one pass: 'float' forward or 'sensitivity'."""
+def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float, int, int]:
+    """(seconds, peak bytes, peak bytes above the pre-pass level) of one pass: 'float'
+    forward or 'sensitivity'. The peak includes the model, the data and the process."""
     model, evaluator, inputs = build(name, args)
     qmodel = QuantModel(model, aq.QuantConfig(), inputs)
     qmodel.calibrate(evaluator)
@@ -129,11 +130,8 @@ def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _peak_rss_bytes() - base
-    return seconds, max(peak, 0)
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
+    return seconds, peak, max(peak - base, 0)
 
 
 # Fixed malloc thresholds: large tensors are mmap'd and returned on free, so the peak RSS
@@ -142,20 +140,22 @@ MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
                "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def pass_ratios(name: str, args: argparse.Namespace) -> tuple[float, float]:
+def pass_ratios(name: str, args: argparse.Namespace) -> tuple[float, float, float]:
+    """Sensitivity pass vs float pass: time ratio, peak ratio, peak-above-start ratio."""
     out = {}
     for which in ("float", "sensitivity"):
-        best_t, peak = math.inf, 0
+        best_t, peak, extra = math.inf, 0, 0
         for _ in range(3):
             cmd = [sys.executable, __file__, "--measure", name, which, "--device", args.device,
                    "--layers", str(args.layers), "--width", str(args.width)]
             text = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                   env=MEASURE_ENV).stdout
-            seconds, mem = text.split()
-            best_t, peak = min(best_t, float(seconds)), max(peak, int(mem))
-        out[which] = (best_t, peak)
-    (tf, mf), (ts, ms) = out["float"], out["sensitivity"]
-    return ts / tf, (ms / mf if mf else float("nan"))
+            seconds, total, above = text.split()
+            best_t = min(best_t, float(seconds))
+            peak, extra = max(peak, int(total)), max(extra, int(above))
+        out[which] = (best_t, peak, extra)
+    (tf, pf, ef), (ts, ps, es) = out["float"], out["sensitivity"]
+    return ts / tf, ps / pf, (es / ef if ef else float("nan"))
 
 
 def run_search(name: str, args: argparse.Namespace) -> dict:
@@ -188,13 +188,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.measure:
-        seconds, peak = measure_pass(args.measure[0], args.measure[1], args)
-        print(seconds, peak)
+        print(*measure_pass(args.measure[0], args.measure[1], args))
         return
     rows = []
     for name in ("digits", "synthetic"):
         row = run_search(name, args)
-        row["sens_time_x"], row["sens_mem_x"] = (f"{v:.2f}" for v in pass_ratios(name, args))
+        row["sens_time_x"], row["sens_peak_x"], row["sens_extra_x"] = (
+            f"{v:.2f}" for v in pass_ratios(name, args))
         rows.append(row)
     keys = list(rows[0])
     widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
@@ -203,8 +203,10 @@ def main() -> None:
     for r in rows:
         print(" | ".join(str(r[k]).ljust(widths[k]) for k in keys))
     print("\nin_eval: share of wall time inside Evaluator.evaluate; overhead: wall time outside "
-          "evaluate, calibration and the sensitivity pass; sens_time_x / sens_mem_x: the "
-          "sensitivity pass vs one float forward pass over the same calibration batches.")
+          "evaluate, calibration and the sensitivity pass; sens_time_x / sens_peak_x: the "
+          "sensitivity pass's time / peak memory (model and process included) vs one float "
+          "forward pass over the same calibration batches; sens_extra_x: the same for the "
+          "memory the pass adds above its starting level.")
 
 
 if __name__ == "__main__":
