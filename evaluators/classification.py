@@ -6,59 +6,21 @@ batches double as calibration data.
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Iterable, Iterator
-from typing import Any
-
 import torch
 from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
-from evaluators.base import Evaluator
+from evaluators.loader import (
+    BatchLoaderEvaluator,
+    _call,
+    _first_tensor,
+    _to_device,
+)
 
 __all__ = ["ClassificationEvaluator"]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (then buffer), or CPU for a stateless model."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    """Move a tensor, or every tensor in a tuple/list, to `device` (other values pass as is)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(item, device) for item in inputs)
-    return inputs
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    """Call `model` on one batch of inputs: ``model(*inputs)`` for a tuple, else ``model(x)``."""
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    """The tensor a metric is computed on: `output` itself, or its first tensor element."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise ModelError(
-        f"the model returned {type(output).__name__}; expected a tensor or a tuple/list whose "
-        "first tensor element holds the output. Wrap the model so it returns a tensor."
-    )
-
-
-class ClassificationEvaluator(Evaluator):
+class ClassificationEvaluator(BatchLoaderEvaluator):
     """Top-1 accuracy of a classifier, calibrated on the first batches of the same loader.
 
     Why: most users have a labelled validation loader and nothing else; this turns it into
@@ -83,76 +45,6 @@ class ClassificationEvaluator(Evaluator):
     """
 
     higher_is_better: bool = True
-
-    def __init__(
-        self,
-        loader: Iterable[Any],
-        calibration_batches: int = 4,
-        device: str | torch.device | None = None,
-    ) -> None:
-        if isinstance(loader, Iterator):
-            raise ConfigError(
-                f"loader is a one-shot iterator ({type(loader).__name__}); the evaluator "
-                "iterates it once per trial. Pass a list of batches or a DataLoader instead."
-            )
-        if not isinstance(loader, Iterable):
-            raise ConfigError(
-                f"loader must be an iterable of (inputs, labels) batches, got "
-                f"{type(loader).__name__}; pass a DataLoader or a list of batches."
-            )
-        if (
-            isinstance(calibration_batches, bool)
-            or not isinstance(calibration_batches, numbers.Integral)
-            or calibration_batches < 1
-        ):
-            raise ConfigError(
-                f"calibration_batches must be an int >= 1, got {calibration_batches!r}; "
-                "use e.g. 4 (a few hundred samples are usually enough)."
-            )
-        try:
-            self.device = None if device is None else torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(
-                f"device {device!r} is not a valid torch device; use e.g. 'cpu' or 'cuda:0', "
-                "or leave it None to follow the model."
-            ) from exc
-        self.loader = loader
-        self.calibration_batches = int(calibration_batches)
-
-    def _batches(self) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(inputs, labels)`` pairs, checking the shape of each batch."""
-        for index, batch in enumerate(self.loader):
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ConfigError(
-                    f"batch {index} of the loader is {type(batch).__name__} {batch!r:.60}; "
-                    "expected an (inputs, labels) pair. Make the loader yield (inputs, labels)."
-                )
-            yield batch[0], batch[1]
-
-    def _device_for(self, model: nn.Module) -> torch.device:
-        return self.device if self.device is not None else _model_device(model)
-
-    def calibration(self, model: nn.Module) -> None:
-        """Run `model` over the first `calibration_batches` batches of the loader.
-
-        Why: quantizer observers record ranges during these forward passes.
-
-        Raises:
-            ConfigError: if the loader yields no batch.
-        """
-        device = self._device_for(model)
-        seen = 0
-        with torch.no_grad():
-            for inputs, _ in self._batches():
-                if seen >= self.calibration_batches:
-                    break
-                _call(model, _to_device(inputs, device))
-                seen += 1
-        if seen == 0:
-            raise ConfigError(
-                "the loader yielded no batch, so nothing was calibrated; pass a loader with "
-                "at least one (inputs, labels) batch."
-            )
 
     def evaluate(self, model: nn.Module) -> float:
         """Return the top-1 accuracy of `model` over every batch, in [0, 1].

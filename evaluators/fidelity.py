@@ -14,7 +14,7 @@ from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
 from evaluators.base import Evaluator
-from evaluators.classification import _call, _first_tensor, _model_device, _to_device
+from evaluators.loader import _call, _first_tensor, _model_device, _to_device
 
 __all__ = ["FidelityEvaluator"]
 

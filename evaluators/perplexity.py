@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,13 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
-from evaluators.base import Evaluator
-from evaluators.classification import _call, _first_tensor, _model_device, _to_device
+from evaluators.loader import BatchLoaderEvaluator, _call, _first_tensor, _to_device
 
 __all__ = ["PerplexityEvaluator"]
 
 
-class PerplexityEvaluator(Evaluator):
+class PerplexityEvaluator(BatchLoaderEvaluator):
     """Perplexity of a language model, calibrated on the first batches of the same loader.
 
     Each batch is ``(inputs, targets)``: ``inputs`` the model's input (token ids, or a tuple
@@ -45,6 +44,8 @@ class PerplexityEvaluator(Evaluator):
 
     higher_is_better: bool = False
 
+    target_name = "targets"
+
     def __init__(
         self,
         loader: Iterable[Any],
@@ -52,53 +53,19 @@ class PerplexityEvaluator(Evaluator):
         ignore_index: int = -100,
         device: str | torch.device | None = None,
     ) -> None:
-        if isinstance(loader, Iterator) or not isinstance(loader, Iterable):
-            raise ConfigError(
-                f"loader must be a re-iterable of (inputs, targets) batches, got "
-                f"{type(loader).__name__}; pass a list of batches or a DataLoader"
-            )
-        if isinstance(calibration_batches, bool) or not isinstance(
-                calibration_batches, numbers.Integral) or calibration_batches < 1:
-            raise ConfigError(
-                f"calibration_batches must be an int >= 1, got {calibration_batches!r}"
-            )
+        super().__init__(loader, calibration_batches, device)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise ConfigError(f"ignore_index must be an int, got {ignore_index!r}")
-        self.loader = loader
-        self.calibration_batches = int(calibration_batches)
         self.ignore_index = int(ignore_index)
-        self.device = None if device is None else torch.device(device)
-
-    def _batches(self) -> Iterator[tuple[Any, torch.Tensor]]:
-        for index, batch in enumerate(self.loader):
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ConfigError(
-                    f"batch {index} is {type(batch).__name__} {batch!r:.60}; expected an "
-                    "(inputs, targets) pair of token-id tensors"
-                )
-            yield batch[0], torch.as_tensor(batch[1])
-
-    def calibration(self, model: nn.Module) -> None:
-        """Run `model` on the first `calibration_batches` batches."""
-        device = self.device or _model_device(model)
-        seen = 0
-        with torch.no_grad():
-            for inputs, _ in self._batches():
-                if seen >= self.calibration_batches:
-                    break
-                _call(model, _to_device(inputs, device))
-                seen += 1
-        if seen == 0:
-            raise ConfigError("the loader yielded no batch, so nothing was calibrated")
 
     def cross_entropy(self, model: nn.Module) -> float:
         """Mean cross-entropy (nats per scored target token) of `model` over the loader."""
-        device = self.device or _model_device(model)
+        device = self._device_for(model)
         total, count = 0.0, 0
         with torch.no_grad():
             for index, (inputs, targets) in enumerate(self._batches()):
                 logits = _first_tensor(_call(model, _to_device(inputs, device)))
-                targets = targets.to(logits.device).reshape(-1)
+                targets = torch.as_tensor(targets).to(logits.device).reshape(-1)
                 logits = logits.reshape(-1, logits.shape[-1])
                 if logits.shape[0] != targets.shape[0]:
                     raise ModelError(

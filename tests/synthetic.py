@@ -73,3 +73,17 @@ class ListEvaluator(Evaluator):
         if isinstance(value, Exception):
             raise value
         return value
+
+
+class BatchCalibrator:
+    """Calibrates on fixed batches and evaluates nothing (for PTQ-only tests)."""
+
+    def __init__(self, batches: Sequence[torch.Tensor]) -> None:
+        self.batches = list(batches)
+
+    def calibration(self, model: nn.Module) -> None:
+        for x in self.batches:
+            model(x)
+
+    def evaluate(self, model: nn.Module) -> float:
+        return 0.0

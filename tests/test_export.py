@@ -25,6 +25,7 @@ from autoquant.errors import ConfigError, ExportError
 from autoquant.export import _export_copy, export_float_onnx, export_onnx, export_saved
 from autoquant.layers import QuantLayer
 from autoquant.qdq import QDQLayer, dequantize_linear
+from tests.synthetic import BatchCalibrator
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnx.numpy_helper")
@@ -53,18 +54,7 @@ class AllKinds(nn.Module):
         return self.fc(z.flatten(1))
 
 
-class Calib:
-    """Calibrates on fixed random batches; evaluates nothing (PTQ only)."""
-
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self.batches = batches
-
-    def calibration(self, model: nn.Module) -> None:
-        for x in self.batches:
-            model(x)
-
-    def evaluate(self, model: nn.Module) -> float:
-        return 0.0
+Calib = BatchCalibrator
 
 
 def _data(seed: int = 0, n: int = 4, shape: tuple[int, ...] = (8, 3, 6, 6)) -> list[torch.Tensor]:

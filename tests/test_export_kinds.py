@@ -15,7 +15,7 @@ import autoquant as aq
 from autoquant.errors import ExportError
 from autoquant.export import export_onnx
 from autoquant.layers import QuantLayer
-from tests.synthetic import DropEvaluator, mlp
+from tests.synthetic import BatchCalibrator, DropEvaluator, mlp
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -104,16 +104,7 @@ class Kinds(nn.Module):
         return self.head(scores @ a)
 
 
-class Calib:
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self.batches = batches
-
-    def calibration(self, model: nn.Module) -> None:
-        for x in self.batches:
-            model(x)
-
-    def evaluate(self, model: nn.Module) -> float:
-        return 0.0
+Calib = BatchCalibrator
 
 
 # (config, number of activation QDQ points, of them dynamic); every layer has a mode and

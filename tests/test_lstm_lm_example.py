@@ -38,13 +38,6 @@ def test_corpus_is_identical_in_a_fresh_interpreter() -> None:
     assert out.stdout.strip() == hashlib.sha256(collect_docstrings().encode()).hexdigest()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one thread is the fastest for these tiny models, far faster on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.slow

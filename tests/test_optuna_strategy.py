@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 optuna = pytest.importorskip("optuna")
 
@@ -30,14 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _quiet_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet_optuna():
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     yield
     optuna.logging.set_verbosity(verbosity)
-    torch.set_num_threads(threads)
 
 
 def run(strategy, **kwargs):

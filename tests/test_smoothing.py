@@ -12,6 +12,7 @@ from autoquant.calibration import calibrate_model
 from autoquant.layers import QuantState
 from autoquant.qmodel import QuantModel
 from autoquant.smoothing import find_smoothable, smooth_model, smoothing_scales
+from tests.synthetic import BatchCalibrator
 
 
 class Block(nn.Module):
@@ -44,16 +45,7 @@ class Untraceable(Block):
         return super().forward(x)
 
 
-class Calib:
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self.batches = batches
-
-    def calibration(self, model: nn.Module) -> None:
-        for x in self.batches:
-            model(x)
-
-    def evaluate(self, model: nn.Module) -> float:
-        return 0.0
+Calib = BatchCalibrator
 
 
 def _block_and_data(cls: type[Block] = Block) -> tuple[Block, list[torch.Tensor]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,16 +16,6 @@ from autoquant.testing import (
     ranking_from_drops,
 )
 from strategies._bisect import Bisection
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread avoids OpenMP spin-waits on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 N = 12
 DROPS = {str(i): ((7 * i) % N + 1) / 1024 for i in range(N)}  # 1..12 / 1024, shuffled

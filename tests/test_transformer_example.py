@@ -23,13 +23,6 @@ def test_units_cover_mha_and_quantmatmul_attention() -> None:
     assert not any(n.startswith("blocks.0.attn.") for n in names)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one thread is the fastest for these tiny models, far faster on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.slow

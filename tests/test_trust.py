@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import autoquant as aq
 from autoquant.errors import ConfigError
@@ -16,12 +15,6 @@ from autoquant.trust import spearman
 DROPS = {str(i): (i + 1) / 1024 for i in range(6)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(evaluator, ranking=None, **kwargs):
