@@ -337,10 +337,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- main ------------------------------------------------------------------------------------
 
 def _setup_logging(args: argparse.Namespace) -> None:
+    # -v/-q set autoquant's own level; other libraries (onnxscript, optuna, ...) only speak
+    # up at WARNING, unless -v asks for everything.
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
+    logging.getLogger("autoquant").setLevel(level)
 
 
 def _sigterm(signum: int, frame: Any) -> None:
