@@ -12,14 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from autoquant.api import (
-    accuracy_based_auto_calibration,
-    auto_quantize,
-    create_quant_config,
-    load_quantized,
-    quantize,
-    sensitivity_analysis,
-)
+from autoquant.amct import accuracy_based_auto_calibration, create_quant_config
+from autoquant.api import auto_quantize, load_quantized, quantize, sensitivity_analysis
 from autoquant.config import LayerConfig, QuantConfig, QuantizerConfig
 from autoquant.errors import (
     AutoquantError,
