@@ -258,3 +258,14 @@ def test_core_never_imports_concrete_strategies_or_evaluators():
                 if top == "strategies" or (top == "evaluators" and mod != "evaluators.base"):
                     offenders.append(f"{path.name}: {mod}")
     assert offenders == []
+
+
+def test_import_autoquant_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, autoquant; print(sorted(m for m in ('optuna', 'matplotlib', 'onnx', "
+            "'onnxruntime', 'sklearn', 'strategies', 'evaluators') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
