@@ -120,23 +120,28 @@ class QuantLayer(nn.Module):
         super().__init__()
         if not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise ModelError(f"layer {name!r} ({type(module).__name__}) has no weight tensor")
+        self._init_state(module, name, config, weight_axis)
+        self.observer = ActivationObserver(config.activation)
+        self._act_q: tuple[int, int, int | None] | None = None  # qmin, qmax, axis
+        self._weight_q: tuple[int, int, int | None] | None = None
+        for buf in self._QPARAM_BUFFERS:
+            self.register_buffer(buf, torch.empty(0))
+
+    def _init_state(self, module: nn.Module, name: str, config: LayerConfig,
+                    weight_axis: int) -> None:
+        """The attributes every wrapper kind has, whatever its weights and inputs."""
         self.module = module
         self.layer_name = name
         self.config = config
         self.weight_axis = weight_axis
         self.state = QuantState.FLOAT
         self.scheme = FLOAT
-        self.observer = ActivationObserver(config.activation)
         self.calls = 0
         self.comparator: Any = None  # a sensitivity accumulator with update(y, y_quant)
         self.dump_dir: Path | None = None
-        self._act_q: tuple[int, int, int | None] | None = None  # qmin, qmax, axis
-        self._weight_q: tuple[int, int, int | None] | None = None
-        self._weight_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._weight_cache: dict[tuple, torch.Tensor] = {}
         self._wqparam_cache: dict[tuple[int, int], tuple] = {}
         self.bias_corrections: dict[str, torch.Tensor] = {}  # scheme -> per-channel delta
-        for buf in self._QPARAM_BUFFERS:
-            self.register_buffer(buf, torch.empty(0))
 
     def __getattr__(self, name: str) -> Any:
         # Parent modules that read attributes of their child (``self.fc.in_features``,

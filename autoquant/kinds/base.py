@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 from autoquant.config import LayerConfig, QuantizerConfig
 from autoquant.errors import ModelError
 from autoquant.layers import QuantLayer, QuantState
-from autoquant.plan import FLOAT, parse_scheme
+from autoquant.plan import parse_scheme
 from autoquant.quantizer import (
     ActivationObserver,
     compute_qparams,
@@ -101,15 +101,7 @@ class MultiQuantLayer(QuantLayer):
         for weight in weight_names:
             if weight not in params:
                 raise ModelError(f"layer {name!r} ({type(module).__name__}) has no {weight!r}")
-        self.module = module
-        self.layer_name = name
-        self.config = config
-        self.weight_axis = weight_axis
-        self.state = QuantState.FLOAT
-        self.scheme = FLOAT
-        self.calls = 0
-        self.comparator: Any = None
-        self.dump_dir = None
+        self._init_state(module, name, config, weight_axis)
         self.weight_names = tuple(weight_names)
         self.act_points = tuple(act_points)
         act_cfg = dataclasses.replace(config.activation, per_channel=False)
@@ -118,7 +110,6 @@ class MultiQuantLayer(QuantLayer):
         self._weight_q: Any = None  # not None while a quantized scheme is active
         self._act_q: dict[str, tuple[int, int]] | None = None
         self._wq: dict[str, tuple[int, int, int | None]] = {}
-        self._weight_cache: dict[tuple[str, str, int], torch.Tensor] = {}
         self._phase = "float"  # inside compute(): "observe" or "quant"
         buffers = []
         for weight in self.weight_names:
