@@ -35,7 +35,7 @@ from torch import nn
 
 from autoquant.layers import QuantLayer, QuantState
 from autoquant.plan import FLOAT, parse_scheme
-from autoquant.qmodel import QuantModel, call_evaluator
+from autoquant.qmodel import QuantModel
 from autoquant.quantizer import fake_quantize, weight_qparams
 
 __all__ = [
@@ -213,12 +213,7 @@ def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
     refiners = {n: _LayerRefiner(qmodel.layers[n], *flags) for n, flags in wanted.items()}
     handles = [qmodel.layers[name].register_forward_hook(hook, with_kwargs=True)
                for name, hook in refiners.items()]
-    try:
-        with qmodel.state(QuantState.FLOAT):
-            call_evaluator(evaluator, "calibration", qmodel.model, "(calibration choice pass)")
-    finally:
-        for handle in handles:
-            handle.remove()
+    qmodel.calibration_pass(evaluator, QuantState.FLOAT, "(calibration choice pass)", handles)
     for refiner in refiners.values():
         refiner.finish()
     chosen = [candidate_label(*qmodel.layers[n].observer.effective_algorithm())

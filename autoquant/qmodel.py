@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -173,6 +173,17 @@ class QuantModel:
         finally:
             self.set_state(QuantState.QUANTIZE)
 
+    def calibration_pass(self, evaluator: Any, state: QuantState, where: str,
+                         hooks: Iterable[Any] = ()) -> None:
+        """Run ``evaluator.calibration`` once with every layer in `state`, then remove
+        `hooks` (handles of hooks the caller registered for this pass), whatever happens."""
+        try:
+            with self.state(state):
+                call_evaluator(evaluator, "calibration", self.model, where)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def check_runs(self, example_inputs: Any) -> None:
         """Run the float model once on `example_inputs`; a failure is a clear ModelError."""
         with self.state(QuantState.FLOAT), torch.no_grad():
@@ -195,12 +206,8 @@ class QuantModel:
         def count(*_: Any) -> None:
             forwards[0] += 1
 
-        hook = self.model.register_forward_pre_hook(count)
-        try:
-            with self.state(QuantState.CALIBRATE):
-                call_evaluator(evaluator, "calibration", self.model)
-        finally:
-            hook.remove()
+        self.calibration_pass(evaluator, QuantState.CALIBRATE, "",
+                              [self.model.register_forward_pre_hook(count)])
         if forwards[0]:
             # a module called at several places in one forward pass is a shared module too
             self.calls_per_forward = {

@@ -21,7 +21,7 @@ import torch
 
 from autoquant.errors import ConfigError
 from autoquant.layers import QuantState
-from autoquant.qmodel import QuantModel, call_evaluator
+from autoquant.qmodel import QuantModel
 from autoquant.registry import Registry
 
 __all__ = [
@@ -154,8 +154,7 @@ def compute_sensitivity(
             layer.dump_dir = Path(dump_dir) / name
     start = time.perf_counter()
     try:
-        with qmodel.state(QuantState.COMPARE):
-            call_evaluator(evaluator, "calibration", qmodel.model, "(sensitivity pass)")
+        qmodel.calibration_pass(evaluator, QuantState.COMPARE, "(sensitivity pass)")
     finally:
         for layer in qmodel.layers.values():
             layer.dump_dir = None

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from autoquant.layers import QuantLayer, QuantState
-from autoquant.qmodel import QuantModel, call_evaluator
+from autoquant.qmodel import QuantModel
 
 __all__ = ["find_smoothable", "smoothing_scales", "smooth_model", "apply_smoothing"]
 
@@ -128,12 +128,7 @@ def smooth_model(qmodel: QuantModel, evaluator: Any, alpha: float) -> list[tuple
     firsts = {linears[0]: norm for norm, linears in groups}
     handles = [qmodel.model.get_submodule(name).register_forward_pre_hook(observe(name))
                for name in firsts]
-    try:
-        with qmodel.state(QuantState.FLOAT):
-            call_evaluator(evaluator, "calibration", qmodel.model, "(smoothing statistics)")
-    finally:
-        for handle in handles:
-            handle.remove()
+    qmodel.calibration_pass(evaluator, QuantState.FLOAT, "(smoothing statistics)", handles)
     done = []
     for norm_name, linears in groups:
         if linears[0] not in amax:
