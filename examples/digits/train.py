@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torch import nn
 
+from examples.checkpoints import load_or_train
 from examples.digits.model import DigitsCNN, build_model, load_data
 
 __all__ = ["CHECKPOINT", "accuracy", "get_trained_model", "main", "save_checkpoint", "train"]
@@ -103,15 +104,7 @@ def get_trained_model(path: str | Path = CHECKPOINT) -> DigitsCNN:
 
     Why: the search example should not retrain on every run.
     """
-    path = Path(path)
-    if path.exists():
-        try:
-            return build_model(str(path))
-        except (RuntimeError, OSError) as exc:  # stale or corrupt checkpoint: rebuild it
-            logger.warning("could not load %s (%s); retraining", path, exc)
-    model = train()
-    save_checkpoint(model, path)
-    return model
+    return load_or_train(path, build_model, train)
 
 
 def main() -> None:

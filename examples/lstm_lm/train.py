@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from autoquant.io import atomic_torch_save
+from examples.checkpoints import load_or_train
 from examples.lstm_lm.data import load_corpus, make_batches
 from examples.lstm_lm.model import CharLSTM, build_model
 
@@ -89,16 +90,7 @@ def train(steps: int = 1200, seed: int = 0, batch_size: int = 32, seq_len: int =
 
 def get_trained_model(path: str | Path = CHECKPOINT) -> CharLSTM:
     """Load the checkpoint at `path`, or train with the defaults and save it there."""
-    path = Path(path)
-    if path.exists():
-        try:
-            return build_model(path)
-        except (RuntimeError, OSError) as exc:  # stale or corrupt checkpoint: rebuild it
-            logger.warning("could not load %s (%s); retraining", path, exc)
-    model = train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(path, model.state_dict())
-    return model
+    return load_or_train(path, build_model, train)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from autoquant.io import atomic_torch_save
+from examples.checkpoints import load_or_train
 from examples.digits.model import load_data
 from examples.digits.train import accuracy
 from examples.transformer.model import DigitsTransformer, build_model
@@ -74,16 +75,7 @@ def train(epochs: int = 40, seed: int = 0, batch_size: int = 64, lr: float = 3e-
 
 def get_trained_model(path: str | Path = CHECKPOINT) -> DigitsTransformer:
     """Load the checkpoint at `path`, or train with the defaults and save it there."""
-    path = Path(path)
-    if path.exists():
-        try:
-            return build_model(path)
-        except (RuntimeError, OSError) as exc:  # stale or corrupt checkpoint: rebuild it
-            logger.warning("could not load %s (%s); retraining", path, exc)
-    model = train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(path, model.state_dict())
-    return model
+    return load_or_train(path, build_model, train)
 
 
 def main() -> None:
