@@ -200,9 +200,10 @@ def auto_quantize(
         workers=workers,
         params={r["name"]: r["parameters"] for r in rows},
     )
+    decide = make_decision(evaluator, criterion.check)
     pool = WorkerPool(qmodel, evaluator, workers) if workers > 1 else None
     runner = TrialRunner(
-        qmodel, evaluator, make_decision(evaluator, criterion.check),
+        qmodel, evaluator, decide,
         max_evaluations=max_evaluations, on_record=on_record,
         preloaded={plan_key(r.plan): r for r in preloaded}, pool=pool,
         eval_timeout=eval_timeout, deadline=deadline, check_determinism=bool(check_determinism),
@@ -226,7 +227,7 @@ def auto_quantize(
     quantized = [n for n in names if plan.get(n, FLOAT) != FLOAT]
     start = time.perf_counter()
     checked = holdout_check(qmodel, evaluator, plan, qmodel.float_plan(),
-                            make_decision(evaluator, criterion.check), holdout)
+                            decide, holdout)
     if checked is not None:
         checks["holdout"] = {**checked, "seconds": time.perf_counter() - start}
     rows = calibration_rows(qmodel, rows)
