@@ -3,8 +3,8 @@
 Each Optuna trial picks one scheme per searchable layer among ``choices``: the layer's
 quantized scheme, the optional ladder rungs and its fallback. The strategy first runs a
 plain binary search (through the core, so those plans are cached and counted), adds every
-plan it evaluated to the study as a finished trial (no re-evaluation), and enqueues the
-binary answer so the sampler starts from a known-good point. Then it asks Optuna for
+plan it evaluated to the study as a finished trial (no re-evaluation), and asks the
+binary answer first so the sampler starts from a known-good point. Then it asks Optuna for
 ``n_trials`` more plans. Plans Optuna proposes twice are served from the core's cache.
 
 Objectives (minimised):
@@ -19,8 +19,14 @@ fewest float layers, then lowest loss), whatever the objective.
 ``storage`` is None (in memory), a ``sqlite:///path.db`` URL or any database URL Optuna
 accepts; with a ``study_name`` and storage several processes or machines share one study
 (each runs `auto_quantize` with this strategy, and each sampler sees the others' trials).
-A second run on an existing study resumes it: it skips the binary seed and enqueues the
-best passing plan stored in the study instead.
+A second run on an existing study resumes it: it skips the binary seed and asks the
+best passing plan stored in the study first instead.
+
+Those first plans are kept in this process, never in Optuna's shared trial queue: on
+SQLite two processes can pop the same enqueued trial (``SELECT ... FOR UPDATE`` is a no-op
+there, optuna/optuna#4621), and the second ``tell`` then fails. They enter the study as
+finished trials once evaluated. A trial that another worker finished anyway (a queue the
+user filled) is added again as a new finished trial, never lost and never fatal.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class OptunaStrategy(SearchStrategy):
         storage: None (in memory), ``"sqlite:///file.db"`` or any Optuna storage URL.
         study_name: the study to create or resume (required to share a stored study).
         seed: the sampler's seed (runs are deterministic given the study's history).
-        seed_with_binary: run the binary search first and enqueue its answer.
+        seed_with_binary: run the binary search first and ask its answer first.
     """
 
     name = "optuna"
@@ -123,23 +129,25 @@ class OptunaStrategy(SearchStrategy):
         done = [t for t in self.study.get_trials(deepcopy=False)
                 if t.state == optuna.trial.TrialState.COMPLETE]
         self._seeder: BinarySearchStrategy | None = None
+        self._first: list[QuantPlan] = []  # asked before sampling; local to this process
         if self.seed_with_binary and not done:
             self._seeder = BinarySearchStrategy()
             self._seeder.setup(context)
         elif done:
-            self._enqueue_best_stored(done)
+            self._ask_best_stored_first(done)
         self._seed_plans: list[tuple[QuantPlan, TrialRecord]] = []
         self._pending: dict[str, list[Any]] = {}
         self._asked_trials = 0
         logger.info("optuna study %r: %d finished trial(s) already", self.study.study_name,
                     len(done))
 
-    def _enqueue_best_stored(self, done: list[Any]) -> None:
+    def _ask_best_stored_first(self, done: list[Any]) -> None:
         passing = [t for t in done if t.user_attrs.get("passed")]
         if passing:
             best = min(passing, key=lambda t: t.user_attrs.get("effective_bits", 32.0))
-            if set(best.params) == set(self.dists):
-                self.study.enqueue_trial(best.params, skip_if_exists=False)
+            if set(best.params) == set(self.choices) and all(
+                    best.params[n] in self.choices[n] for n in self.choices):
+                self._first.append({n: best.params[n] for n in self.context.ranking})
 
     # -- objective -------------------------------------------------------------------------
     def _effective_bits(self, plan: QuantPlan) -> float:
@@ -175,8 +183,12 @@ class OptunaStrategy(SearchStrategy):
             return []
         plans = []
         for _ in range(min(self.context.workers, self.n_trials - self._asked_trials)):
-            trial = self.study.ask(self.dists)
-            plan = {n: trial.params[n] for n in self.context.ranking}
+            trial: Any = None
+            if self._first:
+                plan = self._first.pop(0)
+            else:
+                trial = self.study.ask(self.dists)
+                plan = {n: trial.params[n] for n in self.context.ranking}
             self._pending.setdefault(plan_key(plan), []).append(trial)
             plans.append(plan)
             self._asked_trials += 1
@@ -184,16 +196,20 @@ class OptunaStrategy(SearchStrategy):
 
     def _finish_seed(self) -> None:
         assert self._seeder is not None
-        optuna = self._optuna
         for plan, record in self._seed_plans:
-            self.study.add_trial(optuna.trial.create_trial(
-                params=dict(plan), distributions=self.dists,
-                values=self._values(plan, record), user_attrs=self._attrs(plan, record),
-            ))
+            self._add_finished(plan, record)
         best = [p for p, r in self._seed_plans if r.passed]
         if best:
-            self.study.enqueue_trial(dict(best[-1]))  # the binary answer: its last pass
+            self._first.append(dict(best[-1]))  # the binary answer: its last pass
         self._seeder = None
+
+    def _add_finished(self, plan: QuantPlan, record: TrialRecord,
+                      extra: dict[str, Any] | None = None) -> None:
+        """Store an evaluated plan in the study as a new finished trial."""
+        self.study.add_trial(self._optuna.trial.create_trial(
+            params=dict(plan), distributions=self.dists, values=self._values(plan, record),
+            user_attrs={**self._attrs(plan, record), **(extra or {})},
+        ))
 
     def tell(self, plan: QuantPlan, record: TrialRecord) -> None:
         if self._seeder is not None:
@@ -201,15 +217,32 @@ class OptunaStrategy(SearchStrategy):
             self._seed_plans.append((plan, record))
             return
         trial = self._pending[plan_key(plan)].pop(0)
-        trial.set_user_attr("plan_index", record.index)
-        for key, value in self._attrs(plan, record).items():
-            trial.set_user_attr(key, value)
-        self.study.tell(trial, self._values(plan, record))
+        extra = {"plan_index": record.index}
+        if trial is None:
+            self._add_finished(plan, record, extra)
+            return
+        try:
+            for key, value in {**extra, **self._attrs(plan, record)}.items():
+                trial.set_user_attr(key, value)
+            self.study.tell(trial, self._values(plan, record))
+        except (self._optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
+            if not self._finished_elsewhere(trial):
+                raise
+            logger.warning("optuna trial %d was finished by another worker (%s); storing "
+                           "this evaluation as a new trial", trial.number, err)
+            self._add_finished(plan, record, extra)
+
+    def _finished_elsewhere(self, trial: Any) -> bool:
+        """Whether a trial this process asked was already finished (by another worker)."""
+        frozen = [t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number]
+        return bool(frozen) and frozen[0].state.is_finished()
 
     def finish(self) -> None:
         # trials asked but never evaluated (the budget ran out) are marked failed, so a
         # stored study does not keep them RUNNING forever
         for trials in self._pending.values():
             for trial in trials:
+                if trial is None or self._finished_elsewhere(trial):
+                    continue
                 self.study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
         self._pending = {}

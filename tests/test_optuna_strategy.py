@@ -144,3 +144,42 @@ def test_two_processes_share_one_sqlite_study(tmp_path) -> None:
     trials = complete(study)
     assert len(trials) >= 10  # 5 asked trials from each process (plus any seed trials)
     assert all(t.user_attrs.get("passed") is not None for t in trials)
+
+
+def test_seed_plans_stay_out_of_the_shared_trial_queue(tmp_path) -> None:
+    # a shared SQLite queue lets two processes pop the same trial (optuna#4621); the
+    # binary answer and the best stored plan are asked by this process only
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for seed in (0, 1):  # a fresh study (binary seed), then a resumed one (best stored)
+        strategy = OptunaStrategy(n_trials=2, storage=storage, study_name="q", seed=seed)
+        result = run(strategy)
+        assert result.met
+    trials = strategy.study.get_trials()
+    assert not [t.number for t in trials if "fixed_params" in t.system_attrs]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_a_trial_finished_by_another_worker_is_stored_again_not_fatal(tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    strategy = OptunaStrategy(n_trials=2, storage=storage, study_name="race", seed=0,
+                              seed_with_binary=False)
+    original_ask = OptunaStrategy.ask
+
+    def ask_then_lose_the_race(self):
+        plans = original_ask(self)
+        # another worker claims and finishes every trial this process just asked
+        shared = optuna.load_study(study_name="race", storage=storage)
+        for trials in self._pending.values():
+            for trial in trials:
+                if trial is not None:
+                    shared.tell(trial.number, 99.0)
+        return plans
+
+    strategy.ask = ask_then_lose_the_race.__get__(strategy)
+    result = run(strategy)
+    done = complete(strategy.study)
+    # each of the 2 asked trials: the other worker's result plus this worker's evaluation
+    mine = [t for t in done if "plan_index" in t.user_attrs]
+    assert len(done) == 4 and len(mine) == 2
+    assert all(t.values[0] != 99.0 for t in mine)
+    assert result.num_evaluations >= 2
