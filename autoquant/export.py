@@ -79,6 +79,7 @@ def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str
             "copy so the search result is never changed. Make the model deep-copyable."
         ) from err
     work.eval()
+    _refuse_unexportable(work)
     layers: dict[str, int] = {}
     for name, module in list(work.named_modules()):
         if not isinstance(module, QuantLayer):
@@ -94,6 +95,24 @@ def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str
         parent_name, _, child = name.rpartition(".")
         setattr(work.get_submodule(parent_name) if parent_name else work, child, new)
     return work, layers
+
+
+def _refuse_unexportable(work: nn.Module) -> None:
+    """Raise ExportError for a module ONNX cannot express, before a broken file is made.
+
+    An ``nn.LSTM`` with ``proj_size`` has no ONNX counterpart (the LSTM op has no
+    projection); torch.onnx writes a graph onnxruntime cannot run, even for a float model.
+    """
+    for name, module in work.named_modules():
+        if isinstance(module, nn.LSTM) and module.proj_size > 0:
+            layer = name.removesuffix(".module")
+            raise ExportError(
+                f"layer {layer!r} is an nn.LSTM with proj_size={module.proj_size}, which ONNX "
+                "cannot express (its LSTM op has no projection; torch.onnx writes a graph "
+                "onnxruntime refuses, even in float). Use proj_size=0 with an nn.Linear after "
+                "the LSTM, or deploy the fake-quant model with torch; the search result is "
+                "unchanged."
+            )
 
 
 # -- tracing, translation and error naming -----------------------------------------------------

@@ -44,6 +44,14 @@ __all__ = [
 ]
 
 
+def no_fast_path(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook; its presence disables torch's fused encoder fast path.
+
+    Why: ``nn.TransformerEncoderLayer`` in eval mode may call a fused kernel that reads its
+    children's raw float weights, skipping the quantized wrappers (search and export)."""
+    return None
+
+
 class QuantState(enum.Enum):
     """What every `QuantLayer` does in a forward pass; set by the engine only."""
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from autoquant.errors import ExportError, InternalError
-from autoquant.layers import QuantLayer
+from autoquant.layers import QuantLayer, no_fast_path
 
 __all__ = ["quantize_linear", "dequantize_linear", "dynamic_qdq", "translation_table",
            "QDQLayer", "QDQMultiLayer", "storage_type"]
@@ -211,7 +211,26 @@ def dynamic_qdq(x: torch.Tensor, qmin: int, qmax: int, cfg: Any) -> torch.Tensor
     return dequantize_linear(q, scale, zq, axis).to(dtype)
 
 
-class QDQLayer(nn.Module):
+class _WrapsModule(nn.Module):
+    """Reads of attributes a QDQ module lacks go to the float module it replaces, as they
+    do through the search-time wrappers (a parent's ``self.attn.batch_first``); a no-op
+    pre-hook keeps torch's fused encoder fast path (raw float weights) out of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(no_fast_path)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+
+class QDQLayer(_WrapsModule):
     """What an active `QuantLayer` computes, written with the QDQ custom ops: integer
     weight + DequantizeLinear, the input activation per the layer's mode (static: the
     calibrated QDQ; dynamic: qparams computed in the graph; weight_only: float), and the
@@ -295,7 +314,7 @@ def _channel_axis(module: nn.Module, input_dim: int) -> int | None:
 
 
 # -- the export-time replacement of an active MultiQuantLayer ----------------------------------
-class QDQMultiLayer(nn.Module):
+class QDQMultiLayer(_WrapsModule):
     """What an active `autoquant.kinds.MultiQuantLayer` (RNN, attention, QuantMatMul)
     computes, written with the QDQ custom ops.
 

@@ -20,7 +20,14 @@ from autoquant.errors import ConfigError, EvaluatorError, ModelError
 from autoquant.fold import fold_conv_bn
 from autoquant.guard import check_model_devices
 from autoquant.kinds import QuantEmbedding  # noqa: F401 - registers the extra layer kinds
-from autoquant.layers import QuantLayer, QuantState, layer_kinds, weight_axis_of, wrapper_class_of
+from autoquant.layers import (
+    QuantLayer,
+    QuantState,
+    layer_kinds,
+    no_fast_path,
+    weight_axis_of,
+    wrapper_class_of,
+)
 from autoquant.plan import FLOAT, QuantPlan
 from autoquant.shared import layers_sharing_parameters, module_aliases
 
@@ -63,11 +70,6 @@ def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]
                 f"the quant config names {name!r}, which is the same module object as "
                 f"{canonical[name]!r} (a shared module is one unit); use {canonical[name]!r}"
             )
-
-
-def _no_fast_path(module: nn.Module, args: Any) -> None:
-    """A no-op forward pre-hook; its presence disables torch's fused encoder fast path."""
-    return None
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -144,7 +146,7 @@ class QuantModel:
                 _set_submodule(self.model, where, layer)  # one wrapper at every alias
             # torch's fused fast paths (nn.TransformerEncoderLayer in eval under no_grad)
             # read raw weights past the wrappers unless a module has hooks: add a no-op one
-            layer.register_forward_pre_hook(_no_fast_path)
+            layer.register_forward_pre_hook(no_fast_path)
             self.layers[name] = layer
         for name, others in self.aliases.items():
             logger.info("layer %s is shared (also %s): one wrapper, one scheme", name,

@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import autoquant as aq
 from autoquant.errors import ExportError
-from autoquant.export import export_onnx
+from autoquant.export import _export_copy, export_onnx
 from autoquant.layers import QuantLayer
 from tests.synthetic import BatchCalibrator, DropEvaluator, mlp
 
@@ -205,3 +205,57 @@ def test_weight_only_attention_projections_on_sequences_stay_exact_in_onnxruntim
     assert "QuantizeLinear" not in _ops(path)
     assert _initializers(path)["attn.wint_k_proj_weight"] == onnx.TensorProto.INT8
     _check_parity(qmodel, path, torch.randn(3, 5, 8, generator=gen))
+
+
+class Encoder(nn.Module):
+    """torch's own encoder layer: its forward reads ``self_attn.batch_first`` and would take
+    a fused fast path over raw float weights in eval mode under no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def test_torch_transformer_encoder_layer_exports_its_quantized_layers_not_the_fast_path(
+        tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 5, 8, generator=gen) for _ in range(2)]
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    qmodel = aq.quantize(model, Calib(data), {"default": {"weight": {"bits": 4},
+                                                           "activation": {"bits": 4}}})
+    with torch.no_grad():  # the fast path's precondition
+        path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
+        float_out, quant_out = model(data[1]), qmodel(data[1])
+    assert float((float_out - quant_out).abs().max()) > 1e-2  # W4A4 differs from float
+    # the module the graph is traced from computes the searched model eagerly too, where
+    # torch would take the fused path over raw float weights without the QDQ modules' hook
+    work, _ = _export_copy(qmodel, quantized=True)
+    with torch.no_grad():
+        torch.testing.assert_close(work(data[1]), quant_out, atol=1e-5, rtol=1e-5)
+    inits = _initializers(path)
+    for name in ("layer.linear1.weight_int", "layer.linear2.weight_int",
+                 "layer.self_attn.wint_in_proj_weight"):
+        assert inits[name] == onnx.TensorProto.INT8, name
+    _check_parity(qmodel, path, data[1])
+
+
+def test_lstm_with_projection_is_refused_before_a_broken_file_is_written(tmp_path) -> None:
+    class Projected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(8, 8, proj_size=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    data = [torch.randn(5, 2, 8)]
+    torch.manual_seed(0)
+    qmodel = aq.quantize(Projected().eval(), Calib(data))
+    with pytest.raises(ExportError, match=r"layer 'rnn' is an nn.LSTM with proj_size=4.*"
+                                          r"proj_size=0 with an nn.Linear"):
+        export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
+    assert not (tmp_path / "m.onnx").exists()
