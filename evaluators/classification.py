@@ -28,9 +28,10 @@ class ClassificationEvaluator(BatchLoaderEvaluator):
 
     Args:
         loader: a re-iterable of ``(inputs, labels)`` batches (a DataLoader or a list).
-            ``inputs`` is a tensor, or a tuple of tensors passed as ``model(*inputs)``;
-            ``labels`` holds class indices. The model must return logits of shape
-            ``(batch, classes)`` (or a tuple/list whose first tensor is such logits).
+            ``inputs`` is a tensor, a tuple of tensors passed as ``model(*inputs)`` or a
+            dict passed as ``model(**inputs)``; ``labels`` holds class indices. The model
+            returns logits ``(batch, classes)``, or a tuple/list whose first tensor is such
+            logits, or a dict / ``ModelOutput`` with a ``logits`` entry.
         calibration_batches: how many leading batches `calibration` runs (>= 1).
         device: where batches are moved; default: the device of the model's first parameter
             (CPU for a model without parameters).

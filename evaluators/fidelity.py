@@ -6,7 +6,7 @@ closely the quantized model reproduces the float model's outputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,21 +23,23 @@ def _check_batches(batches: Any, name: str) -> list[Any]:
     """Return `batches` as a list, or raise ConfigError if it is not a non-empty list of batches."""
     if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Sequence):
         raise ConfigError(
-            f"{name} must be a list of batches (each a tensor or a tuple of tensors), got "
+            f"{name} must be a list of batches (each a tensor, a tuple or a dict of tensors), got "
             f"{type(batches).__name__}; wrap a single batch as [x]."
         )
     if len(batches) == 0:
         raise ConfigError(f"{name} is empty; pass at least one batch, e.g. [x].")
     for index, batch in enumerate(batches):
         ok = isinstance(batch, torch.Tensor) or (
-            isinstance(batch, tuple)
+            isinstance(batch, (tuple, Mapping))
             and len(batch) > 0
-            and all(isinstance(item, torch.Tensor) for item in batch)
+            and any(isinstance(item, torch.Tensor)
+                    for item in (batch.values() if isinstance(batch, Mapping) else batch))
         )
         if not ok:
             raise ConfigError(
-                f"{name}[{index}] is {type(batch).__name__}; expected a tensor or a tuple of "
-                "tensors (passed as model(*batch)). Convert it before building the evaluator."
+                f"{name}[{index}] is {type(batch).__name__}; expected a tensor, a tuple of "
+                "tensors (passed as model(*batch)) or a dict of them (model(**batch)). "
+                "Convert it before building the evaluator."
             )
     return list(batches)
 
@@ -63,11 +65,14 @@ class FidelityEvaluator(Evaluator):
 
     The reference outputs are computed once, at construction, with the reference model in
     eval mode under ``torch.no_grad()``; the reference model's training flags are restored
-    afterwards and it is not kept. Tuple/list outputs are compared on their first tensor.
+    afterwards and it is not kept. A batch is a tensor, a tuple (``model(*batch)``) or a dict
+    (``model(**batch)``). A dict output (or a Hugging Face ``ModelOutput``) is compared on
+    its ``logits`` entry, else its first tensor; a tuple/list output on its first tensor.
 
     Args:
         reference_model: the float model whose outputs are the target.
-        inputs: a list of batches, each a tensor or a tuple of tensors (``model(*batch)``).
+        inputs: a list of batches, each a tensor, a tuple of tensors (``model(*batch)``) or
+            a dict of keyword inputs (``model(**batch)``).
         calibration_inputs: batches `calibration` runs; default: `inputs`.
 
     Raises:

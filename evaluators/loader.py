@@ -8,7 +8,7 @@ metric.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,39 +30,67 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _to_device(inputs: Any, device: torch.device) -> Any:
-    """Move a tensor, or every tensor in a tuple/list, to `device` (other values pass as is)."""
+    """Move a tensor, or every tensor in a tuple/list/dict, to `device` (other values pass
+    as is)."""
     if isinstance(inputs, torch.Tensor):
         return inputs.to(device)
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_to_device(item, device) for item in inputs)
+    if isinstance(inputs, Mapping):
+        return {key: _to_device(value, device) for key, value in inputs.items()}
     return inputs
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
-    """Call `model` on one batch of inputs: ``model(*inputs)`` for a tuple, else ``model(x)``."""
+    """Call `model` on one batch of inputs: ``model(*inputs)`` for a tuple,
+    ``model(**inputs)`` for a dict (e.g. ``input_ids``, ``attention_mask``), else
+    ``model(x)``."""
     if isinstance(inputs, tuple):
         return model(*inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
     return model(inputs)
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    """The tensor a metric is computed on: `output` itself, or its first tensor element."""
+def _find_tensor(output: Any, depth: int = 0) -> torch.Tensor | None:
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise ModelError(
-        f"the model returned {type(output).__name__}; expected a tensor or a tuple/list whose "
-        "first tensor element holds the output. Wrap the model so it returns a tensor."
-    )
+    if depth > 4:
+        return None
+    if isinstance(output, Mapping):
+        items = ([output["logits"]] if "logits" in output else []) + list(output.values())
+    elif isinstance(output, (tuple, list)):
+        items = list(output)
+    elif isinstance(getattr(output, "logits", None), torch.Tensor):
+        items = [output.logits]
+    else:
+        return None
+    for item in items:
+        found = _find_tensor(item, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """The tensor a metric is computed on: `output` itself; a dict's (or a Hugging Face
+    ``ModelOutput``'s) ``logits`` entry, else its first tensor value; a tuple/list's first
+    tensor element (nested containers are searched in order)."""
+    found = _find_tensor(output)
+    if found is None:
+        raise ModelError(
+            f"the model returned {type(output).__name__} {output!r:.80} with no tensor in it; "
+            "expected a tensor, a tuple/list or a dict holding one (a 'logits' entry is "
+            "used first). Wrap the model so it returns the output tensor."
+        )
+    return found
 
 
 class BatchLoaderEvaluator(Evaluator):
     """Base of evaluators over a re-iterable of ``(inputs, target)`` batches.
 
-    `inputs` is a tensor or a tuple of tensors (``model(*inputs)``). Tensors follow the model's
+    `inputs` is a tensor, a tuple of tensors (``model(*inputs)``) or a dict of keyword inputs
+    (``model(**inputs)``); outputs are read as `_first_tensor` says. Tensors follow the model's
     device unless `device` is given. Subclasses implement `evaluate`; ``target_name`` names
     the second element in messages.
     """

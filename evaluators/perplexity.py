@@ -26,9 +26,10 @@ class PerplexityEvaluator(BatchLoaderEvaluator):
     """Perplexity of a language model, calibrated on the first batches of the same loader.
 
     Each batch is ``(inputs, targets)``: ``inputs`` the model's input (token ids, or a tuple
-    passed as ``model(*inputs)``), ``targets`` the next-token ids, shape ``(batch, time)``.
-    The model returns logits ``(batch, time, vocab)`` (or a tuple whose first tensor is
-    that, as an LSTM language model returning ``(logits, hidden)`` does). Batches are
+    passed as ``model(*inputs)``, or a dict passed as ``model(**inputs)``), ``targets`` the
+    next-token ids, shape ``(batch, time)``. The model returns logits ``(batch, time,
+    vocab)``, or a tuple whose first tensor is that (an LSTM language model's ``(logits,
+    hidden)``), or a dict / ``ModelOutput`` with a ``logits`` entry. Batches are
     independent: no recurrent state is carried from one batch to the next.
 
     Args:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, ModelError
 from evaluators import ClassificationEvaluator, Evaluator, FidelityEvaluator
 
 
@@ -251,3 +251,46 @@ def test_fidelity_bad_calibration_inputs_and_reference_raise_config_error() -> N
         FidelityEvaluator(_mlp(), [torch.randn(2, 6)], calibration_inputs=[])
     with pytest.raises(ConfigError, match="reference_model"):
         FidelityEvaluator(lambda x: x, [torch.randn(2, 6)])  # type: ignore[arg-type]
+
+
+class _HFStyle(nn.Module):
+    """Takes keyword inputs and returns a dict whose 'logits' entry is not the first value,
+    as a Hugging Face model returning a ModelOutput does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = _identity_linear()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        logits = self.proj(input_ids * attention_mask)
+        return {"hidden_states": (logits * 100.0,), "logits": logits}
+
+
+def test_dict_inputs_are_keywords_and_dict_outputs_are_read_on_their_logits() -> None:
+    loader = [({"input_ids": x, "attention_mask": torch.ones_like(x)}, y)
+              for x, y in _batches()]
+    assert ClassificationEvaluator(loader).evaluate(_HFStyle()) == pytest.approx(3 / 5)
+    reference = _HFStyle()
+    inputs = [batch for batch, _ in loader]
+    fidelity = FidelityEvaluator(reference, inputs)
+    assert fidelity.evaluate(reference) == pytest.approx(1.0)
+    flipped = copy.deepcopy(reference)
+    with torch.no_grad():
+        flipped.proj.weight.mul_(-1)
+    assert fidelity.evaluate(flipped) == pytest.approx(-1.0)
+
+
+def test_nested_tuple_outputs_are_searched_in_order_and_a_tensorless_output_is_named() -> None:
+    class Nested(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple:
+            return (None, ((x * 2.0,), x))
+
+    batches = [(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))]
+    assert ClassificationEvaluator(batches).evaluate(Nested()) == 1.0
+
+    class NoTensor(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict:
+            return {"note": "no tensor"}
+
+    with pytest.raises(ModelError, match=r"returned dict .*no tensor in it.*'logits'"):
+        ClassificationEvaluator(batches).evaluate(NoTensor())
