@@ -40,6 +40,7 @@ with the zero point shifted by -32768 (the same dequantized values).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
@@ -197,8 +198,37 @@ def _first_line(err: BaseException) -> str:
     return (summary[-1] if summary else (lines[0] if lines else type(err).__name__))[:300]
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Any:
+    """Silence torch's exporter notes that no user can act on, for this export only.
+
+    They are: the registry's "torchvision is not installed. Skipping torchvision::nms"
+    warnings, a pytree ``LeafSpec`` FutureWarning raised inside torch, and the
+    ``_flat_weights`` note of an RNN traced through ``functional_call`` (QDQMultiLayer
+    swaps in the dequantized weights while tracing and restores them).
+    """
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"The tensor attributes .*_flat_weights.* assigned during")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
+
+
 def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
                    dynamic_batch: bool) -> bytes:
+    with _quiet_exporter():
+        return _trace_and_translate(work, example_inputs, opset, dynamic_batch)
+
+
+def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
+                         dynamic_batch: bool) -> bytes:
     args, kwargs = _split_inputs(example_inputs)
     try:
         dynamic = _dynamic_batch(args, kwargs, work) if dynamic_batch else None
@@ -209,13 +239,8 @@ def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
         logger.info("an example input has batch size 1, so the exported batch size is fixed "
                     "at 1; pass a batch of 2 or more for a dynamic batch dimension")
     try:
-        with warnings.catch_warnings():
-            # an RNN run through functional_call (QDQMultiLayer) swaps its _flat_weights
-            # for the dequantized ones while tracing and restores them: nothing to fix
-            warnings.filterwarnings(
-                "ignore", message=r"The tensor attributes .*_flat_weights.* assigned during")
-            program = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic,
-                                          strict=False)
+        program = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic,
+                                      strict=False)
     except Exception as err:
         layer = _layer_from_traceback(err, work)
         where, hint = "", ""

@@ -331,3 +331,34 @@ def test_searched_digits_model_deployed_in_onnxruntime_keeps_its_accuracy(tmp_pa
     acc_onnx = float((logits.argmax(1) == labels).float().mean())
     assert result.quant_metric is not None
     assert abs(acc_onnx - result.quant_metric) <= 0.002, (acc_onnx, result.quant_metric)
+
+
+QUIET_EXPORT = """
+import logging, sys, torch
+from torch import nn
+import autoquant as aq
+from autoquant.export import export_onnx
+from tests.synthetic import BatchCalibrator
+logging.basicConfig(level=logging.WARNING)
+registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+registry.setLevel(logging.INFO)
+data = [torch.randn(4, 8)]
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+export_onnx(aq.quantize(model, BatchCalibrator(data)), sys.argv[1], (data[0],))
+assert registry.level == logging.INFO, registry.level  # the user's setting is restored
+print("exported")
+"""
+
+
+def test_export_keeps_torch_exporter_noise_off_the_console(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # a fresh process: torch logs its registry notes on the first export of a process only
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", QUIET_EXPORT,
+                           str(tmp_path / "m.onnx")], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "exported" in proc.stdout, proc.stderr[-2000:]
+    assert "torchvision is not installed" not in proc.stderr
+    assert "LeafSpec" not in proc.stderr and "FutureWarning" not in proc.stderr
