@@ -205,6 +205,19 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _names_as_str(entries: dict[Any, Any], where: str) -> dict[Any, Any]:
+    """Integer layer names as their text: YAML reads ``0:`` (an nn.Sequential child) as int."""
+    out: dict[Any, Any] = {}
+    given: dict[Any, Any] = {}
+    for name, value in entries.items():
+        key = str(name) if isinstance(name, int) and not isinstance(name, bool) else name
+        if key in out:
+            raise ConfigError(f"{where} names layer {key!r} twice (as {given[key]!r} and "
+                              f"{name!r}); keep one")
+        out[key], given[key] = value, name
+    return out
+
+
 @dataclass
 class QuantConfig:
     """Global defaults, per-layer overrides and skipped layers for one model.
@@ -249,6 +262,7 @@ class QuantConfig:
         if not isinstance(self.default, LayerConfig):
             raise ConfigError(f"default must be a LayerConfig mapping, got {self.default!r:.60}")
         _check_type(self.layers, dict, "layers")
+        self.layers = _names_as_str(self.layers, "layers")
         base = self.default.to_dict()
         for name, override in self.layers.items():
             _check_type(name, str, "a layer name in layers")
@@ -260,6 +274,7 @@ class QuantConfig:
             self.skip_layers = sorted(self.skip_layers) if isinstance(
                 self.skip_layers, set) else list(self.skip_layers)
         _check_type(self.skip_layers, list, "skip_layers")
+        self.skip_layers = list(_names_as_str(dict.fromkeys(self.skip_layers), "skip_layers"))
         for name in self.skip_layers:
             _check_type(name, str, "an entry of skip_layers")
         _check_type(self.fold_bn, bool, "fold_bn")

@@ -99,3 +99,16 @@ def test_accuracy_criterion_semantics(criterion, float_metric, new, expected):
 def test_bad_criterion_arguments_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         AccuracyCriterion(**kwargs)
+
+
+def test_integer_layer_names_from_yaml_are_the_sequential_children_they_mean():
+    # YAML reads `0:` as an int; nn.Sequential names its children "0", "1", ...
+    cfg = QuantConfig.from_yaml("layers:\n  0: {weight: {bits: 4}}\nskip_layers: [2]\n")
+    assert cfg.layers == {"0": {"weight": {"bits": 4}}} and cfg.skip_layers == ["2"]
+    assert cfg.layer_config("0").weight.bits == 4
+    cfg.check_layers(["0", "2", "4"])
+    assert QuantConfig.from_yaml(cfg.to_yaml()) == cfg
+    with pytest.raises(ConfigError, match=r"layers names layer '0' twice \(as 0 and '0'\)"):
+        QuantConfig.from_dict({"layers": {0: {}, "0": {}}})
+    with pytest.raises(ConfigError, match="an entry of skip_layers must be str, got bool"):
+        QuantConfig.from_dict({"skip_layers": [True]})

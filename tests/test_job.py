@@ -190,3 +190,12 @@ def test_the_digits_example_job_file_validates():
     assert job.config.model["factory"] == "examples.digits.batch:trained_model"
     assert job.quant_config().default.weight.bits == 3
     assert job.config.output_dir == TESTS.parent / "examples" / "digits" / "out" / "job"
+
+
+def test_job_quant_config_may_name_sequential_children_by_number(tmp_path):
+    text = GOOD.replace("  default: {weight: {bits: 6}}",
+                        "  layers: {0: {weight: {bits: 4}}}\n  skip_layers: [4]")
+    job = load_job(write(tmp_path, text))
+    config = job.search_kwargs()["config"]
+    assert config.layer_config("0").weight.bits == 4 and config.skip_layers == ["4"]
+    config.check_layers(["0", "2", "4"])
