@@ -72,6 +72,19 @@ def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]
             )
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles, or `model` itself.
+
+    Why: the search swaps layers and re-runs the model per trial; through the wrapper every
+    trial would recompile, and layer names would carry its ``_orig_mod.`` prefix."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        logger.info("the model is a torch.compile wrapper: quantizing the %s it compiles "
+                    "(compile the result again for speed)", type(inner).__name__)
+        return inner
+    return model
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -105,6 +118,7 @@ class QuantModel:
                 f"config must be an autoquant.QuantConfig, got {type(config).__name__}; "
                 "build one with QuantConfig.from_dict(...) or QuantConfig.load(path)"
             )
+        model = _uncompiled(model)
         try:
             self.model = copy.deepcopy(model)
         except Exception as err:

@@ -269,3 +269,18 @@ def test_import_autoquant_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_torch_compile_wrapper_is_searched_as_the_module_it_compiles(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    compiled = torch.compile(model, backend="eager")
+    data = [torch.randn(3, 4)]
+    result = aq.auto_quantize(compiled, FidelityEvaluator(model, data), (data[0],),
+                              max_loss=0.01)
+    assert result.quantized_layers == ["0", "2"]  # the user's names, no "_orig_mod."
+    assert type(result.model).__name__ != "OptimizedModule"
+    result.save(tmp_path)
+    reloaded = aq.load_quantized(compiled, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(data[0]), result.model(data[0]))
