@@ -44,6 +44,18 @@ __all__ = [
 ]
 
 
+def forward_attribute(wrapper: nn.Module, name: str) -> Any:
+    """`name` read from the module `wrapper` wraps (its ``module`` child).
+
+    Dunder names are never forwarded: ``copy.deepcopy`` looks up ``__deepcopy__``, and a
+    parametrized module (weight_norm, spectral_norm) defines one, which would copy the
+    wrapped float module in place of the wrapper."""
+    inner = wrapper.__dict__.get("_modules", {}).get("module")
+    if inner is None or (name.startswith("__") and name.endswith("__")):
+        raise AttributeError(f"{type(wrapper).__name__!r} object has no attribute {name!r}")
+    return getattr(inner, name)
+
+
 def no_fast_path(module: nn.Module, args: Any) -> None:
     """A no-op forward pre-hook; its presence disables torch's fused encoder fast path.
 
@@ -157,7 +169,7 @@ class QuantLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["module"], name)
+            return forward_attribute(self, name)
 
     def extra_repr(self) -> str:
         return f"name={self.layer_name!r}, scheme={self.scheme!r}, state={self.state.value}"

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from autoquant.errors import ExportError, InternalError
-from autoquant.layers import QuantLayer, no_fast_path
+from autoquant.layers import QuantLayer, forward_attribute, no_fast_path
 
 __all__ = ["quantize_linear", "dequantize_linear", "dynamic_qdq", "translation_table",
            "QDQLayer", "QDQMultiLayer", "storage_type"]
@@ -224,10 +224,7 @@ class _WrapsModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            inner = self.__dict__.get("_modules", {}).get("module")
-            if inner is None:
-                raise
-            return getattr(inner, name)
+            return forward_attribute(self, name)
 
 
 class QDQLayer(_WrapsModule):

@@ -72,6 +72,60 @@ def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]
             )
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of `model`, or ModelError saying why it cannot be copied.
+
+    Tensors held as plain attributes that are not graph leaves (``torch.nn.utils.prune``
+    keeps ``weight = weight_orig * weight_mask`` so until a forward under no_grad) refuse
+    ``copy.deepcopy``; the copy gets detached clones of them, the model is not touched.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:
+        raise ModelError(
+            f"cannot deep-copy the model ({type(err).__name__}: {err}); autoquant works "
+            "on a copy so your model is never changed. Make the model deep-copyable "
+            "(no open file handles, generators or locks as attributes)."
+        ) from err
+
+
+def _bake_weight_reparametrizations(model: nn.Module) -> None:
+    """Replace parametrized (weight_norm, spectral_norm, orthogonal, ...) and pruned
+    tensors of our copy by the values the model computes with them in eval mode.
+
+    Why: a quantized layer must compute with its fake-quant weight as is. Substituting a
+    weight under a parametrization goes through its ``right_inverse`` and re-applies it
+    (spectral_norm would normalize the quantized weight again), and a pruning pre-hook
+    overwrites ``weight`` on every call. Training needs them; quantization does not.
+    """
+    from torch.nn.utils import parametrize, prune
+
+    baked = 0
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module):
+                # removing a parametrization edits the module's generated class, which the
+                # copy shares with the user's model: give the copy a class of its own
+                cls = type(module)
+                module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+                for tensor_name in list(module.parametrizations):
+                    parametrize.remove_parametrizations(module, tensor_name,
+                                                        leave_parametrized=True)
+                baked += 1
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    prune.remove(module, hook._tensor_name)
+                    baked += 1
+    if baked:
+        logger.info("baked %d parametrized or pruned tensor(s) into plain weights (the "
+                    "values the model computes in eval mode)", baked)
+
+
 def _uncompiled(model: nn.Module) -> nn.Module:
     """The module a ``torch.compile`` wrapper compiles, or `model` itself.
 
@@ -119,16 +173,10 @@ class QuantModel:
                 "build one with QuantConfig.from_dict(...) or QuantConfig.load(path)"
             )
         model = _uncompiled(model)
-        try:
-            self.model = copy.deepcopy(model)
-        except Exception as err:
-            raise ModelError(
-                f"cannot deep-copy the model ({type(err).__name__}: {err}); autoquant works "
-                "on a copy so your model is never changed. Make the model deep-copyable "
-                "(no open file handles, generators or locks as attributes)."
-            ) from err
+        self.model = copy_model(model)
         check_model_devices(self.model)
         self.model.eval()
+        _bake_weight_reparametrizations(self.model)
         self.config = config
         names = find_quantizable_layers(self.model)
         if not names:

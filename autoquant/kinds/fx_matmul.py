@@ -11,7 +11,6 @@ model.
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 from typing import Any
@@ -52,8 +51,11 @@ def convert_matmuls(model: nn.Module, concrete_args: dict[str, Any] | None = Non
     """
     import torch.fx
 
+    from autoquant.qmodel import copy_model  # here: qmodel imports the layer kinds
+
+    work = copy_model(model)
     try:
-        gm = torch.fx.symbolic_trace(copy.deepcopy(model), concrete_args=concrete_args)
+        gm = torch.fx.symbolic_trace(work, concrete_args=concrete_args)
     except Exception as err:
         raise ModelError(
             f"{type(model).__name__} does not trace with torch.fx ({type(err).__name__}: "
