@@ -302,7 +302,12 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 
 
 def _channel_axis(module: nn.Module, input_dim: int) -> int | None:
-    """The output-channel axis of a Linear/Conv output (the bias axis); None otherwise."""
+    """The output-channel axis of a Linear/Conv output (the bias axis), for a module that
+    runs torch's own forward; None otherwise (a subclass's forward may do anything after
+    the bias, e.g. scale the output, so its bias stays where its forward puts it)."""
+    for base in (nn.Linear, *_CONVS):
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            return None
     if isinstance(module, nn.Linear):
         return -1
     if isinstance(module, _CONVS):

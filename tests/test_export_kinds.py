@@ -259,3 +259,41 @@ def test_lstm_with_projection_is_refused_before_a_broken_file_is_written(tmp_pat
                                           r"proj_size=0 with an nn.Linear"):
         export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
     assert not (tmp_path / "m.onnx").exists()
+
+
+class HalfLinear(nn.Linear):
+    """A subclass with its own forward: the bias is inside the scaled output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.5
+
+
+class PaddedConv(nn.Conv2d):
+    """timm's Conv2dSame pattern: pads in forward, then F.conv2d with the module's weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, [1, 1, 1, 1]),
+                                          self.weight, self.bias) * 2.0
+
+
+class Subclassed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = PaddedConv(3, 4, 3)
+        self.fc = HalfLinear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_linear_and_conv_subclasses_with_their_own_forward_export_faithfully(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 3, 6, 6, generator=gen)]
+    torch.manual_seed(0)
+    model = Subclassed().eval()
+    with torch.no_grad():
+        model.fc.bias.fill_(3.0)  # a bias moved out of the scaled output would be off by 1.5
+        model.conv.bias.fill_(1.0)
+    qmodel = aq.quantize(model, Calib(data))
+    path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
+    _check_parity(qmodel, path, torch.randn(5, 3, 6, 6, generator=gen))
