@@ -103,7 +103,7 @@ def _bake_weight_reparametrizations(model: nn.Module) -> None:
     (spectral_norm would normalize the quantized weight again), and a pruning pre-hook
     overwrites ``weight`` on every call. Training needs them; quantization does not.
     """
-    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils import parametrizations, parametrize, prune
 
     baked = 0
     with torch.no_grad():
@@ -116,6 +116,12 @@ def _bake_weight_reparametrizations(model: nn.Module) -> None:
                 for tensor_name in list(module.parametrizations):
                     parametrize.remove_parametrizations(module, tensor_name,
                                                         leave_parametrized=True)
+                # weight_norm's hook for loading old weight_g/weight_v state dicts is a local
+                # function: meaningless on a plain weight, and it cannot be pickled (workers)
+                for key, hook in list(module._load_state_dict_pre_hooks.items()):
+                    function = getattr(hook, "hook", hook)
+                    if getattr(function, "__module__", "") == parametrizations.__name__:
+                        del module._load_state_dict_pre_hooks[key]
                 baked += 1
             for hook in list(module._forward_pre_hooks.values()):
                 if isinstance(hook, prune.BasePruningMethod):

@@ -96,3 +96,15 @@ def test_save_reload_and_onnx_export_reproduce_the_searched_model(kind, tmp_path
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), qmodel(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "prune"])
+def test_the_quantized_copy_pickles_for_worker_processes(kind) -> None:
+    # workers=N sends the model to each process; weight_norm leaves a local-function
+    # load_state_dict hook behind, which pickle refuses
+    import pickle
+
+    qmodel = aq.quantize(net(kind), BatchCalibrator(DATA), W4)
+    clone = pickle.loads(pickle.dumps(qmodel))
+    with torch.no_grad():
+        torch.testing.assert_close(clone(DATA[0]), qmodel(DATA[0]))
