@@ -179,6 +179,12 @@ class QuantModel:
                 "build one with QuantConfig.from_dict(...) or QuantConfig.load(path)"
             )
         model = _uncompiled(model)
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ModelError(
+                f"the model is a TorchScript module ({type(model).__name__}, from torch.jit."
+                "script or torch.jit.trace), whose layers cannot be swapped for quantized "
+                "ones; pass the Python nn.Module it was made from"
+            )
         self.model = copy_model(model)
         check_model_devices(self.model)
         self.model.eval()

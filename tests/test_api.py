@@ -284,3 +284,4 @@ def test_a_torch_compile_wrapper_is_searched_as_the_module_it_compiles(tmp_path)
     reloaded = aq.load_quantized(compiled, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(data[0]), result.model(data[0]))
+

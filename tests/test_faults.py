@@ -187,6 +187,10 @@ def model_is_not_a_module(tmp, mp):
     return search(DropEvaluator({}), lambda x: x)
 
 
+def model_is_torchscript(tmp, mp):
+    return search(DropEvaluator({}), torch.jit.script(mlp(2)))
+
+
 def saved_result(tmp: Path) -> Path:
     result = aq.auto_quantize(mlp(3), DropEvaluator({"0": 0.5}), max_loss=0.1)
     return result, result.save(tmp / "saved")
@@ -397,6 +401,7 @@ FAULTS = [
     (model_partly_on_the_meta_device, ModelError, r"2 parameter\(s\)/buffer\(s\) .*meta"),
     (model_does_not_run_on_example_inputs, ModelError, r"does not run on example_inputs"),
     (model_is_not_a_module, ModelError, r"must be a torch\.nn\.Module"),
+    (model_is_torchscript, ModelError, r"TorchScript module .*pass the Python nn\.Module"),
     # files
     (read_only_output_dir, OutputError, r"quant_config\.yaml.*read-only"),
     (disk_full_while_saving_over_a_previous_result, OutputError, r"disk is full"),
