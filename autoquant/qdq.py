@@ -393,18 +393,19 @@ class QDQMultiLayer(_WrapsModule):
 
 
 class _GemmLinear(torch.overrides.TorchFunctionMode):
-    """Runs ``F.linear`` on an input of more than 2 dims as a 2-D Gemm (reshaped around).
+    """Runs ``F.linear`` on an input of 1 or more than 2 dims as a 2-D Gemm (reshaped
+    around).
 
     onnxruntime (1.20+) rewrites DequantizeLinear(int8 weight) -> MatMul into MatMulNBits,
-    which by default quantizes a float input to int8 on the fly (accuracy_level 4): a
-    weight-only layer would no longer compute what the searched model computes. It leaves
-    Gemm alone."""
+    which by default quantizes a float input to int8 on the fly (accuracy_level 4): the
+    layer would no longer compute what the searched model computes (a weight-only layer,
+    or a dynamic one, whose in-graph qparams it re-quantizes). It leaves Gemm alone."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear and args and isinstance(args[0], torch.Tensor) \
-                and args[0].dim() > 2:
+                and args[0].dim() != 2:
             x = args[0]
             y = func(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)
             return y.reshape(*x.shape[:-1], y.shape[-1])

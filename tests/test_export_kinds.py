@@ -297,3 +297,33 @@ def test_linear_and_conv_subclasses_with_their_own_forward_export_faithfully(tmp
     qmodel = aq.quantize(model, Calib(data))
     path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
     _check_parity(qmodel, path, torch.randn(5, 3, 6, 6, generator=gen))
+
+
+class Vector(nn.Module):
+    """A Linear on a 1-D input (an unbatched sample): ONNX MatMul, not Gemm, unless the
+    export reshapes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_linear_on_a_1d_input_stays_exact_in_onnxruntime(mode, tmp_path) -> None:
+    # onnxruntime turns DequantizeLinear -> MatMul into MatMulNBits, which re-quantizes
+    # its input on the fly; the export runs a 1-D F.linear as a 2-D Gemm
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, generator=gen) for _ in range(2)]
+    torch.manual_seed(0)
+    qmodel = aq.quantize(Vector().eval(), Calib(data), {"default": {"mode": mode}})
+    path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
+    assert "MatMul" not in _ops(path)
+    for _ in range(20):
+        x = torch.randn(8, generator=gen)
+        with torch.no_grad():
+            ref = qmodel(x)
+        assert float((_ort(path, x) - ref).abs().max()) <= 1e-5 * (1 + float(ref.abs().max()))
