@@ -203,7 +203,9 @@ def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
             continue
         layer.bias_corrections = {}
         layer.bias_delta = torch.empty(0, device=layer.module.weight.device)
-        auto = layer.config.activation.algorithm == "auto"
+        # only a static layer has calibrated activation ranges to choose from (dynamic
+        # ranges come from each batch, weight-only layers and embeddings have none)
+        auto = layer.config.activation.algorithm == "auto" and layer.config.mode == "static"
         bias = bias_on and isinstance(layer.module, _BIAS_KINDS)
         if auto or bias:
             wanted[name] = (auto, bias)
@@ -251,9 +253,12 @@ def calibration_rows(
         if layer is None or not _refinable(layer):
             out.append(dict(row))
             continue
+        mode = layer.config.mode
         out.append({
             **row,
-            "act_calibration": candidate_label(*layer.observer.effective_algorithm()),
+            "act_calibration": (candidate_label(*layer.observer.effective_algorithm())
+                                if mode == "static" else
+                                "per batch" if mode == "dynamic" else "none"),
             "weight_calibration": layer.config.weight.algorithm,
             "bias_corrected": bool(layer.bias_corrections),
             "smoothed": bool(getattr(layer, "smoothed", False)),

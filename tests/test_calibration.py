@@ -279,3 +279,37 @@ def test_sensitivity_ranking_uses_the_chosen_calibration() -> None:
         model, evaluator, config={"default": {"activation": {"bits": 4}}})}
     assert ranked == pytest.approx(again, abs=1e-12)
     assert ranked["0"] != pytest.approx(minmax["0"], abs=1e-9)
+
+
+class _TokenModel(nn.Module):
+    """An embedding (always weight-only) in front of two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(self.emb(ids)))).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight_only"])
+def test_auto_calibration_skips_layers_without_calibrated_activations(mode) -> None:
+    # an embedding, and every dynamic or weight-only layer, has no calibrated activation
+    # range to choose among: auto leaves it alone instead of failing
+    torch.manual_seed(0)
+    model = _TokenModel().eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 20, (4, 5), generator=gen) for _ in range(2)]
+    result = aq.auto_quantize(
+        model, BatchEvaluator(batches, model), (batches[0],), max_loss=1e9,
+        config={"default": {"mode": mode, "activation": {"algorithm": "auto"}}})
+    rows = {row["name"]: row for row in result.to_report()["layers"]}
+    assert rows["emb"]["act_calibration"] == "none"
+    expected = {"static": None, "dynamic": "per batch", "weight_only": "none"}[mode]
+    for name in ("fc", "out"):
+        if expected is None:  # static: a real choice among the candidates
+            assert rows[name]["act_calibration"] in {candidate_label(*c) for c in CANDIDATES}
+        else:
+            assert rows[name]["act_calibration"] == expected
