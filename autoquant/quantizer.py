@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from autoquant.config import QuantizerConfig
+from autoquant.errors import InternalError
 
 __all__ = [
     "qrange",
@@ -193,7 +194,7 @@ class ActivationObserver:
     def clip_range(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (low, high) range the effective algorithm clips to at `bits`."""
         if self.min_val is None or self.max_val is None:
-            raise RuntimeError("observer has no data: calibrate before quantizing")
+            raise InternalError("observer has no data: calibrate before quantizing")
         return self._range(bits, *self.effective_algorithm())
 
     def effective_algorithm(self) -> tuple[str, float]:
@@ -213,7 +214,7 @@ class ActivationObserver:
     ) -> tuple[torch.Tensor, torch.Tensor, int, int, int | None]:
         """Qparams for `bits` with an explicit `algorithm` (uncached; for comparisons)."""
         if self.min_val is None or self.max_val is None:
-            raise RuntimeError("observer has no data: calibrate before quantizing")
+            raise InternalError("observer has no data: calibrate before quantizing")
         lo, hi = self._range(bits, algorithm, percentile)
         scale, zp = compute_qparams(lo, hi, bits, self.cfg.symmetric)
         qmin, qmax = qrange(bits, self.cfg.symmetric)
