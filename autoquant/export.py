@@ -41,7 +41,6 @@ with the zero point shifted by -32768 (the same dequantized values).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import re
 import warnings
@@ -57,6 +56,7 @@ from autoquant.io import atomic_write_bytes
 from autoquant.kinds.base import MultiQuantLayer
 from autoquant.layers import QuantLayer, QuantState
 from autoquant.qdq import QDQLayer, QDQMultiLayer, translation_table
+from autoquant.qmodel import copy_model
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "export_float_onnx", "export_saved"]
 
@@ -72,13 +72,7 @@ def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str
     `quantized`) or for its float module; returns it and ``{layer: storage bits}``."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        work = copy.deepcopy(model)
-    except Exception as err:
-        raise ModelError(
-            f"cannot deep-copy the model ({type(err).__name__}: {err}); export works on a "
-            "copy so the search result is never changed. Make the model deep-copyable."
-        ) from err
+    work = copy_model(model)  # export works on a copy: the search result never changes
     work.eval()
     _refuse_unexportable(work)
     layers: dict[str, int] = {}
