@@ -162,6 +162,7 @@ class QuantLayer(nn.Module):
         self._weight_cache: dict[tuple, torch.Tensor] = {}
         self._wqparam_cache: dict[tuple[int, int], tuple] = {}
         self.bias_corrections: dict[str, torch.Tensor] = {}  # scheme -> per-channel delta
+        self.register_forward_pre_hook(no_fast_path)
 
     def __getattr__(self, name: str) -> Any:
         # Parent modules that read attributes of their child (``self.fc.in_features``,

@@ -24,7 +24,6 @@ from autoquant.layers import (
     QuantLayer,
     QuantState,
     layer_kinds,
-    no_fast_path,
     weight_axis_of,
     wrapper_class_of,
 )
@@ -218,9 +217,6 @@ class QuantModel:
             layer = wrapper(module, name, config.layer_config(name), weight_axis_of(module))
             for where in (name, *self.aliases.get(name, ())):
                 _set_submodule(self.model, where, layer)  # one wrapper at every alias
-            # torch's fused fast paths (nn.TransformerEncoderLayer in eval under no_grad)
-            # read raw weights past the wrappers unless a module has hooks: add a no-op one
-            layer.register_forward_pre_hook(no_fast_path)
             self.layers[name] = layer
         for name, others in self.aliases.items():
             logger.info("layer %s is shared (also %s): one wrapper, one scheme", name,
