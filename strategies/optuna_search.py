@@ -226,23 +226,24 @@ class OptunaStrategy(SearchStrategy):
                 trial.set_user_attr(key, value)
             self.study.tell(trial, self._values(plan, record))
         except (self._optuna.exceptions.UpdateFinishedTrialError, ValueError) as err:
-            if not self._finished_elsewhere(trial):
+            if trial.number not in self._finished_numbers():
                 raise
             logger.warning("optuna trial %d was finished by another worker (%s); storing "
                            "this evaluation as a new trial", trial.number, err)
             self._add_finished(plan, record, extra)
 
-    def _finished_elsewhere(self, trial: Any) -> bool:
-        """Whether a trial this process asked was already finished (by another worker)."""
-        frozen = [t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number]
-        return bool(frozen) and frozen[0].state.is_finished()
+    def _finished_numbers(self) -> set[int]:
+        """Numbers of the study's finished trials (one storage read): a trial this process
+        asked that is among them was finished by another worker."""
+        return {t.number for t in self.study.get_trials(deepcopy=False)
+                if t.state.is_finished()}
 
     def finish(self) -> None:
         # trials asked but never evaluated (the budget ran out) are marked failed, so a
         # stored study does not keep them RUNNING forever
-        for trials in self._pending.values():
-            for trial in trials:
-                if trial is None or self._finished_elsewhere(trial):
-                    continue
+        asked = [t for trials in self._pending.values() for t in trials if t is not None]
+        finished = self._finished_numbers() if asked else set()
+        for trial in asked:
+            if trial.number not in finished:
                 self.study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
         self._pending = {}
