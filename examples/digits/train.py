@@ -7,10 +7,7 @@ prints the validation accuracy. `get_trained_model` reuses that checkpoint when 
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -19,7 +16,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torch import nn
 
-from examples.checkpoints import load_or_train
+from autoquant.io import atomic_torch_save
+from examples.checkpoints import load_or_train, train_and_save
 from examples.digits.model import DigitsCNN, build_model, load_data
 
 __all__ = ["CHECKPOINT", "accuracy", "get_trained_model", "main", "save_checkpoint", "train"]
@@ -86,17 +84,7 @@ def save_checkpoint(model: nn.Module, path: str | Path = CHECKPOINT) -> Path:
 
     Why: a reader never sees a half-written checkpoint, even if training is interrupted.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(model.state_dict(), handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_torch_save(path, model.state_dict())
 
 
 def get_trained_model(path: str | Path = CHECKPOINT) -> DigitsCNN:
@@ -109,13 +97,10 @@ def get_trained_model(path: str | Path = CHECKPOINT) -> DigitsCNN:
 
 def main() -> None:
     """Train with the defaults, save the checkpoint and print the validation accuracy."""
-    start = time.perf_counter()
-    model = train()
-    elapsed = time.perf_counter() - start
-    path = save_checkpoint(model)
+    model, elapsed = train_and_save(CHECKPOINT, train)
     images, labels = load_data().val
     print(f"val accuracy: {accuracy(model, images, labels):.4f} (trained in {elapsed:.1f} s)")
-    print(f"saved {path}")
+    print(f"saved {CHECKPOINT}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -18,8 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 import torch.nn.functional as F
 
-from autoquant.io import atomic_torch_save
-from examples.checkpoints import load_or_train
+from examples.checkpoints import load_or_train, train_and_save
 from examples.lstm_lm.data import load_corpus, make_batches
 from examples.lstm_lm.model import CharLSTM, build_model
 
@@ -95,11 +93,7 @@ def get_trained_model(path: str | Path = CHECKPOINT) -> CharLSTM:
 
 def main() -> None:
     """Train with the defaults, save the checkpoint, print validation perplexity."""
-    start = time.perf_counter()
-    model = train()
-    elapsed = time.perf_counter() - start
-    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(CHECKPOINT, model.state_dict())
+    model, elapsed = train_and_save(CHECKPOINT, train)
     val = make_batches(load_corpus().val, 32, 64)
     print(f"val perplexity: {perplexity(model, val):.3f} (trained in {elapsed:.1f} s)")
     print(f"saved {CHECKPOINT}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -17,8 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torch import nn
 
-from autoquant.io import atomic_torch_save
-from examples.checkpoints import load_or_train
+from examples.checkpoints import load_or_train, train_and_save
 from examples.digits.model import load_data
 from examples.digits.train import accuracy
 from examples.transformer.model import DigitsTransformer, build_model
@@ -80,11 +78,7 @@ def get_trained_model(path: str | Path = CHECKPOINT) -> DigitsTransformer:
 
 def main() -> None:
     """Train with the defaults, save the checkpoint, print the validation accuracy."""
-    start = time.perf_counter()
-    model = train()
-    elapsed = time.perf_counter() - start
-    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(CHECKPOINT, model.state_dict())
+    model, elapsed = train_and_save(CHECKPOINT, train)
     images, labels = load_data(seed=0).val
     print(f"val accuracy: {accuracy(model, images, labels):.4f} (trained in {elapsed:.1f} s)")
     print(f"saved {CHECKPOINT}")
