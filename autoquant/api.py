@@ -250,7 +250,7 @@ def auto_quantize(
         history=list(runner.history),
         sensitivity=list(ranking),
         model=qmodel.model,
-        config=final_config(cfg, plan, qmodel.never_executed, chosen),
+        config=final_config(cfg, plan, qmodel.never_executed, chosen, qmodel.target),
         timings={
             "total": time.perf_counter() - total_start,
             "calibration": t_calib,
@@ -270,10 +270,12 @@ def auto_quantize(
             "workers": workers,
             "eval_timeout": eval_timeout,
             "max_seconds": max_seconds,
+            "target": qmodel.target,
         },
         checks=checks,
         determinism=runner.determinism,
         example_inputs=example_inputs,
+        check_inputs=list(qmodel.calibration_inputs),
     )
     logger.info("search finished: %s", result.summary().replace("\n", "; "))
     return result

@@ -36,7 +36,7 @@ from torch import nn
 from autoquant.layers import QuantLayer, QuantState
 from autoquant.plan import FLOAT, parse_scheme
 from autoquant.qmodel import QuantModel
-from autoquant.quantizer import fake_quantize, weight_qparams
+from autoquant.quantizer import fake_quantize
 
 __all__ = [
     "CANDIDATES",
@@ -134,8 +134,7 @@ class _LayerRefiner:
             for scheme in sorted(schemes):
                 wb = parse_scheme(scheme)
                 assert wb is not None
-                scale, zp, qmin, qmax, axis = weight_qparams(
-                    weight, wb[0], layer.config.weight, layer.weight_axis)
+                scale, zp, qmin, qmax, axis = layer.weight_qparams(wb[0])
                 self.weights[scheme] = fake_quantize(weight, scale, zp, qmin, qmax, axis)
                 self.shift_count[scheme] = 0
 

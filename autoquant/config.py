@@ -21,6 +21,7 @@ import yaml
 from autoquant.errors import ConfigError
 from autoquant.io import atomic_write_text
 from autoquant.plan import FLOAT, scheme_label
+from autoquant.target import TARGETS
 from autoquant.yamlload import safe_load_no_aliases
 
 __all__ = ["QuantizerConfig", "LayerConfig", "QuantConfig", "CONFIG_VERSION", "QUANT_MODES"]
@@ -235,6 +236,10 @@ class QuantConfig:
         smoothing_alpha: None (off) or the SmoothQuant migration strength in [0, 1]: the
             input-channel scales of Linear layers fed by a LayerNorm move into the weights
             (`autoquant.smoothing`).
+        target: the CPU the exported model runs on, whose integer arithmetic the search
+            reproduces: ``auto`` (this CPU), ``x86_vnni``, ``x86_avx2`` (no VNNI: 8-bit
+            weights use 7 bits so onnxruntime's kernels cannot saturate), ``arm`` or
+            ``reference`` (see `autoquant.target`). A saved config holds the resolved one.
 
     Example:
         >>> cfg = QuantConfig.from_dict({"default": {"activation": {"algorithm": "mse"}},
@@ -250,6 +255,7 @@ class QuantConfig:
     fold_bn: bool = True
     bias_correction: bool = False
     smoothing_alpha: float | None = None
+    target: str = "auto"
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
@@ -286,6 +292,13 @@ class QuantConfig:
                     f"smoothing_alpha must be null (off) or in [0, 1] (0.5 is typical), got "
                     f"{self.smoothing_alpha}"
                 )
+        if self.target not in TARGETS:
+            close = difflib.get_close_matches(str(self.target), TARGETS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"target must be one of {', '.join(TARGETS)}, got {self.target!r}{hint}; "
+                "'auto' takes this CPU's"
+            )
 
     def layer_config(self, name: str) -> LayerConfig:
         """The resolved `LayerConfig` of layer `name` (default merged with its override)."""
@@ -320,6 +333,7 @@ class QuantConfig:
             "fold_bn": self.fold_bn,
             "bias_correction": self.bias_correction,
             "smoothing_alpha": self.smoothing_alpha,
+            "target": self.target,
         }
 
     @classmethod

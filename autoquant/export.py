@@ -43,28 +43,49 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from autoquant.errors import ConfigError, ExportError, ModelError
+from autoquant.errors import ConfigError, ExportError, InternalError, ModelError
 from autoquant.io import atomic_write_bytes
 from autoquant.kinds.base import MultiQuantLayer
 from autoquant.layers import QuantLayer, QuantState
 from autoquant.qdq import QDQLayer, QDQMultiLayer, translation_table
 from autoquant.qmodel import copy_model
+from autoquant.signature import (
+    DynamicAxes,
+    dynamic_shapes,
+    input_names_of,
+    rename_graph,
+    split_inputs,
+)
+from autoquant.target import TARGETS, host_target, runs_exactly_on
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "export_float_onnx", "export_saved"]
+__all__ = ["DEFAULT_OPSET", "export_onnx", "export_checked", "export_measured",
+           "export_float_onnx", "export_saved", "kernel_notes", "model_target"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 21  # the first opset with int16/uint16 QuantizeLinear/DequantizeLinear
 _MIN_OPSET = 18  # the dynamo exporter's lowest supported opset (per-axis QDQ needs 13)
 _INT16_OPSET = 21
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The graph signature the user asks for (see `autoquant.signature`)."""
+
+    input_names: Sequence[str] | None = None
+    output_names: Sequence[str] | None = None
+    dynamic_axes: DynamicAxes | None = None
+    dynamic_batch: bool = True
 
 
 def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str, int]]:
@@ -111,37 +132,6 @@ def _refuse_unexportable(work: nn.Module) -> None:
 
 
 # -- tracing, translation and error naming -----------------------------------------------------
-def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if example_inputs is None:
-        raise ConfigError(
-            "export needs example_inputs: a tuple of positional inputs (e.g. (x,)) or a dict "
-            "of keyword inputs that the model runs on"
-        )
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
-
-
-def _dynamic_batch(args: tuple, kwargs: dict, model: nn.Module) -> Any:
-    from torch.export import Dim
-    from torch.utils._pytree import tree_map
-
-    def spec(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return {0: Dim.AUTO}
-        return None
-
-    if not kwargs:
-        return tree_map(spec, args, is_leaf=lambda v: isinstance(v, torch.Tensor))
-    import inspect
-
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {k: tree_map(spec, v, is_leaf=lambda v: isinstance(v, torch.Tensor))
-            for k, v in bound.arguments.items()}
-
-
 def _module_names(model: nn.Module) -> dict[int, str]:
     names = {}
     for name, module in model.named_modules():
@@ -216,20 +206,24 @@ def _quiet_exporter() -> Any:
 
 
 def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
-                   dynamic_batch: bool) -> bytes:
+                   sig: Signature) -> bytes:
     with _quiet_exporter():
-        return _trace_and_translate(work, example_inputs, opset, dynamic_batch)
+        return _trace_and_translate(work, example_inputs, opset, sig)
 
 
 def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
-                         dynamic_batch: bool) -> bytes:
-    args, kwargs = _split_inputs(example_inputs)
+                         sig: Signature) -> bytes:
+    args, kwargs = split_inputs(example_inputs)
+    names = list(sig.input_names) if sig.input_names is not None else \
+        input_names_of(work, args, kwargs)
     try:
-        dynamic = _dynamic_batch(args, kwargs, work) if dynamic_batch else None
+        dynamic, labels = dynamic_shapes(work, args, kwargs, names, sig.dynamic_axes,
+                                         sig.dynamic_batch)
     except TypeError:
-        dynamic = None
-    if dynamic_batch and any(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1
-                             for t in (*args, *kwargs.values())):
+        dynamic, labels = None, {}
+    if sig.dynamic_axes is None and sig.dynamic_batch and any(
+            isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1
+            for t in (*args, *kwargs.values())):
         logger.info("an example input has batch size 1, so the exported batch size is fixed "
                     "at 1; pass a batch of 2 or more for a dynamic batch dimension")
     try:
@@ -267,6 +261,7 @@ def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
             "result is unchanged."
         ) from err
     proto = onnx_program.model_proto
+    rename_graph(proto, names, sig.input_names, sig.output_names, labels, sig.dynamic_axes)
     for node in proto.graph.node:
         # keep the layer path of each node; drop the exporter's debug records (source stack
         # traces with local file paths, FX node dumps), which would double a small file
@@ -295,13 +290,110 @@ def _check_opset(opset: int | None, layers: dict[str, int]) -> int:
 
 
 # -- public API ------------------------------------------------------------------------------
+def kernel_notes(model: nn.Module) -> dict[str, str | None]:
+    """``{layer: None or why it cannot run an integer kernel}`` of every active quantized
+    layer of the fake-quant `model` (see `QuantLayer.kernel_note`)."""
+    notes: dict[str, str | None] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayer) and module._weight_q is not None and \
+                id(module) not in seen:
+            seen.add(id(module))
+            notes[name] = module.kernel_note()
+    return notes
+
+
+def model_target(model: nn.Module) -> str | None:
+    """The deploy target the fake-quant `model` was quantized for (None: no layer)."""
+    targets = {m.target for m in model.modules() if isinstance(m, QuantLayer)}
+    if len(targets) > 1:
+        raise InternalError(f"the model's layers were quantized for several targets: "
+                            f"{sorted(targets)}")
+    return next(iter(targets), None)
+
+
+def _check_target(searched: str | None, target: str | None, allow_mismatch: bool) -> None:
+    if target is None or searched is None:
+        return
+    if target not in TARGETS or target == "auto":
+        raise ConfigError(f"target must be one of {', '.join(t for t in TARGETS if t != 'auto')}"
+                          f", got {target!r}")
+    if not runs_exactly_on(searched, target) and not allow_mismatch:
+        raise ExportError(
+            f"the model was searched for target {searched!r}, whose 8-bit weights saturate "
+            f"onnxruntime's kernels on {target!r}: what you would deploy is not what was "
+            "searched. Search again with QuantConfig.target 'x86_avx2' (exact on every CPU) "
+            "or the deploy CPU's target, or pass allow_target_mismatch=True to export anyway"
+        )
+
+
+def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
+                   opset: int | None = None, *, dynamic_batch: bool = True,
+                   input_names: Sequence[str] | None = None,
+                   output_names: Sequence[str] | None = None,
+                   dynamic_axes: DynamicAxes | None = None, check: bool = True,
+                   strict: bool = True, check_inputs: Sequence[Any] = (),
+                   target: str | None = None, allow_target_mismatch: bool = False,
+                   ) -> tuple[Path, dict[str, Any]]:
+    """`export_onnx`, returning the path and the check's figures: ``target``, ``host``,
+    ``integer_kernels`` (`autoquant.deploy.kernel_coverage`) and the parity figures
+    (`autoquant.deploy.check_parity`), or ``parity: "not checked: ..."``."""
+    work, layers = _export_copy(model, quantized=True)
+    searched = model_target(model)
+    _check_target(searched, target, allow_target_mismatch)
+    opset = _check_opset(opset, layers)
+    if not layers:
+        logger.warning("the model has no quantized layer; exporting a float graph")
+    sig = Signature(input_names, output_names, dynamic_axes, dynamic_batch)
+    data = _to_onnx_bytes(work, example_inputs, opset, sig)
+    figures: dict[str, Any] = {"target": searched, "host": host_target()}
+    if check:
+        from autoquant.deploy import check_parity, kernel_coverage
+
+        with tempfile.TemporaryDirectory() as tmp:  # check first: no bad file at `path`
+            trial = atomic_write_bytes(Path(tmp) / "model.onnx", data)
+            coverage = kernel_coverage(trial, kernel_notes(model)) if layers else None
+            if searched is not None and not runs_exactly_on(searched):
+                figures["parity"] = (f"not checked: this CPU ({host_target()}) does not "
+                                     f"compute a model searched for {searched!r} exactly")
+                logger.warning("the parity check is skipped: %s", figures["parity"][13:])
+            else:
+                figures.update(check_parity(model, trial, [example_inputs, *check_inputs],
+                                            strict))
+        if coverage is not None:
+            figures["integer_kernels"] = coverage
+            logger.info("%s", coverage["summary"])
+            if coverage["float"]:
+                shown = "; ".join(f"{n}: {r}" for n, r in list(coverage["float"].items())[:5])
+                more = len(coverage["float"]) - 5
+                logger.warning("%d quantized layer(s) run in float in onnxruntime: %s%s",
+                               len(coverage["float"]), shown,
+                               f" (and {more} more)" if more > 0 else "")
+    out = atomic_write_bytes(path, data)
+    logger.info("exported %d QDQ layer(s) to %s (%d bytes, opset %d)", len(layers), out,
+                len(data), opset)
+    return out, figures
+
+
 def export_onnx(model: nn.Module, path: str | Path, example_inputs: Any,
-                opset: int | None = None, *, dynamic_batch: bool = True) -> Path:
-    """Export a fake-quant model as an ONNX QDQ graph computing what the model computes.
+                opset: int | None = None, *, dynamic_batch: bool = True,
+                input_names: Sequence[str] | None = None,
+                output_names: Sequence[str] | None = None,
+                dynamic_axes: DynamicAxes | None = None, check: bool = True,
+                strict: bool = True, check_inputs: Sequence[Any] = (),
+                target: str | None = None, allow_target_mismatch: bool = False) -> Path:
+    """Export a fake-quant model as an ONNX QDQ graph that runtimes run as integer kernels
+    and that computes what the searched model computes.
 
     Every active `QuantLayer` becomes QuantizeLinear/DequantizeLinear on its input and a
-    DequantizeLinear on its integer weight initializer; float layers stay float. The model
-    is copied first: `model` (e.g. ``SearchResult.model``) is never changed, also on error.
+    DequantizeLinear on its integer weight; a Linear/Conv with a static 8-bit input gets
+    its int32 bias inside the op and, for a convolution nothing else quantizes, a Q/DQ on
+    its output: the patterns onnxruntime fuses into QGemm / QLinearConv. Float layers stay
+    float. The model is copied first: `model` is never changed, also on error. Unless
+    ``check=False``, the file is run in onnxruntime with default session options on
+    `example_inputs` (and `check_inputs`) before it is written; outputs beyond the parity
+    tolerance are an ExportError naming the first diverging layer (a warning with
+    ``strict=False``), and the layers that run in float are logged with the reason.
 
     Args:
         model: a fake-quant model: ``SearchResult.model``, or the output of
@@ -310,52 +402,92 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Any,
         example_inputs: a tuple of positional inputs (or a dict of keyword inputs) the
             model runs on; they fix the graph's input signature.
         opset: the ONNX opset, at least 18; default 21 (needed for 16-bit layers).
-        dynamic_batch: make dimension 0 of every tensor input dynamic where the model
-            allows it (an example batch of 1 gives a fixed batch of 1).
+        dynamic_batch: without `dynamic_axes`, make dimension 0 of every tensor input
+            dynamic where the model allows it (an example batch of 1 fixes it at 1).
+        input_names: names of the graph inputs, in order (default: the forward's
+            parameter names).
+        output_names: names of the graph outputs, in order.
+        dynamic_axes: ``{input or output name: {axis: label}}`` or ``{name: [axes]}``, as
+            `torch.onnx.export` takes it (e.g. ``{"x": {0: "batch", 2: "height", 3:
+            "width"}}``); replaces `dynamic_batch`.
+        check: run the parity check and the integer-kernel count (needs onnxruntime).
+        strict: a failed parity check raises (True) or warns (False).
+        check_inputs: more inputs (each like `example_inputs`) for the parity check, e.g.
+            calibration batches.
+        target: the CPU the file is deployed on (see `autoquant.target`); one on which the
+            searched model's integer arithmetic is not exact is an ExportError unless
+            `allow_target_mismatch`.
+        allow_target_mismatch: export for such a `target` anyway.
 
     Returns:
         The path written.
 
     Raises:
-        ExportError: the exporter cannot trace or translate part of the model; the message
-            names the layer and the op.
+        ExportError: the exporter cannot trace or translate part of the model (the message
+            names the layer and the op), or the parity check failed.
+        ConfigError: bad arguments, or the check needs onnxruntime (the ``onnx`` extra).
 
     Example:
         >>> qmodel = autoquant.quantize(model, evaluator)
-        >>> export_onnx(qmodel, "model_qdq.onnx", (x,))
+        >>> export_onnx(qmodel, "model_qdq.onnx", (x,), dynamic_axes={"x": {0: "batch"}})
     """
-    work, layers = _export_copy(model, quantized=True)
-    opset = _check_opset(opset, layers)
-    if not layers:
-        logger.warning("the model has no quantized layer; exporting a float graph")
-    data = _to_onnx_bytes(work, example_inputs, opset, dynamic_batch)
-    out = atomic_write_bytes(path, data)
-    logger.info("exported %d QDQ layer(s) to %s (%d bytes, opset %d)", len(layers), out,
-                len(data), opset)
-    return out
+    return export_checked(
+        model, path, example_inputs, opset, dynamic_batch=dynamic_batch,
+        input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+        check=check, strict=strict, check_inputs=check_inputs, target=target,
+        allow_target_mismatch=allow_target_mismatch)[0]
 
 
 def export_float_onnx(model: nn.Module, path: str | Path, example_inputs: Any,
-                      opset: int | None = None, *, dynamic_batch: bool = True) -> Path:
+                      opset: int | None = None, *, dynamic_batch: bool = True,
+                      input_names: Sequence[str] | None = None,
+                      output_names: Sequence[str] | None = None,
+                      dynamic_axes: DynamicAxes | None = None) -> Path:
     """Export the float counterpart of `model` (every `QuantLayer` unwrapped) to ONNX.
 
     The baseline for sizes and speed: the same graph as `export_onnx` without QDQ.
     """
     work, _ = _export_copy(model, quantized=False)
     opset = _check_opset(opset, {})
-    data = _to_onnx_bytes(work, example_inputs, opset, dynamic_batch)
+    sig = Signature(input_names, output_names, dynamic_axes, dynamic_batch)
+    data = _to_onnx_bytes(work, example_inputs, opset, sig)
     return atomic_write_bytes(path, data)
 
 
+def export_measured(model: nn.Module, path: str | Path, example_inputs: Any,
+                    opset: int | None = None, measure: bool = True, **options: Any
+                    ) -> tuple[Path, dict[str, Any]]:
+    """`export_checked`, plus with `measure` the deployment figures of
+    `autoquant.deploy.deployment_figures`: size and latency, both also as ratios to the
+    float export of the same model (timed interleaved, default session options)."""
+    out, checked = export_checked(model, path, example_inputs, opset, **options)
+    opset = opset or DEFAULT_OPSET
+    figures: dict[str, Any] = {"onnx_path": str(out), "opset": opset,
+                               "file_bytes": out.stat().st_size}
+    if measure:
+        from autoquant.deploy import deployment_figures
+
+        signature = {k: options[k] for k in ("input_names", "output_names", "dynamic_axes",
+                                             "dynamic_batch") if k in options}
+        with tempfile.TemporaryDirectory() as tmp:
+            baseline = export_float_onnx(model, Path(tmp) / "float.onnx", example_inputs,
+                                         opset, **signature)
+            figures = deployment_figures(model, out, example_inputs, opset,
+                                         float_onnx=baseline)
+    figures.update(checked)
+    return out, figures
+
+
 def export_saved(directory: str | Path, onnx_path: str | Path, model: nn.Module | None = None,
-                 example_inputs: Any = None, opset: int | None = None) -> Path:
+                 example_inputs: Any = None, opset: int | None = None, **options: Any) -> Path:
     """Export the result saved by `SearchResult.save` in `directory` to `onnx_path`.
 
     The fake-quant model is rebuilt with `autoquant.load_quantized` on `model` (the float
     architecture the search ran on). Without `model`, the float model and its example
-    inputs come from ``directory/job.yaml`` through `autoquant.job.load_job`. When
+    inputs come from ``directory/job.yaml`` through `autoquant.job.load_job`. `options` are
+    `export_onnx`'s keyword options (names, dynamic axes, ``strict``, ``target``). When
     ``directory/report.json`` exists, its ``settings.deployment`` entry is updated with the
-    export's figures (see `autoquant.deploy.deployment_figures`).
+    export's figures (see `export_measured`).
 
     Example:
         >>> export_saved("out/search", "model_qdq.onnx", model=DigitsCNN(), example_inputs=(x,))
@@ -382,11 +514,11 @@ def export_saved(directory: str | Path, onnx_path: str | Path, model: nn.Module 
         if example_inputs is None:
             example_inputs = job.example_inputs()
     qmodel = load_quantized(model, directory)
-    out = export_onnx(qmodel, onnx_path, example_inputs, opset)
     report = directory / "report.json"
+    out, figures = export_measured(qmodel, onnx_path, example_inputs, opset,
+                                   measure=report.is_file(), **options)
     if report.is_file():
-        from autoquant.deploy import deployment_figures, record_deployment
+        from autoquant.deploy import record_deployment
 
-        figures = deployment_figures(qmodel, out, example_inputs, opset or DEFAULT_OPSET)
         record_deployment(report, figures)
     return out

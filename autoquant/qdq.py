@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from autoquant.errors import ExportError, InternalError
-from autoquant.layers import QuantLayer, forward_attribute, no_fast_path
+from autoquant.layers import QuantLayer, bias_ints, forward_attribute, no_fast_path
 
 __all__ = ["quantize_linear", "dequantize_linear", "dynamic_qdq", "translation_table",
            "QDQLayer", "QDQMultiLayer", "storage_type"]
@@ -231,7 +231,13 @@ class QDQLayer(_WrapsModule):
     """What an active `QuantLayer` computes, written with the QDQ custom ops: integer
     weight + DequantizeLinear, the input activation per the layer's mode (static: the
     calibrated QDQ; dynamic: qparams computed in the graph; weight_only: float), and the
-    layer's ``bias_delta`` (bias correction) added to the output as the layer adds it."""
+    layer's ``bias_delta`` (bias correction) added to the output as the layer adds it.
+
+    A layer the runtime runs as an integer kernel (``QuantLayer.integer_kernel``) is written
+    in the pattern onnxruntime fuses into QGemm / QLinearConv: a Linear input flattened to
+    2-D *before* its QDQ, the bias as an int32 DequantizeLinear inside the op at scale
+    ``act_scale * weight_scale`` (the bias correction folded in), and for a requantized
+    convolution a QuantizeLinear/DequantizeLinear on the output."""
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
@@ -264,6 +270,55 @@ class QDQLayer(_WrapsModule):
         self.storage_bits = max(sizes) * 8
         delta = layer.bias_delta.detach()
         self.register_buffer("bias_delta", delta if delta.numel() else None)
+        self.integer = bool(layer.integer_kernel)
+        self.out_spec: tuple | None = None
+        if self.integer:
+            self._integer_buffers(layer)
+
+    def _integer_buffers(self, layer: QuantLayer) -> None:
+        """The int32 bias (bias correction folded in) and the output quantizer, as the
+        searched layer computes them (`QuantLayer.quantized_bias`, ``requant``)."""
+        bias = getattr(self.module, "bias", None)
+        self.bias_axis: int | None = None
+        self.register_buffer("bias_int", None)
+        if isinstance(bias, torch.Tensor) or self.bias_delta is not None:
+            total = torch.zeros(self.weight_int.shape[layer.weight_axis], dtype=torch.float32,
+                                device=self.weight_int.device)
+            if isinstance(bias, torch.Tensor):
+                total = total + bias.detach().float()
+            if self.bias_delta is not None:
+                total = total + self.bias_delta.float()
+            q, scale = bias_ints(total, layer.act_scale, layer.weight_scale)
+            self.bias_axis = 0 if scale.numel() > 1 else None
+            if self.bias_axis is None:
+                scale = scale.reshape(())
+            self.register_buffer("bias_int", q)
+            self.register_buffer("bias_scale", scale)
+            self.register_buffer("bias_zero_point", torch.zeros_like(scale, dtype=torch.int32))
+        if layer.requant and layer._out_q is not None:
+            self.out_spec = _static_act(
+                self, ("out_scale", "out_zero_point", "out_low", "out_high"),
+                layer.out_scale, layer.out_zero_point, *layer._out_q, None)
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        linear = isinstance(module, nn.Linear)
+        shape = x.shape
+        if linear and x.dim() != 2:  # a Gemm on 2-D: flatten before the QDQ, not after
+            x = x.reshape(-1, shape[-1])
+        x = _static_qdq(self, self.act_spec, x)
+        w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
+                              self.weight_axis).to(self.weight_dtype)
+        b = None
+        if self.bias_int is not None:
+            b = dequantize_linear(self.bias_int, self.bias_scale, self.bias_zero_point,
+                                  self.bias_axis).to(self.weight_dtype)
+        y = F.linear(x, w, b) if linear else module._conv_forward(x, w, b)
+        if self.out_spec is not None:
+            y = _static_qdq(self, self.out_spec, y)
+        if linear and len(shape) != 2:
+            y = y.reshape(*shape[:-1], y.shape[-1])
+        return y
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_range is None:  # weight_only
@@ -273,6 +328,8 @@ class QDQLayer(_WrapsModule):
         return _static_qdq(self, self.act_spec, x)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.integer:
+            return self._integer_forward(x)
         x = self._input(x)
         w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
                               self.weight_axis).to(self.weight_dtype)

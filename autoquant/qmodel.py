@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from autoquant.config import QuantConfig
+from autoquant.dataflow import OutputUse, output_uses
 from autoquant.errors import ConfigError, EvaluatorError, ModelError
 from autoquant.fold import fold_conv_bn
 from autoquant.guard import check_model_devices
@@ -29,10 +30,13 @@ from autoquant.layers import (
 )
 from autoquant.plan import FLOAT, QuantPlan
 from autoquant.shared import layers_sharing_parameters, module_aliases
+from autoquant.target import resolve_target
 
 __all__ = ["QuantModel", "find_quantizable_layers", "run_model"]
 
 logger = logging.getLogger(__name__)
+
+_KEPT_BATCHES = 4
 
 
 def find_quantizable_layers(model: nn.Module) -> list[str]:
@@ -207,6 +211,7 @@ class QuantModel:
             n: a for n, a in module_aliases(self.model).items() if n in set(names)
         }
         self.calls_per_forward: dict[str, float] = {}
+        self.target = resolve_target(config.target)
         self.layers: dict[str, QuantLayer] = {}
         self.skipped: list[str] = [n for n in names if n in skipped]
         for name in names:
@@ -215,6 +220,7 @@ class QuantModel:
             module = self.model.get_submodule(name)
             wrapper = wrapper_class_of(module)
             layer = wrapper(module, name, config.layer_config(name), weight_axis_of(module))
+            layer.target = self.target
             for where in (name, *self.aliases.get(name, ())):
                 _set_submodule(self.model, where, layer)  # one wrapper at every alias
             self.layers[name] = layer
@@ -227,6 +233,10 @@ class QuantModel:
                         "; ".join(f"{n} ~ {', '.join(o)}" for n, o in self.tied.items()))
         self.all_layers = names
         self.never_executed: list[str] = []
+        self.calibration_inputs: list[Any] = []  # the first calibration batches
+        self.output_uses: dict[str, OutputUse] | None = output_uses(self.model, self.layers)
+        for name, use in (self.output_uses or {}).items():
+            self.layers[name].out_relu = use.through_relu
         if example_inputs is not None:
             self.check_runs(example_inputs)
 
@@ -274,12 +284,16 @@ class QuantModel:
         for layer in self.layers.values():
             layer.calls = 0
         forwards = [0]
+        self.calibration_inputs = []
 
-        def count(*_: Any) -> None:
+        def count(_module: Any, args: tuple, kwargs: dict) -> None:
             forwards[0] += 1
+            # a few batches as the model got them, for the export's parity check
+            if len(self.calibration_inputs) < _KEPT_BATCHES and not (args and kwargs):
+                self.calibration_inputs.append(dict(kwargs) if kwargs else tuple(args))
 
         self.calibration_pass(evaluator, QuantState.CALIBRATE, "",
-                              [self.model.register_forward_pre_hook(count)])
+                              [self.model.register_forward_pre_hook(count, with_kwargs=True)])
         if forwards[0]:
             # a module called at several places in one forward pass is a shared module too
             self.calls_per_forward = {
@@ -322,7 +336,40 @@ class QuantModel:
         """Set each layer's scheme from `plan`; layers not in it run float."""
         for name, layer in self.layers.items():
             layer.set_scheme(plan.get(name, FLOAT))
+        self._set_requant()
         self.set_state(QuantState.QUANTIZE)
+
+    def requant_reason(self, name: str) -> str | None:
+        """Why the integer convolution `name` needs an output quantizer of its own in the
+        active plan (its output is not read by exactly one quantizing layer), else None."""
+        use = (self.output_uses or {}).get(name)
+        if use is None:
+            return None
+        if use.others or len(use.consumers) != 1:
+            readers = [*use.consumers, *use.others]
+            return f"its output is read by {', '.join(readers) or 'nothing'}"
+        reader = self.layers.get(use.consumers[0])
+        if reader is None:
+            return f"its reader {use.consumers[0]} is not quantized"
+        if not _quantizes_input_exactly(reader):
+            return f"its reader {reader.layer_name} has no static 8-bit input quantizer"
+        if use.through_relu and int(reader.act_zero_point.reshape(-1)[0]) != reader._act_q[0]:
+            # onnxruntime drops a ReLU before a Q only when the zero point is the range start
+            return f"the ReLU before {reader.layer_name} cannot be folded into its quantizer"
+        return None
+
+    def _set_requant(self) -> None:
+        for name, layer in self.layers.items():
+            layer.requant = False
+            layer.requant_note = None
+            if not (layer.integer_kernel and layer._out_q is not None):
+                continue
+            if self.output_uses is None:
+                layer.requant_note = ("its output is not requantized (torch.fx cannot trace "
+                                      "the model to find the layer that reads it), so "
+                                      "QLinearConv cannot fuse")
+            elif self.requant_reason(name):
+                layer.requant = True
 
     def finalize(self, plan: Mapping[str, str]) -> nn.Module:
         """Apply `plan` for good: float layers are unwrapped back to their original module,
@@ -352,6 +399,16 @@ class QuantModel:
                 "shares_parameters_with": list(self.tied.get(name, ())),
             })
         return rows
+
+
+def _quantizes_input_exactly(layer: QuantLayer) -> bool:
+    """True when `layer`'s input quantizer is a plain 8-bit per-tensor QuantizeLinear (no
+    narrowing Clip before it), the Q a runtime fuses into the op producing that input."""
+    act = layer._act_q
+    if layer._weight_q is None or not isinstance(act, tuple) or \
+            layer.config.mode != "static" or act[2] is not None:
+        return False
+    return (act[1] - act[0]) == 255
 
 
 def call_evaluator(evaluator: Any, method: str, model: nn.Module, where: str = "") -> Any:

@@ -32,13 +32,15 @@ def final_config(
     plan: QuantPlan,
     skipped: list[str],
     calibration: Mapping[str, Mapping[str, Any]] | None = None,
+    target: str | None = None,
 ) -> QuantConfig:
     """`base` with the plan's float layers skipped and its bit-width fallbacks written in.
 
     `calibration` holds per-layer overrides that pin each layer's chosen activation
     calibration (`autoquant.calibration.calibration_overrides`); they are written for the
-    layers the plan quantizes. Applying the returned config to the float model reproduces
-    the plan.
+    layers the plan quantizes. `target` replaces ``auto`` by the target the search resolved
+    it to, so the config means the same on another machine. Applying the returned config
+    to the float model reproduces the plan.
     """
     from autoquant.calibration import merge_overrides
 
@@ -56,7 +58,8 @@ def final_config(
             override["weight"] = {**override.get("weight", {}), "bits": w_bits}
             override["activation"] = {**override.get("activation", {}), "bits": a_bits}
     # replace() carries every other field (fold_bn, bias_correction, smoothing_alpha, ...)
-    return dataclasses.replace(base, layers=layers, skip_layers=skip)
+    return dataclasses.replace(base, layers=layers, skip_layers=skip,
+                               target=target or base.target)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class SearchResult:
         determinism: the evaluator determinism check (``check_determinism=True``): the two
             float metrics, their difference and whether they agree; None if not checked.
         example_inputs: the inputs the search checked the model with (used by `export_onnx`).
+        check_inputs: a few calibration batches, for the parity check of `export_onnx`.
     """
 
     status: str
@@ -119,6 +123,7 @@ class SearchResult:
     checks: dict[str, Any] = field(default_factory=dict)
     determinism: dict[str, Any] | None = None
     example_inputs: Any = field(default=None, repr=False, compare=False)
+    check_inputs: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def effective_bits(self) -> dict[str, float]:
@@ -164,26 +169,24 @@ class SearchResult:
         return build_report(self)
 
     def export_onnx(self, path: str | Path, example_inputs: Any = None,
-                    opset: int | None = None, measure: bool = True) -> Path:
-        """Export the chosen model as an ONNX QDQ graph (see `autoquant.export.export_onnx`).
+                    opset: int | None = None, measure: bool = True, **options: Any) -> Path:
+        """Export the chosen model as an ONNX QDQ graph (see `autoquant.export.export_onnx`;
+        `options` are its keyword options: names, dynamic axes, ``strict``, ``target``).
 
-        With `measure`, the file size, onnxruntime and torch latency on the example inputs
-        and the largest output difference go into ``settings["deployment"]`` (and so into
-        the report). The result itself is otherwise unchanged, also when export fails.
+        The parity check runs on the example inputs and the calibration batches. The
+        figures (integer-kernel count, parity, and with `measure` the file size and the
+        onnxruntime latency, both as ratios to the float export) go into
+        ``settings["deployment"]`` and so into the report. The result itself is otherwise
+        unchanged, also when export fails.
 
         Example:
-            >>> result.export_onnx("model_qdq.onnx")
+            >>> result.export_onnx("model_qdq.onnx", dynamic_axes={"x": {0: "batch"}})
         """
-        from autoquant.export import DEFAULT_OPSET, export_onnx
+        from autoquant.export import export_measured
 
         inputs = self.example_inputs if example_inputs is None else example_inputs
-        out = export_onnx(self.model, path, inputs, opset)
-        figures: dict[str, Any] = {"onnx_path": str(out), "opset": opset or DEFAULT_OPSET,
-                                   "file_bytes": out.stat().st_size}
-        if measure:
-            from autoquant.deploy import deployment_figures
-
-            figures = deployment_figures(self.model, out, inputs, opset or DEFAULT_OPSET)
+        options.setdefault("check_inputs", self.check_inputs)
+        out, figures = export_measured(self.model, path, inputs, opset, measure, **options)
         self.settings["deployment"] = figures
         return out
 

@@ -109,7 +109,10 @@ def test_every_layer_kind_exports_as_int8_qdq_and_matches_fake_quant(tmp_path) -
     qmodel, data = _quantized()
     path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
     ops, types = _graph(path)
-    assert ops["QuantizeLinear"] == 6 and ops["DequantizeLinear"] == 12
+    # one Q/DQ per layer input, a DQ per weight, an int32 bias DQ per integer-kernel layer
+    # (c2, c3, c1, fc); c3's output, read by a mean, is requantized for its QLinearConv
+    assert qmodel.c3.requant and not qmodel.c2.requant and not qmodel.c1.requant
+    assert ops["QuantizeLinear"] == 6 + 1 and ops["DequantizeLinear"] == 12 + 1 + 4
     assert ops["Conv"] == 3 and ops["ConvTranspose"] == 2
     assert ops["Gemm"] + ops["MatMul"] == 1
     assert "Clip" not in ops  # 8-bit ranges are the storage types' own ranges
@@ -136,7 +139,10 @@ def test_mixed_per_layer_settings_export_exactly(tmp_path) -> None:
     assert not isinstance(qmodel.fc, QuantLayer)
     path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
     ops, types = _graph(path)
-    assert ops["QuantizeLinear"] == 5
+    # c2's ReLU cannot fold into t2's signed input quantizer and c1 feeds t1's
+    # per-channel one: both convolutions requantize their outputs themselves
+    assert qmodel.c2.requant and qmodel.c1.requant and not qmodel.c3.integer_kernel
+    assert ops["QuantizeLinear"] == 5 + 2
     assert types["fc.weight"] == onnx.TensorProto.FLOAT  # the float layer keeps its weight
     assert types["c2.weight_int"] == onnx.TensorProto.INT8
     assert types["t2.weight_int"] == onnx.TensorProto.UINT8  # per-tensor affine weight

@@ -64,7 +64,9 @@ def test_layer_modes_and_bias_correction_export_faithfully(case, tmp_path) -> No
         deltas = [m.bias_delta for m in qmodel.modules() if isinstance(m, QuantLayer)]
         assert all(d.numel() == 8 for d in deltas) and any(bool(d.abs().gt(0).any())
                                                            for d in deltas)
-        assert ops["Add"] == 6  # bias and bias_delta after each Gemm
+        # bias + bias_delta: one int32 bias inside each Gemm (the pattern QGemm fuses)
+        assert "Add" not in ops
+        assert all(inits[f"{i}.bias_int"] == onnx.TensorProto.INT32 for i in (0, 2, 4))
     gen = torch.Generator().manual_seed(1)
     check_parity(qmodel, path, torch.randn(16, 8, generator=gen))
     # far outside the calibrated range: saturation (static) or a new range (dynamic)
@@ -133,8 +135,10 @@ def test_embedding_rnn_and_attention_kinds_export_faithfully(case, tmp_path) -> 
                 if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2
                 and sorted(i.dims)[-2] >= 5]
     assert not matrices  # float vectors only (biases, scales)
-    # emb 1, lstm 2, gru 4, attn 2, head 1 weights; + the activation points
-    assert ops["DequantizeLinear"] == 10 + acts and ops["QuantizeLinear"] == acts
+    # emb 1, lstm 2, gru 4, attn 2, head 1 weights; + the activation points; + the int32
+    # bias of the head where it runs an integer kernel (static)
+    head_bias = int(qmodel.head.integer_kernel)
+    assert ops["DequantizeLinear"] == 10 + acts + head_bias and ops["QuantizeLinear"] == acts
     assert ops["ReduceMin"] == ops["ReduceMax"] == dynamic
     x = torch.randint(0, 20, (6, 7), generator=gen)
     check_parity(qmodel, path, x)

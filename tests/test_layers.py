@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoquant.config import LayerConfig
-from autoquant.layers import QuantLayer, QuantState, weight_axis_of
+from autoquant.layers import INTEGER_KERNEL_KINDS, QuantLayer, QuantState, weight_axis_of
 from autoquant.quantizer import fake_quantize
+from tests._fq import weight_bits
 
 CASES = [
     (lambda: nn.Linear(6, 4), (5, 6)),
@@ -39,13 +40,20 @@ def test_quantized_forward_equals_hand_written_qdq_reference(make, shape):
     axis = weight_axis_of(module)
     w = module.weight.detach()
     dims = [d for d in range(w.dim()) if d != axis]
-    w_scale = w.abs().amax(dim=dims) / 127
-    wq = fake_quantize(w, w_scale, torch.zeros_like(w_scale, dtype=torch.int32), -128, 127, axis)
+    qmax = 2 ** (weight_bits() - 1) - 1  # 127, or 63 for the x86 target without VNNI
+    w_scale = w.abs().amax(dim=dims) / qmax
+    wq = fake_quantize(w, w_scale, torch.zeros_like(w_scale, dtype=torch.int32), -qmax - 1,
+                       qmax, axis)
     lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
     a_scale = torch.tensor((hi - lo) / 255)
     a_zp = torch.clamp(-torch.round(torch.tensor(lo) / a_scale), 0, 255).to(torch.int32)
     xq = fake_quantize(x, a_scale, a_zp, 0, 255)
-    ref = torch.func.functional_call(module, {"weight": wq}, (xq,))
+    params = {"weight": wq}
+    if isinstance(module, INTEGER_KERNEL_KINDS):
+        # an integer kernel adds its bias as int32 at scale a_scale * w_scale
+        b_scale = a_scale * w_scale
+        params["bias"] = torch.round(module.bias.detach() / b_scale) * b_scale
+    ref = torch.func.functional_call(module, params, (xq,))
     with torch.no_grad():
         out = layer(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -119,5 +127,6 @@ def test_linear_fast_path_matches_functional_reference():
     torch.manual_seed(0)
     x, module = torch.randn(3, 5), nn.Linear(5, 2)
     layer = calibrated(module, x)
-    expected = F.linear(layer.quantize_input(x), layer.quantized_weight(), module.bias)
+    expected = F.linear(layer.quantize_input(x), layer.quantized_weight(),
+                        layer.quantized_bias())
     assert torch.equal(layer(x), expected)

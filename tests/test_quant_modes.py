@@ -8,7 +8,7 @@ from torch import nn
 
 import autoquant as aq
 from autoquant.qmodel import QuantModel
-from tests._fq import fq_affine, fq_batch, fq_rows
+from tests._fq import affine_scale, fq_affine, fq_batch, fq_rows, int32_bias, row_scales
 
 
 class _Calib:
@@ -36,7 +36,8 @@ def test_static_mode_uses_the_calibrated_range() -> None:
     calib = torch.randn(8, 6)
     lin, qm = _linear_model("static", calib)
     x = torch.randn(8, 6) * 5  # outside the calibrated range: clipped
-    expected = fq_affine(x, calib.min(), calib.max()) @ fq_rows(lin.weight).T + lin.bias
+    bias = int32_bias(lin.bias, affine_scale(calib.min(), calib.max()), row_scales(lin.weight))
+    expected = fq_affine(x, calib.min(), calib.max()) @ fq_rows(lin.weight).T + bias
     torch.testing.assert_close(qm.model(x), expected, rtol=0, atol=1e-5)
 
 

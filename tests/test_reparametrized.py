@@ -46,7 +46,7 @@ def test_quantized_layers_compute_with_their_fake_quant_weight_as_is(kind) -> No
     x = torch.randn(5, 288)
     with torch.no_grad():
         expected = F.linear(layer.quantize_input(x), layer.quantized_weight(),
-                            layer.module.bias)
+                            layer.quantized_bias())
         torch.testing.assert_close(layer(x), expected)
         # the fake-quant weight is the quantized eval-mode weight of the user's layer
         step = layer.weight_scale.reshape(-1, 1)

@@ -33,6 +33,7 @@ from autoquant.quantizer import (
     qrange,
     weight_qparams,
 )
+from autoquant.target import deploy_weight_bits
 
 __all__ = ["MultiQuantLayer", "dynamic_fake_quantize", "primary_tensor"]
 
@@ -141,7 +142,9 @@ class MultiQuantLayer(QuantLayer):
         params = dict(self.module.named_parameters())
         for weight in self.weight_names:
             scale, zp, qmin, qmax, axis = weight_qparams(
-                params[weight], w_bits, self.config.weight, self.weight_axis
+                params[weight], deploy_weight_bits(w_bits, self.config.weight.symmetric,
+                                                   self.target),
+                self.config.weight, self.weight_axis,
             )
             setattr(self, f"wscale_{_key(weight)}", scale)
             setattr(self, f"wzp_{_key(weight)}", zp)
@@ -204,6 +207,20 @@ class MultiQuantLayer(QuantLayer):
     def compute(self, args: tuple, kwargs: dict) -> Any:
         """The module's forward written with `qw` and `qa`; subclasses implement it."""
         raise NotImplementedError
+
+    def kernel_note(self) -> str | None:
+        """Why onnxruntime cannot run this layer's matmuls as integer kernels, or None
+        (static 8-bit: the export's kernel count then says what it fused)."""
+        if self._weight_q is None:
+            return "float"
+        if self.config.mode == "weight_only":
+            return "weight-only: the inputs stay float, the ops run on dequantized weights"
+        if self.config.mode == "dynamic":
+            return ("dynamic: the input qparams are computed in the graph, which onnxruntime "
+                    "does not fuse into an integer kernel")
+        if max(self._weight_q) > 8:
+            return f"{self.scheme}: onnxruntime's CPU provider has no 16-bit integer kernel"
+        return None
 
     def _in_phase(self, phase: str, args: tuple, kwargs: dict) -> Any:
         self._phase = phase

@@ -27,3 +27,7 @@ class QuantEmbedding(QuantLayer):
     def __init__(self, module: nn.Module, name: str, config: LayerConfig, weight_axis: int):
         super().__init__(module, name, dataclasses.replace(config, mode="weight_only"),
                          weight_axis)
+
+    def kernel_note(self) -> str | None:
+        """A lookup: a Gather of dequantized rows, no integer kernel."""
+        return "float" if self._weight_q is None else "an embedding lookup of dequantized rows"

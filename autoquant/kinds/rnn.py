@@ -52,3 +52,11 @@ class QuantRNN(MultiQuantLayer):
             # cuDNN warns that the swapped-in weights are not one contiguous chunk
             warnings.filterwarnings("ignore", message=".*contiguous chunk of memory.*")
             return functional_call(self.module, params, (x, *rest), kwargs)
+
+    def kernel_note(self) -> str | None:
+        """onnxruntime runs ONNX LSTM/GRU/RNN in float on the dequantized weights (its
+        integer DynamicQuantizeLSTM is not emitted)."""
+        if self._weight_q is None:
+            return "float"
+        return ("onnxruntime runs the ONNX recurrent op in float on dequantized weights (its "
+                "integer DynamicQuantizeLSTM is not emitted)")
