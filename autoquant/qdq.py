@@ -410,11 +410,19 @@ class QDQMultiLayer(_WrapsModule):
                     f"{self.layer_name}:{name}", layer.qw(name),
                     getattr(layer, f"wscale_{key}"), getattr(layer, f"wzp_{key}"),
                     qmin, qmax, axis)
-                names = (f"wint_{key}", f"wscale_{key}", f"wzp_{key}")
-                for buf, value in zip(names, (ints, scale, zp), strict=True):
-                    self.register_buffer(buf, value)
                 dtype = self.module.get_parameter(name).dtype
-                self._weights[name] = (*names, dtype, axis)
+                blocks = layer.weight_blocks.get(name, 1)
+                rows = ints.shape[0] // blocks
+                for i in range(blocks):  # a packed weight: one integer weight per block
+                    tag = key if blocks == 1 else f"{key}_{i}"
+                    part = slice(i * rows, (i + 1) * rows)
+                    names = (f"wint_{tag}", f"wscale_{tag}", f"wzp_{tag}")
+                    values = (ints, scale, zp) if blocks == 1 else (
+                        ints[part], *((t[part] if axis is not None else t) for t in (scale, zp)))
+                    for buf, value in zip(names, values, strict=True):
+                        self.register_buffer(buf, value.clone())
+                    self._weights[name if blocks == 1 else f"{name}[{i * rows}:{(i + 1) * rows}]"] \
+                        = (*names, dtype, axis)
                 sizes.append(storage_type(qmin, qmax)[0].itemsize)
         finally:
             layer._phase = "float"
@@ -436,6 +444,20 @@ class QDQMultiLayer(_WrapsModule):
         return dequantize_linear(getattr(self, ints), getattr(self, scale), getattr(self, zp),
                                  axis).to(dtype)
 
+    def qw_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of weight `name`, sliced from the integers before their
+        DequantizeLinear, so the runtime sees a constant integer weight per matmul."""
+        block = self._weights.get(f"{name}[{start}:{stop}]")
+        if block is not None:
+            ints, scale, zp, dtype, axis = block
+            return dequantize_linear(getattr(self, ints), getattr(self, scale),
+                                     getattr(self, zp), axis).to(dtype)
+        ints, scale, zp, dtype, axis = self._weights[name]
+        s, z = getattr(self, scale), getattr(self, zp)
+        if axis is not None:
+            s, z = s[start:stop], z[start:stop]
+        return dequantize_linear(getattr(self, ints)[start:stop], s, z, axis).to(dtype)
+
     def qa(self, point: str, x: torch.Tensor) -> torch.Tensor:
         """Activation `x` at `point`, fake-quantized as the wrapper does, as QDQ ops."""
         if point not in self._act_ranges:  # weight_only
@@ -450,8 +472,12 @@ class QDQMultiLayer(_WrapsModule):
 
 
 class _GemmLinear(torch.overrides.TorchFunctionMode):
-    """Runs ``F.linear`` on an input of 1 or more than 2 dims as a 2-D Gemm (reshaped
-    around).
+    """Runs ``F.linear`` as a 2-D Gemm (the input reshaped around it) with its bias added
+    after it.
+
+    Why the Add: onnxruntime rounds a float bias fed to a QDQ Gemm to int32 at scale
+    ``act_scale * weight_scale`` (its WeightBiasQuantization), which is not what the
+    searched float bias computes; QGemm still fuses, the Add stays exact.
 
     onnxruntime (1.20+) rewrites DequantizeLinear(int8 weight) -> MatMul into MatMulNBits,
     which by default quantizes a float input to int8 on the fly (accuracy_level 4): the
@@ -461,9 +487,11 @@ class _GemmLinear(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear and args and isinstance(args[0], torch.Tensor) \
-                and args[0].dim() != 2:
-            x = args[0]
-            y = func(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs)
+        if func is F.linear and args and isinstance(args[0], torch.Tensor):
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = func(x.reshape(-1, x.shape[-1]), weight)
+            if bias is not None:
+                y = y + bias
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return func(*args, **kwargs)

@@ -129,16 +129,18 @@ def test_embedding_rnn_and_attention_kinds_export_faithfully(case, tmp_path) -> 
     # integer tables and gate matrices; no float copy of a quantized weight
     assert inits["emb.weight_int"] == onnx.TensorProto.INT8
     for name in ("lstm.wint_weight_ih_l0", "gru.wint_weight_hh_l0_reverse",
-                 "attn.wint_in_proj_weight", "attn.wint_out_proj_weight"):
+                 "attn.wint_in_proj_weight_0", "attn.wint_in_proj_weight_2",
+                 "attn.wint_out_proj_weight"):
         assert inits[name] == onnx.TensorProto.INT8, name
     matrices = [i.name for i in onnx.load(str(path)).graph.initializer
                 if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2
                 and sorted(i.dims)[-2] >= 5]
     assert not matrices  # float vectors only (biases, scales)
-    # emb 1, lstm 2, gru 4, attn 2, head 1 weights; + the activation points; + the int32
+    # emb 1, lstm 2, gru 4, attn 4 (the packed q|k|v in-projection as three integer
+    # weights, the out-projection), head 1 weights; + the activation points; + the int32
     # bias of the head where it runs an integer kernel (static)
     head_bias = int(qmodel.head.integer_kernel)
-    assert ops["DequantizeLinear"] == 10 + acts + head_bias and ops["QuantizeLinear"] == acts
+    assert ops["DequantizeLinear"] == 12 + acts + head_bias and ops["QuantizeLinear"] == acts
     assert ops["ReduceMin"] == ops["ReduceMax"] == dynamic
     x = torch.randint(0, 20, (6, 7), generator=gen)
     check_parity(qmodel, path, x)
@@ -223,7 +225,7 @@ def test_torch_transformer_encoder_layer_exports_its_quantized_layers_not_the_fa
         torch.testing.assert_close(work(data[1]), quant_out, atol=1e-5, rtol=1e-5)
     inits = _initializers(path)
     for name in ("layer.linear1.weight_int", "layer.linear2.weight_int",
-                 "layer.self_attn.wint_in_proj_weight"):
+                 "layer.self_attn.wint_in_proj_weight_1"):
         assert inits[name] == onnx.TensorProto.INT8, name
     check_parity(qmodel, path, data[1])
 

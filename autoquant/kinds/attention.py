@@ -87,6 +87,8 @@ class QuantMultiheadAttention(MultiQuantLayer):
         points = ("query", "key", "value", "q", "k", "v", "attn", "context")
         super().__init__(module, name, config, weight_axis, (*weights, "out_proj.weight"),
                          points)
+        if module._qkv_same_embed_dim:
+            self.weight_blocks = {"in_proj_weight": 3}
 
     def compute(self, args: tuple, kwargs: dict) -> Any:
         m = self.module
@@ -115,17 +117,19 @@ class QuantMultiheadAttention(MultiQuantLayer):
             v_in = k_in if same_kv else self.qa("value", value)
         else:  # observe every point, so each has its own statistics
             k_in, v_in = self.qa("key", key), self.qa("value", value)
-        if m._qkv_same_embed_dim:
-            w_q, w_k, w_v = self.qw("in_proj_weight").chunk(3)
-        else:
-            w_q, w_k, w_v = (self.qw(n) for n in ("q_proj_weight", "k_proj_weight",
-                                                   "v_proj_weight"))
-        b_q = b_k = b_v = None
+        # each projection is its own matmul on its rows of a packed weight, so the runtime
+        # sees three constant integer weights (three QGemm), not one split after dequantize
+        biases: tuple[Any, ...] = (None, None, None)
         if m.in_proj_bias is not None:
-            b_q, b_k, b_v = m.in_proj_bias.chunk(3)
-        q = F.linear(q_in, w_q, b_q)
-        k = F.linear(k_in, w_k, b_k)
-        v = F.linear(v_in, w_v, b_v)
+            biases = m.in_proj_bias.chunk(3)
+        projected = []
+        for i, x_in in enumerate((q_in, k_in, v_in)):
+            if m._qkv_same_embed_dim:
+                w = self.qw_rows("in_proj_weight", i * embed, (i + 1) * embed)
+            else:
+                w = self.qw(("q_proj_weight", "k_proj_weight", "v_proj_weight")[i])
+            projected.append(F.linear(x_in, w, biases[i]))
+        q, k, v = projected
 
         attn_mask = _additive(attn_mask, dtype)
         key_padding_mask = _additive(key_padding_mask, dtype)

@@ -105,6 +105,9 @@ class MultiQuantLayer(QuantLayer):
         self._init_state(module, name, config, weight_axis)
         self.weight_names = tuple(weight_names)
         self.act_points = tuple(act_points)
+        # weights packing several matmuls' rows (q|k|v): {name: blocks}; the export stores
+        # one integer weight per block so each matmul runs its own integer kernel
+        self.weight_blocks: dict[str, int] = {}
         act_cfg = dataclasses.replace(config.activation, per_channel=False)
         self.observers = {p: ActivationObserver(act_cfg) for p in self.act_points}
         self.observer = ActivationObserver(act_cfg)  # QuantLayer's attribute; unused here
@@ -188,6 +191,12 @@ class MultiQuantLayer(QuantLayer):
             if self.state is QuantState.QUANTIZE:  # see QuantLayer.quantized_weight
                 self._weight_cache[key] = cached
         return cached
+
+    def qw_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of `qw(name)` (e.g. one of the q/k/v blocks of a packed
+        projection): the export slices the integer weight, so each block is its own
+        integer-kernel weight."""
+        return self.qw(name)[start:stop]
 
     def qa(self, point: str, x: torch.Tensor) -> torch.Tensor:
         """Activation `x` at `point`: observed while calibrating, fake-quantized while
