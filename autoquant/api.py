@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from autoquant.parallel import WorkerPool, check_workers
 from autoquant.plan import FLOAT, plan_key
 from autoquant.qmodel import QuantModel
 from autoquant.result import CONFIG_FILE, STATE_FILE, SearchResult, final_config
-from autoquant.search import TrialRunner, make_decision, run_search
+from autoquant.search import TrialRunner, make_decision
 from autoquant.sensitivity import LayerSensitivity, SensitivityMetric, compute_sensitivity
 from autoquant.strategy import STRATEGIES, SearchContext, SearchStrategy, TrialRecord
 from autoquant.trust import (
@@ -30,6 +31,7 @@ from autoquant.trust import (
     monotonicity_violations,
     ranking_audit,
 )
+from autoquant.verify import DeployCheck, evaluate_deployed, search_until_deployed
 
 __all__ = [
     "auto_quantize",
@@ -68,6 +70,20 @@ def _make_strategy(strategy: str | SearchStrategy | type[SearchStrategy],
         raise ConfigError(f"bad strategy_options for {cls.__name__}: {err}") from err
 
 
+def _strategy_template(search: SearchStrategy, verify_deploy: bool) -> SearchStrategy | None:
+    """An unused copy of `search` for later rounds of the deploy check (None when off)."""
+    if not verify_deploy:
+        return None
+    try:
+        return copy.deepcopy(search)
+    except Exception as err:
+        raise ConfigError(
+            f"verify_deploy needs a fresh strategy per round, but the {type(search).__name__} "
+            f"instance cannot be copied ({type(err).__name__}: {err}); pass the strategy's "
+            "name or class with strategy_options instead"
+        ) from err
+
+
 def _check_budget(max_evaluations: int | None) -> None:
     if max_evaluations is None:
         return
@@ -102,6 +118,8 @@ def auto_quantize(
     eval_timeout: float | None = None,
     max_seconds: float | None = None,
     check_determinism: bool = False,
+    verify_deploy: bool = False,
+    deploy_options: Mapping[str, Any] | None = None,
 ) -> SearchResult:
     """Find the most-quantized version of `model` whose metric loss is within `max_loss`.
 
@@ -150,6 +168,13 @@ def auto_quantize(
             baseline, and compare: a difference is warned about and recorded in
             ``result.determinism`` and the report. Costs one extra evaluation, which is not
             a trial (not in ``history``, ``num_evaluations`` or ``max_evaluations``).
+        verify_deploy: export the chosen plan to ONNX and score it with
+            ``evaluator.evaluate`` in onnxruntime (default session options, one evaluation,
+            counted); if the deployed model misses the budget, the search goes on with the
+            next plan the strategy proposes (see `autoquant.verify`). The result records
+            ``deployed_metric``, ``deployed_loss`` and ``met_on_deploy``.
+        deploy_options: `autoquant.export.export_onnx` keyword options for that export
+            (``input_names``, ``dynamic_axes``, ``opset``, ...).
 
     Returns:
         A `SearchResult`; it always comes back, with ``status`` saying whether the budget
@@ -210,9 +235,26 @@ def auto_quantize(
     )
     start = time.perf_counter()
     checks: dict[str, Any] = {}
+    if not isinstance(verify_deploy, bool):
+        raise ConfigError(f"verify_deploy must be True or False, got {verify_deploy!r}")
+    rounds = [search]  # the first round uses the strategy as given; a deploy check that
+    template = _strategy_template(search, verify_deploy)  # fails starts a fresh one
+
+    def new_strategy() -> SearchStrategy:
+        if rounds:
+            return rounds.pop()
+        return copy.deepcopy(template)
+
+    def deploy(record: TrialRecord) -> DeployCheck | None:
+        if not verify_deploy:
+            return None
+        assert runner.float_metric is not None  # the baseline ran first
+        return evaluate_deployed(qmodel, record.plan, record.index, evaluator, example_inputs,
+                                 decide, runner.float_metric, eval_timeout, deploy_options)
+
     try:
-        outcome = run_search(runner, search, context, qmodel.float_plan(),
-                             progress=progress)
+        outcome, deployed = search_until_deployed(
+            runner, new_strategy, context, qmodel.float_plan(), deploy, progress)
         checks["monotonicity"] = monotonicity_violations(runner.history, context)
         if audit:
             checks["audit"] = ranking_audit(runner, context, audit)
@@ -274,6 +316,7 @@ def auto_quantize(
         },
         checks=checks,
         determinism=runner.determinism,
+        deploy_checks=deployed,
         example_inputs=example_inputs,
         check_inputs=list(qmodel.calibration_inputs),
     )

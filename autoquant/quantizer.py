@@ -1,8 +1,8 @@
 """Quantization math and range observers, on core torch ops only.
 
 `fake_quantize` is quantize-then-dequantize with the ONNX QuantizeLinear/DequantizeLinear
-semantics (round half to even, clamp to [qmin, qmax]), computed by
-`torch.fake_quantize_per_tensor_affine` / `torch.fake_quantize_per_channel_affine`.
+semantics (divide by the scale, round half to even, clamp to [qmin, qmax]), in core torch
+elementwise ops.
 Observers keep bounded statistics (exact min/max plus a fixed-size uniform sample), so
 calibration memory does not grow with the number of batches, and qparams for any bit width
 can be derived later from the same statistics (calibrate once, apply many).
@@ -69,17 +69,23 @@ def fake_quantize(
 
     Per-tensor when `axis` is None (scale/zero_point with one element), else per-channel
     along `axis`. Works for any float dtype (computed in float32) and any device.
+
+    Why not ``torch.fake_quantize_per_*_affine``: they multiply by the reciprocal of the
+    scale where ONNX QuantizeLinear (and so the deployed runtime) divides by it; values on
+    a rounding tie (a saturated tanh at exactly 1.0 with scale 2/255 lands on 127.5) then
+    round to the other integer, and in a deep network those flips add up.
     """
     dtype = x.dtype
     xf = x if dtype == torch.float32 else x.float()
+    s = scale.detach().to(device=xf.device, dtype=torch.float32)
+    z = zero_point.detach().to(device=xf.device, dtype=torch.float32)
     if axis is None:
-        out = torch.fake_quantize_per_tensor_affine(
-            xf, scale.reshape(()).to(xf.device), zero_point.reshape(()).to(xf.device), qmin, qmax
-        )
+        s, z = s.reshape(()), z.reshape(())
     else:
-        out = torch.fake_quantize_per_channel_affine(
-            xf, scale.to(xf.device), zero_point.to(xf.device), axis % x.dim(), qmin, qmax
-        )
+        shape = [1] * xf.dim()
+        shape[axis % xf.dim()] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    out = (torch.clamp(torch.round(xf / s) + z, qmin, qmax) - z) * s
     return out if dtype == torch.float32 else out.to(dtype)
 
 

@@ -97,6 +97,8 @@ class SearchResult:
             among the prefix plans evaluated); a key is absent when its check did not run.
         determinism: the evaluator determinism check (``check_determinism=True``): the two
             float metrics, their difference and whether they agree; None if not checked.
+        deploy_checks: the chosen plans scored in onnxruntime (``verify_deploy=True``), in
+            order, as `autoquant.verify.DeployCheck`; the last one is the returned plan's.
         example_inputs: the inputs the search checked the model with (used by `export_onnx`).
         check_inputs: a few calibration batches, for the parity check of `export_onnx`.
     """
@@ -122,8 +124,34 @@ class SearchResult:
     settings: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     determinism: dict[str, Any] | None = None
+    deploy_checks: list[Any] = field(default_factory=list)
     example_inputs: Any = field(default=None, repr=False, compare=False)
     check_inputs: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def deployed_metric(self) -> float | None:
+        """The returned plan's metric measured in onnxruntime (None: not verified)."""
+        check = self._deploy_check()
+        return None if check is None else check.metric
+
+    @property
+    def deployed_loss(self) -> float | None:
+        """The returned plan's loss measured in onnxruntime (None: not verified)."""
+        check = self._deploy_check()
+        return None if check is None else check.loss
+
+    @property
+    def met_on_deploy(self) -> bool | None:
+        """Whether the returned plan meets the budget in onnxruntime (None: not verified)."""
+        check = self._deploy_check()
+        return None if check is None else check.passed
+
+    def _deploy_check(self) -> Any:
+        best = next((r for r in self.history if r.plan == self.plan), None)
+        for check in reversed(self.deploy_checks):
+            if best is not None and check.trial == best.index:
+                return check
+        return None
 
     @property
     def effective_bits(self) -> dict[str, float]:
@@ -149,6 +177,10 @@ class SearchResult:
             f"evaluations: {self.num_evaluations}   time: {self.timings.get('total', 0):.1f}s "
             f"({self.timings.get('evaluator', 0):.1f}s in the evaluator)",
         ]
+        if self.met_on_deploy is not None:
+            lines.append(f"deployed (onnxruntime): metric {self.deployed_metric:.6g}, loss "
+                         f"{self.deployed_loss:.6g} ({'pass' if self.met_on_deploy else 'FAIL'}"
+                         f"; {len(self.deploy_checks)} plan(s) checked)")
         holdout = self.checks.get("holdout")
         if holdout:
             lines.append(f"held-out: float {holdout['float_metric']:.6g}, final "

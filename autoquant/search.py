@@ -6,6 +6,7 @@ evaluator returns and the trial history live here, in one place, for every strat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -90,10 +91,30 @@ class TrialRunner:
     _ranking: list[str] = field(default_factory=list)
     _prefetched: dict[str, tuple[Any, float]] = field(default_factory=dict)
 
+    extra_evaluations: int = 0  # evaluations outside the trial history (deploy checks)
+
     @property
     def num_evaluations(self) -> int:
         """Evaluations made (or reused from a resumed run) so far."""
-        return len(self.history)
+        return len(self.history) + self.extra_evaluations
+
+    def budget_left(self) -> bool:
+        """True while one more evaluation fits the evaluation and time budgets."""
+        if self.max_evaluations is not None and self.num_evaluations >= self.max_evaluations:
+            self.stopped_by = "evaluations"
+            return False
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stopped_by = "time"
+            return False
+        return True
+
+    def reject(self, record: TrialRecord, note: str) -> TrialRecord:
+        """Mark `record`'s plan as failed from now on (e.g. it missed the budget once
+        deployed): the cache and the history hold a failed copy, labelled with `note`."""
+        failed = dataclasses.replace(record, passed=False, label=f"{record.label} ({note})")
+        self._cache[plan_key(record.plan)] = failed
+        self.history = [failed if r is record else r for r in self.history]
+        return failed
 
     def fallback_layers(self, plan: Mapping[str, str]) -> list[str]:
         """Layers of `plan` not at their quantized scheme, most sensitive first."""

@@ -16,14 +16,12 @@ from autoquant.quantizer import (
 
 
 def formula(x, scale, zp, qmin, qmax):
-    """The QDQ formula written out: round half to even, clamp, dequantize.
-
-    torch multiplies by the reciprocal of the scale (as float32); ONNX divides, which can
-    differ by one step on exact ties -- the export parity tests state that tolerance.
-    """
-    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
-    q = torch.clamp(torch.round(x * inv) + zp, qmin, qmax)
-    return (q - zp) * scale
+    """The ONNX QuantizeLinear/DequantizeLinear formula written out: divide by the scale,
+    round half to even, clamp, dequantize (torch's fake_quantize ops multiply by the
+    reciprocal instead, which can differ by one step on a rounding tie)."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    q = torch.clamp(torch.round(x / s) + zp, qmin, qmax)
+    return (q - zp) * s
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8, 12, 16])
@@ -36,10 +34,10 @@ def test_per_tensor_fake_quant_equals_formula(bits, symmetric):
     out = fake_quantize(x, scale, zp, qmin, qmax)
     ref = formula(x, scale.item(), zp.item(), qmin, qmax)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
-    # and torch's reference op with the same qparams
-    torch.testing.assert_close(
-        out, torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zp.item()), qmin, qmax)
-    )
+    # and torch's reference op with the same qparams, but for a rare one-step tie flip
+    theirs = torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zp.item()), qmin, qmax)
+    assert bool(((out - theirs).abs() <= scale.item() * 1.001).all())
+    assert float((out != theirs).float().mean()) < 0.01
     # error bounded by half a step inside the range
     assert (out - x).abs().max() <= scale.item() / 2 + 1e-6
 
