@@ -22,6 +22,8 @@ from autoquant.errors import ConfigError, ExportError
 
 __all__ = ["OnnxModule", "ort_session"]
 
+_TENSOR = object()  # marks where a tensor output goes in the output structure
+
 
 def ort_session(path: str | Path, threads: int | None = None,
                 config: Mapping[str, str] | None = None) -> Any:
@@ -73,14 +75,14 @@ class OnnxModule(nn.Module):
         self.session = ort_session(self.path, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._spec: Any = None
-        self._template: list[Any] = []  # the output leaves; None where a tensor goes
+        self._template: list[Any] = []  # the output leaves; _TENSOR where a tensor goes
         self._signature = inspect.signature(model.forward) if model is not None else None
         if model is not None and example_inputs is not None:
             from autoquant.qmodel import run_model
 
             with torch.no_grad():
                 leaves, self._spec = tree_flatten(run_model(model, example_inputs))
-            self._template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+            self._template = [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves]
 
     def __getstate__(self) -> dict[str, Any]:  # sessions do not pickle: rebuild from path
         state = self.__dict__.copy()
@@ -111,8 +113,8 @@ class OnnxModule(nn.Module):
         feed = {name: t.detach().cpu().numpy() for name, t in
                 zip(self.input_names, tensors, strict=True)}
         outputs = [torch.from_numpy(o).to(device) for o in self.session.run(None, feed)]
-        if self._spec is not None and self._template.count(None) == len(outputs):
+        if self._spec is not None and sum(v is _TENSOR for v in self._template) == len(outputs):
             it = iter(outputs)
-            leaves = [next(it) if v is None else v for v in self._template]
+            leaves = [next(it) if v is _TENSOR else v for v in self._template]
             return tree_unflatten(leaves, self._spec)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -166,6 +166,13 @@ def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
         "fallback_layers": list(result.fallback_layers),
         "config": result.config.to_dict(),
         "determinism": result.determinism,
+        "deployment": {
+            "target": result.settings.get("target"),
+            "deployed_metric": result.deployed_metric,
+            "deployed_loss": result.deployed_loss,
+            "met_on_deploy": result.met_on_deploy,
+            "checks": [c.to_dict() for c in result.deploy_checks],
+        },
     }
 
 
