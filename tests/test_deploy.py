@@ -28,7 +28,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from autoquant.deploy import check_parity, kernel_coverage  # noqa: E402
+from autoquant.deploy import check_parity  # noqa: E402
 from autoquant.ortmodule import OnnxModule  # noqa: E402
 
 
