@@ -116,7 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DIR/job.yaml, which `autoquant run` writes.")
     p.add_argument("directory", type=Path, help="the output directory of a finished run")
     p.add_argument("--onnx", type=Path, required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 21)")
+    p.add_argument("--input-names", nargs="+", metavar="NAME",
+                   help="names of the graph inputs, in order")
+    p.add_argument("--output-names", nargs="+", metavar="NAME",
+                   help="names of the graph outputs, in order")
+    p.add_argument("--dynamic-axes", metavar="YAML",
+                   help="dynamic axes as YAML/JSON, e.g. '{images: {0: batch, 2: h, 3: w}}'")
+    p.add_argument("--no-strict", action="store_true",
+                   help="warn instead of failing when onnxruntime's outputs miss the parity "
+                        "tolerance")
     _verbosity(p)
     p.set_defaults(func=cmd_export)
     return parser
@@ -125,10 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 # -- run ---------------------------------------------------------------------------------------
 
 def _fingerprint_settings(job: Any) -> dict[str, Any]:
-    # Budgets and guards do not change what a record means: a resume may change them.
+    # Budgets and guards do not change what a record means: a resume may change them. The
+    # deploy check does: it rejects plans the fake-quant trials passed.
     search = {k: v for k, v in job.config.search.items()
               if k not in ("max_evaluations", "eval_timeout", "max_seconds", "check_determinism")}
-    return {"evaluator": job.config.evaluator, "search": search}
+    verify = bool(job.config.export and job.config.export["verify_deploy"])
+    return {"evaluator": job.config.evaluator, "search": search, "verify_deploy": verify}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -156,7 +167,11 @@ def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
     model = job.build_model()
     evaluator = job.build_evaluator()
     inputs = job.example_inputs()
-    parts = fingerprint(model, kwargs["config"].to_dict(), _fingerprint_settings(job))
+    from autoquant.target import resolve_target
+
+    config = kwargs["config"]  # records are only valid for the target they were made on
+    parts = fingerprint(model, {**config.to_dict(), "target": resolve_target(config.target)},
+                        _fingerprint_settings(job))
     check_output_dir(out, out / JOURNAL_FILE, resume=args.resume, overwrite=args.overwrite)
     journal = Journal.open(out, parts, resume=args.resume, overwrite=args.overwrite,
                            meta={"job": str(job.path)})
@@ -179,6 +194,11 @@ def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
                                    progress=progress, **kwargs)
     finally:
         bars.close()
+    spec = job.config.export
+    if spec is not None:  # the deployed artifact, checked and measured, into the report
+        target = Path(spec["path"]).expanduser()
+        result.export_onnx(target if target.is_absolute() else out / target,
+                           strict=spec["strict"], **job.export_options())
     result.save(out)
     reused_records = [r for r in result.history if r in journal.records]
     run = {"resumed": bool(args.resume and reused), "reused_evaluations": len(reused_records),
@@ -328,8 +348,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (directory / JOB_COPY).is_file():
         raise ConfigError(f"{directory} has no {JOB_COPY}; pass the output directory of "
                           "`autoquant run`")
-    inputs = load_job(directory / JOB_COPY).example_inputs()
-    path = export.export_saved(directory, args.onnx, opset=args.opset, example_inputs=inputs)
+    job = load_job(directory / JOB_COPY)
+    options = job.export_options()  # the job's export section, overridden by the flags
+    if job.config.export is not None:
+        options["strict"] = job.config.export["strict"]
+    for key in ("opset", "input_names", "output_names"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.dynamic_axes is not None:
+        import yaml
+
+        from autoquant.jobconfig import dynamic_axes_from_data
+        from autoquant.yamlload import safe_load_no_aliases
+
+        try:
+            options["dynamic_axes"] = dynamic_axes_from_data(
+                safe_load_no_aliases(args.dynamic_axes))
+        except (ConfigError, yaml.YAMLError) as err:
+            raise ConfigError(f"--dynamic-axes: {err}") from err
+    if args.no_strict:
+        options["strict"] = False
+    path = export.export_saved(directory, args.onnx, example_inputs=job.example_inputs(),
+                               **options)
     print(f"wrote {path or args.onnx}")
     return EXIT_OK
 

@@ -28,6 +28,15 @@ the valid choices. Relative paths resolve against the YAML file's folder. The sc
       eval_timeout: null            # seconds one evaluate() may take (null: no limit)
       max_seconds: null             # wall-time budget of the run (null: no limit)
       check_determinism: false      # evaluate the float model twice and compare
+    export:                         # optional: export the result to ONNX after the search
+      path: model_qdq.onnx          # relative to the output directory
+      opset: null                   # default 21
+      input_names: [images]         # optional, as torch.onnx.export takes them
+      output_names: [logits]
+      dynamic_axes: {images: {0: batch, 2: height, 3: width}}   # default: the batch axis
+      strict: true                  # a failed parity check in onnxruntime is an error
+      verify_deploy: false          # score the exported model with the evaluator before
+                                    # the search reports "met" (one evaluation per check)
     output_dir: out                 # optional (default "autoquant_out")
 """
 
@@ -157,7 +166,15 @@ class Job:
             "eval_timeout": s["eval_timeout"], "max_seconds": s["max_seconds"],
             "check_determinism": s["check_determinism"],
             "config": self.quant_config(),
+            "verify_deploy": bool(self.config.export and self.config.export["verify_deploy"]),
+            "deploy_options": self.export_options(),
         }
+
+    def export_options(self) -> dict[str, Any]:
+        """`autoquant.export.export_onnx` keyword options of the ``export`` section."""
+        spec = self.config.export or {}
+        return {k: spec[k] for k in ("opset", "input_names", "output_names", "dynamic_axes")
+                if spec.get(k) is not None}
 
     def resolved(self) -> dict[str, Any]:
         """The job with absolute paths and the quant config inlined (for ``job.yaml``)."""

@@ -19,7 +19,7 @@ from typing import Any
 from autoquant.errors import ConfigError
 from autoquant.yamlload import LineMap
 
-__all__ = ["JobConfig", "validate_job", "JOB_VERSION", "DTYPES"]
+__all__ = ["JobConfig", "validate_job", "dynamic_axes_from_data", "JOB_VERSION", "DTYPES"]
 
 JOB_VERSION = 1
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
@@ -36,6 +36,7 @@ _TOP = {
     "example_inputs": ((list, dict, str), False, None),
     "quant": ((dict, str), False, None),
     "search": ((dict,), True, None),
+    "export": ((dict,), False, None),
     "output_dir": ((str,), False, "autoquant_out"),
 }
 _MODEL = {
@@ -65,6 +66,15 @@ _SEARCH = {
     "eval_timeout": ((int, float, type(None)), False, None),
     "max_seconds": ((int, float, type(None)), False, None),
     "check_determinism": ((bool,), False, False),
+}
+_EXPORT = {
+    "path": ((str,), False, "model_qdq.onnx"),
+    "opset": ((int, type(None)), False, None),
+    "input_names": ((list, type(None)), False, None),
+    "output_names": ((list, type(None)), False, None),
+    "dynamic_axes": ((dict, type(None)), False, None),
+    "strict": ((bool,), False, True),
+    "verify_deploy": ((bool,), False, False),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
                list: "a list", type(None): "null"}
@@ -134,6 +144,8 @@ class JobConfig:
         quant: an inline QuantConfig mapping, a Path to a config file, or None (int8).
         search: strategy, strategy_options, sensitivity, max_loss, loss_type,
             max_evaluations.
+        export: path (relative to the output directory), opset, input_names,
+            output_names, dynamic_axes, strict, verify_deploy; or None (no export).
         output_dir: where `autoquant run` writes (the CLI's ``--output-dir`` overrides it).
         python_path: folders added to ``sys.path`` before importing.
         seed: seeds ``torch`` before building the model and the example inputs.
@@ -146,6 +158,7 @@ class JobConfig:
     output_dir: Path
     example_inputs: list[dict[str, Any]] | dict[str, Any] | None = None
     quant: dict[str, Any] | Path | None = None
+    export: dict[str, Any] | None = None
     python_path: list[Path] = field(default_factory=list)
     seed: int = 0
     version: int = JOB_VERSION
@@ -165,6 +178,7 @@ class JobConfig:
             "quant": str(self.quant) if isinstance(self.quant, Path) else copy.deepcopy(
                 self.quant),
             "search": dict(self.search),
+            "export": copy.deepcopy(self.export),
             "output_dir": str(self.output_dir),
         }
 
@@ -294,8 +308,39 @@ def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
         if search[key] is not None and search[key] <= 0:
             raise v.error(("search", key), f"must be a number of seconds > 0 or null (no "
                                            f"limit), got {search[key]}")
+    export = None
+    if top["export"] is not None:
+        export = v.section(top["export"], ("export",), _EXPORT)
+        for key in ("input_names", "output_names"):
+            for i, name in enumerate(export[key] or []):
+                v.check_type(name, (str,), ("export", key, i))
+        if export["dynamic_axes"] is not None:
+            try:
+                export["dynamic_axes"] = dynamic_axes_from_data(export["dynamic_axes"])
+            except ConfigError as err:
+                raise v.error(("export", "dynamic_axes"), str(err)) from None
     return JobConfig(
         path=path, model=model, evaluator=evaluator, search=search,
         output_dir=_resolve_path(base, top["output_dir"]), example_inputs=inputs, quant=quant,
-        python_path=python_path, seed=top["seed"], version=top["version"],
+        export=export, python_path=python_path, seed=top["seed"], version=top["version"],
     )
+
+
+def dynamic_axes_from_data(data: Any) -> dict[str, dict[int, str] | list[int]]:
+    """`dynamic_axes` as read from YAML/JSON: ``{name: {axis: label}}`` or ``{name: [axes]}``
+    with the axes as integers (JSON keys are strings)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"must be a mapping {{input name: {{axis: label}}}}, got {data!r:.60}")
+    out: dict[str, dict[int, str] | list[int]] = {}
+    for name, spec in data.items():
+        try:
+            if isinstance(spec, dict):
+                out[str(name)] = {int(axis): str(label) for axis, label in spec.items()}
+            elif isinstance(spec, list):
+                out[str(name)] = [int(axis) for axis in spec]
+            else:
+                raise ValueError(spec)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: must be {{axis: label}} or [axes] with integer axes, "
+                              f"got {spec!r:.60}") from None
+    return out

@@ -87,6 +87,31 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f_b, q_b = sizes.get("float_weight_bytes"), sizes.get("quantized_weight_bytes")
         ratio = f" ({f_b / q_b:.1f}x smaller)" if f_b and q_b else ""
         lines.append(f"Weights: {_bytes(f_b)} float, {_bytes(q_b)} quantized{ratio}")
+    return lines + deployment_lines(report)
+
+
+def deployment_lines(report: dict[str, Any]) -> list[str]:
+    """The deployed artifact: the target, the metric measured in onnxruntime, the integer
+    kernels, and the exported file's size and latency against float."""
+    deploy = report.get("deployment") or {}
+    figures = (report.get("settings") or {}).get("deployment") or {}
+    lines = []
+    if deploy.get("target"):
+        lines.append(f"Deploy target: {deploy['target']}")
+    if deploy.get("met_on_deploy") is not None:
+        verdict = "meets" if deploy["met_on_deploy"] else "MISSES"
+        lines.append(f"Deployed in onnxruntime: metric {_fmt(deploy.get('deployed_metric'))}, "
+                     f"loss {_fmt(deploy.get('deployed_loss'))} ({verdict} the budget; "
+                     f"{len(deploy.get('checks') or [])} plan(s) checked)")
+    kernels = figures.get("integer_kernels")
+    if kernels:
+        floats = kernels.get("float") or {}
+        lines.append(kernels["summary"] + (f" (float: {', '.join(floats)})" if floats else ""))
+    if figures.get("latency_ratio") is not None:
+        lines.append(f"Exported file: {_bytes(figures.get('file_bytes'))} "
+                     f"({_fmt(figures.get('size_ratio'), '.2f')}x float), latency "
+                     f"{_fmt(figures.get('onnxruntime_ms'), '.3g')} ms "
+                     f"({_fmt(figures.get('latency_ratio'), '.2f')}x float, onnxruntime)")
     return lines
 
 

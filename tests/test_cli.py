@@ -24,7 +24,7 @@ TESTS = ROOT / "tests"
 
 def write_job(folder: Path, *, max_loss: float = 0.03, budget: int | None = None,
               hang_on_call: int | None = None, quant: str | None = None,
-              out: str = "out") -> Path:
+              out: str = "out", export: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     quant_text = quant or "{default: {weight: {bits: 6}, activation: {bits: 6}}}"
     text = f"""\
@@ -38,6 +38,8 @@ quant: {quant_text}
 search: {{max_loss: {max_loss}, max_evaluations: {'null' if budget is None else budget}}}
 output_dir: {out}
 """
+    if export is not None:
+        text += f"export: {export}\n"
     path = folder / "job.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -235,7 +237,7 @@ def test_export_calls_export_saved_with_the_run_directory_and_inputs(tmp_path, m
     assert main(["run", str(job), "-q"]) == EXIT_OK
     calls = []
     fake = types.ModuleType("autoquant.export")
-    fake.export_saved = lambda d, p, opset=None, example_inputs=None: calls.append(
+    fake.export_saved = lambda d, p, opset=None, example_inputs=None, **options: calls.append(
         (d, p, opset, example_inputs)) or p
     monkeypatch.setitem(sys.modules, "autoquant.export", fake)
     onnx = tmp_path / "m.onnx"
@@ -243,6 +245,37 @@ def test_export_calls_export_saved_with_the_run_directory_and_inputs(tmp_path, m
     (directory, path, opset, inputs), = calls
     assert directory == tmp_path / "out" and path == onnx and opset == 17
     assert inputs[0].shape == (2, 8)
+
+
+def test_job_export_section_writes_the_checked_onnx_file_and_the_deployed_metric(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    job = write_job(tmp_path, export="{input_names: [x], output_names: [y], "
+                                     "dynamic_axes: {x: {0: n}}, verify_deploy: true}")
+    assert main(["run", str(job), "-q"]) == EXIT_OK
+    out = tmp_path / "out"
+    graph = onnx.load(str(out / "model_qdq.onnx")).graph
+    assert [i.name for i in graph.input] == ["x"] and [o.name for o in graph.output] == ["y"]
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, report_schema())
+    assert report["deployment"]["met_on_deploy"] is True
+    figures = report["settings"]["deployment"]
+    assert figures["parity_ok"] and "integer kernels" in figures["integer_kernels"]["summary"]
+    assert "latency_ratio" in figures and "Deployed in onnxruntime" in (out / "report.md"
+                                                                       ).read_text()
+    # `autoquant export` takes the job's export section, the flags override it
+    again = tmp_path / "again.onnx"
+    assert main(["export", str(out), "--onnx", str(again), "--input-names", "inputs",
+                 "--dynamic-axes", "{inputs: [0]}", "-q"]) == EXIT_OK
+    assert [i.name for i in onnx.load(str(again)).graph.input] == ["inputs"]
+
+
+def test_bad_export_section_is_an_error_naming_the_line(tmp_path, capsys):
+    job = write_job(tmp_path, export="{dynamic_axes: {x: {zero: n}}}")
+    assert main(["run", str(job), "-q"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "job.yaml:" in err and "export.dynamic_axes" in err and "integer axes" in err
 
 
 def test_ctrl_c_exits_130_and_report_then_describes_the_interrupted_run_not_an_old_one(
