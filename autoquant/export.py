@@ -65,6 +65,7 @@ from autoquant.signature import (
     input_names_of,
     rename_graph,
     split_inputs,
+    varying_axes,
 )
 from autoquant.target import TARGETS, host_target, runs_exactly_on
 
@@ -86,6 +87,7 @@ class Signature:
     output_names: Sequence[str] | None = None
     dynamic_axes: DynamicAxes | None = None
     dynamic_batch: bool = True
+    varying: tuple[set[int], ...] = ()  # input axes other inputs vary (signature.varying_axes)
 
 
 def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str, int]]:
@@ -218,7 +220,7 @@ def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
         input_names_of(work, args, kwargs)
     try:
         dynamic, labels = dynamic_shapes(work, args, kwargs, names, sig.dynamic_axes,
-                                         sig.dynamic_batch)
+                                         sig.dynamic_batch, sig.varying)
     except TypeError:
         dynamic, labels = None, {}
     if sig.dynamic_axes is None and sig.dynamic_batch and any(
@@ -344,7 +346,8 @@ def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
     opset = _check_opset(opset, layers)
     if not layers:
         logger.warning("the model has no quantized layer; exporting a float graph")
-    sig = Signature(input_names, output_names, dynamic_axes, dynamic_batch)
+    sig = Signature(input_names, output_names, dynamic_axes, dynamic_batch,
+                    tuple(varying_axes(example_inputs, check_inputs)))
     data = _to_onnx_bytes(work, example_inputs, opset, sig)
     figures: dict[str, Any] = {"target": searched, "host": host_target()}
     if check:

@@ -18,7 +18,8 @@ from torch import nn
 
 from autoquant.errors import ConfigError
 
-__all__ = ["DynamicAxes", "split_inputs", "input_names_of", "dynamic_shapes", "rename_graph"]
+__all__ = ["DynamicAxes", "split_inputs", "input_names_of", "varying_axes", "dynamic_shapes",
+           "rename_graph"]
 
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
 
@@ -61,14 +62,38 @@ def _axes(spec: Mapping[int, str] | Sequence[int], name: str, rank: int) -> dict
     return out
 
 
+def varying_axes(example_inputs: Any, others: Sequence[Any]) -> list[set[int]]:
+    """Per tensor of `example_inputs` (flattened order), the axes whose size differs in
+    some of `others` (inputs of the same structure, e.g. calibration batches)."""
+    from torch.utils._pytree import tree_leaves
+
+    def tensors(inputs: Any) -> list[torch.Tensor]:
+        args, kwargs = split_inputs(inputs)
+        return [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+
+    base = tensors(example_inputs)
+    axes: list[set[int]] = [set() for _ in base]
+    for other in others:
+        theirs = tensors(other)
+        if len(theirs) != len(base):
+            continue
+        for found, a, b in zip(axes, base, theirs, strict=True):
+            if a.dim() == b.dim():
+                found.update(i for i in range(a.dim()) if a.shape[i] != b.shape[i])
+    return axes
+
+
 def dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, names: Sequence[str],
-                   dynamic_axes: DynamicAxes | None, dynamic_batch: bool
-                   ) -> tuple[Any, dict[str, dict[int, str]]]:
+                   dynamic_axes: DynamicAxes | None, dynamic_batch: bool,
+                   varying: Sequence[set[int]] = ()) -> tuple[Any, dict[str, dict[int, str]]]:
     """The ``dynamic_shapes`` of `torch.export.export` and ``{input name: {axis: label}}``.
 
     `names` are the inputs' names in the graph (`input_names_of` or the user's
     ``input_names``). Unknown names in `dynamic_axes` are a ConfigError listing the valid
-    ones; output names are allowed there (their axes follow from the inputs).
+    ones; output names are allowed there (their axes follow from the inputs). Without
+    `dynamic_axes`, the batch axis and the `varying` axes (`varying_axes`: sizes the
+    calibration batches vary, e.g. a sequence length) are dynamic where the model allows
+    it (``Dim.AUTO``: torch.export keeps an axis static that the model specializes).
     """
     from torch.export import Dim
 
@@ -84,6 +109,11 @@ def dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, names: Sequence[
     if dynamic_axes is None and dynamic_batch:
         labels = {n: {0: "batch"} for n, t in zip(names, tensors, strict=False)
                   if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] > 1}
+        flat = [(n, t) for n, t in zip(names, tensors, strict=False)
+                if isinstance(t, torch.Tensor)]
+        for (name, _), axes in zip(flat, varying, strict=False):
+            for axis in sorted(axes):
+                labels.setdefault(name, {})[axis] = "batch" if axis == 0 else f"{name}_dim{axis}"
     if not labels:
         return None, {}
 

@@ -1,28 +1,41 @@
-"""Deployment benchmark: file size and latency of torch float, onnxruntime float and
-onnxruntime QDQ (the autoquant export), for the digits CNN and a ResNet-18-size conv net.
+"""Deployment benchmark: what a user ships, measured in onnxruntime with default session
+options on this CPU.
+
+For each model the search runs with its own metric and ``verify_deploy=True`` (the chosen
+plan is exported and scored by the same evaluator in onnxruntime before the search says
+"met"); then the result is exported with `SearchResult.export_onnx` and the float model
+with `autoquant.export.export_float_onnx`, and the benchmark prints:
+
+- latency: INT8 / float in onnxruntime, both sessions with default options and the same
+  threads, timed interleaved (A B A B ...) on the same batch; the medians and their ratio;
+- the file size ratio INT8 / float;
+- how many quantized layers run integer kernels in the optimized graph;
+- the searched metric (fake-quant model in torch) next to the deployed one (onnxruntime).
+
+Models: ``cnn`` (Conv-BN-ReLU, 4 convolutions + 2 Linear, 32x32 input, batch 32),
+``resnet`` (ResNet-18 layout with residual adds, 112x112, batch 8) and ``transformer``
+(4 ``nn.TransformerEncoderLayer`` blocks, 256 wide, 64 tokens, batch 8) have random
+weights (speed and size do not depend on them) with randomized BatchNorm statistics, and
+are scored by cosine fidelity to the float model (`FidelityEvaluator`); ``digits`` (the
+trained digits CNN, validation accuracy) and ``lstm_lm`` (the trained character LSTM,
+validation perplexity) are the bundled examples.
 
 Usage::
 
-    python benchmarks/deploy.py                 # both models, batch 1 and 32, 2 threads
-    python benchmarks/deploy.py --models resnet18 --repeats 10
-
-Latency is the median wall time of repeated runs (after warm-up) with 2 intra-op threads,
-one runtime at a time.
-The QDQ model is the all-int8 fake-quant model (W8A8: per-channel symmetric weights,
-per-tensor affine activations) exported by `autoquant.export.export_onnx`; its outputs are
-checked against the torch fake-quant model before timing. The ResNet-18 has random weights
-(speed and size do not depend on them); it is built here, without torchvision.
+    python benchmarks/deploy.py                        # every model
+    python benchmarks/deploy.py --models cnn resnet --repeats 50
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import io
+import logging
 import sys
 import tempfile
-import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,10 +44,13 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from autoquant.deploy import median_ms, ort_session, parity
-from autoquant.export import export_float_onnx, export_onnx
+from autoquant.deploy import interleaved_ms, ort_feed, ort_session
+from autoquant.export import export_float_onnx
+from autoquant.ortmodule import OnnxModule
+from autoquant.target import host_target
+from evaluators import FidelityEvaluator
 
-__all__ = ["BasicBlock", "ResNet18", "main"]
+__all__ = ["BasicBlock", "ResNet18", "ConvNet", "Case", "CASES", "bench", "main"]
 
 
 class BasicBlock(nn.Module):
@@ -59,7 +75,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 (11.7 M parameters) for 224x224 RGB images and 1000 classes."""
+    """ResNet-18 (11.7 M parameters with 1000 classes)."""
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -77,161 +93,161 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
-class _Calibration:
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self.batches = batches
+class ConvNet(nn.Module):
+    """A CIFAR-size Conv-BN-ReLU CNN: 4 convolutions (two max pools) and 2 Linear."""
 
-    def calibration(self, model: nn.Module) -> None:
-        for x in self.batches:
-            model(x)
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
 
-    def evaluate(self, model: nn.Module) -> float:  # PTQ only: never called
-        return 0.0
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
+        self.features = nn.Sequential(*block(3, 32), *block(32, 64), nn.MaxPool2d(2),
+                                      *block(64, 128), *block(128, 128), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(128 * 8 * 8, 256), nn.ReLU(),
+                                        nn.Linear(256, classes))
 
-def _digits() -> tuple[nn.Module, list[torch.Tensor], tuple[int, ...]]:
-    from examples.digits.model import load_data
-    from examples.digits.train import get_trained_model
-
-    images = load_data().calibration[0]
-    return get_trained_model(), [images[:64], images[64:]], (1, 8, 8)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
 
 
-def _resnet18() -> tuple[nn.Module, list[torch.Tensor], tuple[int, ...]]:
-    torch.manual_seed(0)
-    model = ResNet18().eval()
+class Encoder(nn.Module):
+    """A BERT-style encoder: token projection, `depth` post-norm encoder layers, a head."""
+
+    def __init__(self, dim: int = 256, depth: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(32, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True,
+                                           activation="gelu")
+        self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.embed(x)))
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(0)
-    return model, [torch.randn(4, 3, 224, 224, generator=gen) for _ in range(2)], (3, 224, 224)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.5)
+    return model.eval()
 
 
-MODELS = {"digits": _digits, "resnet18": _resnet18}
-# the default session, and one that folds the weight DequantizeLinear nodes into float
-# weights at load time (onnxruntime keeps them, and runs them, by default)
-QDQ_SESSIONS = {
-    "onnxruntime QDQ": {},
-    "onnxruntime QDQ, weights folded": {"session.disable_quant_qdq": "1"},
-}
+@dataclass
+class Case:
+    """One benchmark model: how to build it, its evaluator, inputs, budget and config."""
+
+    model: nn.Module
+    evaluator: Any
+    example_inputs: tuple
+    max_loss: float
+    loss_type: str = "absolute"
+    config: dict | None = None
+    note: str = ""
 
 
-def _torch_bytes(model: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
+def _fidelity_case(model: nn.Module, shape: tuple[int, ...], batches: int = 2,
+                   max_loss: float = 0.002) -> Case:
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(*shape, generator=gen) for _ in range(batches)]
+    return Case(model, FidelityEvaluator(model, data), (data[0],), max_loss,
+                note="cosine fidelity to float")
 
 
-def bench(name: str, repeats: int, threads: int, out_dir: Path) -> list[tuple]:
-    """Rows ``(model, runtime, bytes, ms at batch 1, ms at batch 32)`` for one model."""
-    model, calib, shape = MODELS[name]()
-    qmodel = aq.quantize(model, _Calibration(calib))
-    example = (torch.randn(2, *shape),)
-    f_path = export_float_onnx(qmodel, out_dir / f"{name}_float.onnx", example)
-    q_path = export_onnx(qmodel, out_dir / f"{name}_qdq.onnx", example)
-    x32 = torch.randn(32, *shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = qmodel(x32)
-    for label, config in QDQ_SESSIONS.items():
-        session = ort_session(q_path, threads, config)
-        out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name:
-                                                  x32.numpy()})[0])
-        close = parity([ref], [out])
-        print(f"{name}: {label} vs torch fake-quant: max abs diff {close['max_abs_diff']:.2e} "
-              f"(max |y| {float(ref.abs().max()):.3g}), matching outputs "
-              f"{close['matching_outputs']:.4f}, top-1 agreement "
-              f"{float((out.argmax(1) == ref.argmax(1)).float().mean()):.4f}")
-        del session
-
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", UserWarning)  # a note on TF32 for Intel GPUs
-        with torch.backends.mkldnn.flags(enabled=False):
-            other = qmodel(x32)  # the same torch model with its other CPU conv implementation
-    close = parity([ref], [other])
-    print(f"{name}: for scale, torch fake-quant without vs with oneDNN convolutions: max abs "
-          f"diff {close['max_abs_diff']:.2e}, matching outputs {close['matching_outputs']:.4f}")
-
-    torch.set_num_threads(threads)
-    runtimes: list[tuple[str, object, dict[str, str]]] = [
-        ("torch float", model, {}), ("torch fake-quant", qmodel, {}),
-        ("onnxruntime float", f_path, {}),
-        *((label, q_path, config) for label, config in QDQ_SESSIONS.items()),
-    ]
-    # One runtime at a time, each onnxruntime session closed before the next is timed:
-    # an idle session's worker threads spin for a while after each run and would steal the
-    # two cores from whatever runs next (torch's batch-1 latency suffered tenfold from it).
-    rows = []
-    for runtime, target, config in runtimes:
-        session = None
-        if isinstance(target, nn.Module):
-            size = _torch_bytes(target)
-        else:
-            session = ort_session(target, threads, config)
-            size = Path(target).stat().st_size
-        times = []
-        for batch in (1, 32):
-            x = x32[:batch]
-            if session is None:
-                def run(net: nn.Module = target, x: torch.Tensor = x) -> None:
-                    with torch.no_grad():
-                        net(x)
-            else:
-                feed = {session.get_inputs()[0].name: x.numpy()}
-
-                def run(session=session, feed=feed) -> None:  # type: ignore[no-untyped-def]
-                    session.run(None, feed)
-            times.append(median_ms(run, repeats=repeats if batch == 1 else max(3, repeats // 4),
-                                   warmup=5))
-        del session
-        gc.collect()
-        rows.append((name, runtime, size, *times))
-    return rows
+def _cnn() -> Case:
+    torch.manual_seed(0)
+    return _fidelity_case(_randomize_bn(ConvNet()), (32, 3, 32, 32))
 
 
-def digits_parity(out_dir: Path) -> None:
-    """Search the digits CNN (W8A8, at most 1 point of accuracy), export the result with
-    `SearchResult.export_onnx` and compare accuracies: float, searched model, onnxruntime."""
+def _resnet() -> Case:
+    torch.manual_seed(0)
+    return _fidelity_case(_randomize_bn(ResNet18(100)), (8, 3, 112, 112))
+
+
+def _transformer() -> Case:
+    torch.manual_seed(0)
+    return _fidelity_case(Encoder().eval(), (8, 64, 32))
+
+
+def _digits() -> Case:
     from evaluators import ClassificationEvaluator
     from examples.digits.model import load_data, make_loaders
     from examples.digits.train import get_trained_model
 
-    model = get_trained_model()
     _, val_loader = make_loaders(batch_size=64)
-    images, labels = load_data().val
-    result = aq.auto_quantize(model, ClassificationEvaluator(val_loader), (images[:64],),
-                              max_loss=0.01)
-    path = result.export_onnx(out_dir / "digits_searched.onnx")
-    session = ort_session(path)
-    logits = torch.from_numpy(session.run(None, {session.get_inputs()[0].name:
-                                                 images.numpy()})[0])
-    with torch.no_grad():
-        ref = result.model(images)
-    close = parity([ref], [logits])
-    acc = float((logits.argmax(1) == labels).float().mean())
-    print(f"digits search: plan {result.plan}")
-    print(f"val accuracy: float {result.float_metric:.4f}, searched fake-quant "
-          f"{result.quant_metric:.4f}, onnxruntime QDQ {acc:.4f}; logits max abs diff "
-          f"{close['max_abs_diff']:.2e}, matching {close['matching_outputs']:.4f}")
-    print(f"report deployment entry: {result.to_report()['settings']['deployment']}")
+    images = load_data().val[0]
+    return Case(get_trained_model(), ClassificationEvaluator(val_loader), (images[:64],),
+                0.01, note="validation accuracy")
+
+
+def _lstm_lm() -> Case:
+    from examples.lstm_lm.data import example_inputs
+    from examples.lstm_lm.evaluator import StdlibTextPerplexity
+    from examples.lstm_lm.train import get_trained_model
+
+    return Case(get_trained_model(), StdlibTextPerplexity("val"), example_inputs(), 0.01,
+                "relative", note="validation perplexity (lower is better)")
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "cnn": _cnn, "resnet": _resnet, "transformer": _transformer, "digits": _digits,
+    "lstm_lm": _lstm_lm,
+}
+
+
+def bench(name: str, repeats: int, out_dir: Path) -> dict[str, Any]:
+    """Search, export and measure one model; the row of figures."""
+    case = CASES[name]()
+    result = aq.auto_quantize(case.model, case.evaluator, case.example_inputs,
+                              max_loss=case.max_loss, loss_type=case.loss_type,
+                              config=case.config, verify_deploy=True)
+    q_path = result.export_onnx(out_dir / f"{name}_int8.onnx", measure=False)
+    f_path = export_float_onnx(result.model, out_dir / f"{name}_float.onnx",
+                               case.example_inputs)
+    int8, flt = ort_session(q_path), ort_session(f_path)
+    feeds = ort_feed(int8, case.example_inputs), ort_feed(flt, case.example_inputs)
+    t_int8, t_float = interleaved_ms([lambda: int8.run(None, feeds[0]),
+                                      lambda: flt.run(None, feeds[1])], repeats, warmup=5)
+    deployed = case.evaluator.evaluate(OnnxModule(q_path, result.model, case.example_inputs))
+    figures = result.settings["deployment"]
+    kernels = figures.get("integer_kernels", {})
+    return {
+        "model": name, "metric": case.note, "status": result.status,
+        "quantized": f"{len(result.quantized_layers)}/{len(result.layers)}",
+        "evaluations": result.num_evaluations,
+        "int8_ms": t_int8, "float_ms": t_float, "latency_ratio": t_int8 / t_float,
+        "size_ratio": q_path.stat().st_size / f_path.stat().st_size,
+        "kernels": kernels.get("summary", "n/a"), "float_layers": kernels.get("float", {}),
+        "searched": result.quant_metric, "deployed": deployed,
+        "float_metric": result.float_metric,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--repeats", type=int, default=20,
-                        help="timed runs at batch 1 (a quarter of them, at least 3, at 32)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-parity", action="store_true",
-                        help="skip the digits search and accuracy comparison")
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per session")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.no_parity:
-            digits_parity(Path(tmp))
-        rows = [row for name in args.models
-                for row in bench(name, args.repeats, args.threads, Path(tmp))]
-    print(f"\n| model | runtime | file size | batch 1 (ms) | batch 32 (ms) |  "
-          f"({args.threads} threads, median)")
-    print("|---|---|---:|---:|---:|")
-    for name, runtime, size, t1, t32 in rows:
-        print(f"| {name} | {runtime} | {size / 1e6:.3f} MB | {t1:.2f} | {t32:.1f} |")
+        rows = [bench(name, args.repeats, Path(tmp)) for name in args.models]
+    threads = torch.get_num_threads()
+    print(f"\nonnxruntime default session options, target {host_target()}, {threads} CPU "
+          f"threads, median of {args.repeats} interleaved runs")
+    print("| model | metric | quantized | evals | INT8 ms | float ms | INT8/float latency | "
+          "INT8/float size | integer kernels | float | searched | deployed |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['metric']} | {r['quantized']} | {r['evaluations']} | "
+              f"{r['int8_ms']:.2f} | {r['float_ms']:.2f} | {r['latency_ratio']:.2f} | "
+              f"{r['size_ratio']:.2f} | {r['kernels']} | {r['float_metric']:.4f} | "
+              f"{r['searched']:.4f} | {r['deployed']:.4f} |")
+    for r in rows:
+        for layer, reason in r["float_layers"].items():
+            print(f"{r['model']}: {layer} runs in float: {reason}")
 
 
 if __name__ == "__main__":
