@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from autoquant.amct import accuracy_based_auto_calibration, create_quant_config
+from autoquant import _layout  # noqa: F401 - finds autoquant.strategies/.evaluators first
 from autoquant.api import auto_quantize, load_quantized, quantize, sensitivity_analysis
+from autoquant.compat.amct import accuracy_based_auto_calibration, create_quant_config
 from autoquant.config import LayerConfig, QuantConfig, QuantizerConfig
 from autoquant.errors import (
     AutoquantError,
@@ -24,11 +25,11 @@ from autoquant.errors import (
     ModelError,
     UserError,
 )
-from autoquant.kinds import QuantMatMul, convert_matmuls
-from autoquant.metric import AccuracyCriterion
+from autoquant.evaluation.criterion import AccuracyCriterion
+from autoquant.quant.kinds import QuantMatMul, convert_matmuls
 from autoquant.result import SearchResult
-from autoquant.sensitivity import LayerSensitivity, SensitivityMetric, register_sensitivity
-from autoquant.strategy import SearchContext, SearchStrategy, TrialRecord, register_strategy
+from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord, register_strategy
+from autoquant.sensitivity.ranking import LayerSensitivity, SensitivityMetric, register_sensitivity
 
 __version__ = "0.1.0"
 
@@ -71,7 +72,7 @@ def __getattr__(name: str) -> Any:
     # `aq.Evaluator` is the base class from the `evaluators` package, imported on first use
     # so that the core never imports the evaluators package eagerly.
     if name == "Evaluator":
-        from evaluators.base import Evaluator
+        from autoquant.evaluators.base import Evaluator
 
         return Evaluator
     raise AttributeError(f"module 'autoquant' has no attribute {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from autoquant.cli import main
+from autoquant.jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

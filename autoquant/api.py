@@ -13,25 +13,25 @@ from typing import Any
 
 from torch import nn
 
-from autoquant.calibration import calibrate_model, calibration_overrides, calibration_rows
+from autoquant.calibration.refine import calibrate_model, calibration_overrides, calibration_rows
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError
-from autoquant.guard import check_timeout_setting, load_state_dict_file
-from autoquant.metric import AccuracyCriterion, LossType
-from autoquant.parallel import WorkerPool, check_workers
+from autoquant.evaluation.criterion import AccuracyCriterion, LossType
+from autoquant.evaluation.guard import check_timeout_setting, load_state_dict_file
 from autoquant.plan import FLOAT, plan_key
-from autoquant.qmodel import QuantModel
+from autoquant.quant.qmodel import QuantModel
 from autoquant.result import CONFIG_FILE, STATE_FILE, SearchResult, final_config
-from autoquant.search import TrialRunner, make_decision
-from autoquant.sensitivity import LayerSensitivity, SensitivityMetric, compute_sensitivity
-from autoquant.strategy import STRATEGIES, SearchContext, SearchStrategy, TrialRecord
-from autoquant.trust import (
+from autoquant.search.deploy_check import DeployCheck, evaluate_deployed, search_until_deployed
+from autoquant.search.loop import TrialRunner, make_decision
+from autoquant.search.parallel import WorkerPool, check_workers
+from autoquant.search.strategy import STRATEGIES, SearchContext, SearchStrategy, TrialRecord
+from autoquant.search.trust import (
     check_trust_args,
     holdout_check,
     monotonicity_violations,
     ranking_audit,
 )
-from autoquant.verify import DeployCheck, evaluate_deployed, search_until_deployed
+from autoquant.sensitivity.ranking import LayerSensitivity, SensitivityMetric, compute_sensitivity
 
 __all__ = [
     "auto_quantize",
@@ -129,9 +129,9 @@ def auto_quantize(
 
     Args:
         model: the trained float model (any `nn.Module`).
-        evaluator: an `evaluators.Evaluator` (or any object with ``calibration(model)`` and
-            ``evaluate(model) -> float``; ``metric_eval`` and ``higher_is_better`` are
-            optional).
+        evaluator: an `autoquant.Evaluator` (or any object with ``calibration(model)``
+            and ``evaluate(model) -> float``; ``metric_eval`` and ``higher_is_better``
+            are optional).
         example_inputs: a tuple of positional inputs (or a dict of keyword inputs) used to
             check that the model runs before anything expensive happens.
         max_loss: the accepted loss: metric units (``absolute``) or a fraction of the float
@@ -152,9 +152,9 @@ def auto_quantize(
             ``("sensitivity", "end", ranking=..., reused=bool)``, ``("search", "start",
             total=int | None)`` and ``("search", "trial", record=..., reused=bool)``.
         workers: evaluate the independent plans of each strategy step in this many
-            spawned processes (see `autoquant.parallel`); 1 evaluates in this process.
+            spawned processes (see `autoquant.search.parallel`); 1 evaluates in this process.
         holdout: re-check the final plan with ``evaluator.evaluate_holdout`` (None: if the
-            evaluator has it; True: required; False: never). See `autoquant.trust`.
+            evaluator has it; True: required; False: never). See `autoquant.search.trust`.
         audit: evaluate the `audit` worst-ranked layers alone quantized after the search
             and report Spearman's rho of the ranking against the measured losses
             (these evaluations count in ``num_evaluations``).
@@ -171,8 +171,8 @@ def auto_quantize(
         verify_deploy: export the chosen plan to ONNX and score it with
             ``evaluator.evaluate`` in onnxruntime (default session options, one evaluation,
             counted); if the deployed model misses the budget, the search goes on with the
-            next plan the strategy proposes (see `autoquant.verify`). The result records
-            ``deployed_metric``, ``deployed_loss`` and ``met_on_deploy``.
+            next plan the strategy proposes (see `autoquant.search.deploy_check`). The
+            result records ``deployed_metric``, ``deployed_loss`` and ``met_on_deploy``.
         deploy_options: `autoquant.export.export_onnx` keyword options for that export
             (``input_names``, ``dynamic_axes``, ``opset``, ...).
 

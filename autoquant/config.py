@@ -19,10 +19,10 @@ from typing import Any, Literal
 import yaml
 
 from autoquant.errors import ConfigError
-from autoquant.io import atomic_write_text
+from autoquant.io.atomic import atomic_write_text
+from autoquant.io.yamlsafe import safe_load_no_aliases
 from autoquant.plan import FLOAT, scheme_label
-from autoquant.target import TARGETS
-from autoquant.yamlload import safe_load_no_aliases
+from autoquant.quant.target import TARGETS
 
 __all__ = ["QuantizerConfig", "LayerConfig", "QuantConfig", "CONFIG_VERSION", "QUANT_MODES"]
 
@@ -74,7 +74,7 @@ class QuantizerConfig:
         algorithm: range calibration. Activations: ``minmax``, ``percentile`` (clip at
             `percentile` of the observed values), ``mse`` (clip range minimising the
             quantization MSE), ``entropy`` (histogram KL divergence) or ``auto`` (per layer,
-            the candidate with the best local output SQNR; see `autoquant.calibration`).
+            the candidate with the best local output SQNR; see `autoquant.calibration.refine`).
             Weights: ``minmax`` or ``mse`` (per-channel MSE-optimal clipping).
         percentile: the percentile used by ``algorithm="percentile"``, in (50, 100].
     """
@@ -232,14 +232,14 @@ class QuantConfig:
         fold_bn: fold eval-mode BatchNorm into the preceding convolution first.
         bias_correction: after weight quantization, add to each Linear/Conv bias the mean
             output shift its weight quantization caused on the calibration data
-            (`autoquant.calibration`).
+            (`autoquant.calibration.refine`).
         smoothing_alpha: None (off) or the SmoothQuant migration strength in [0, 1]: the
             input-channel scales of Linear layers fed by a LayerNorm move into the weights
-            (`autoquant.smoothing`).
+            (`autoquant.calibration.smoothing`).
         target: the CPU the exported model runs on, whose integer arithmetic the search
             reproduces: ``auto`` (this CPU), ``x86_vnni``, ``x86_avx2`` (no VNNI: 8-bit
             weights use 7 bits so onnxruntime's kernels cannot saturate), ``arm`` or
-            ``reference`` (see `autoquant.target`). A saved config holds the resolved one.
+            ``reference`` (see `autoquant.quant.target`). A saved config holds the resolved one.
 
     Example:
         >>> cfg = QuantConfig.from_dict({"default": {"activation": {"algorithm": "mse"}},

@@ -13,10 +13,10 @@ from typing import Any
 from torch import nn
 
 from autoquant.config import QuantConfig
-from autoquant.io import atomic_torch_save, atomic_write_text
+from autoquant.io.atomic import atomic_torch_save, atomic_write_text
 from autoquant.plan import FLOAT, QuantPlan
-from autoquant.sensitivity import LayerSensitivity
-from autoquant.strategy import TrialRecord
+from autoquant.search.strategy import TrialRecord
+from autoquant.sensitivity.ranking import LayerSensitivity
 
 __all__ = ["SearchResult", "final_config"]
 
@@ -37,12 +37,12 @@ def final_config(
     """`base` with the plan's float layers skipped and its bit-width fallbacks written in.
 
     `calibration` holds per-layer overrides that pin each layer's chosen activation
-    calibration (`autoquant.calibration.calibration_overrides`); they are written for the
+    calibration (`autoquant.calibration.refine.calibration_overrides`); they are written for the
     layers the plan quantizes. `target` replaces ``auto`` by the target the search resolved
     it to, so the config means the same on another machine. Applying the returned config
     to the float model reproduces the plan.
     """
-    from autoquant.calibration import merge_overrides
+    from autoquant.calibration.refine import merge_overrides
 
     quantized = {n: o for n, o in (calibration or {}).items() if plan.get(n, FLOAT) != FLOAT}
     layers = merge_overrides(base.layers, quantized)
@@ -91,14 +91,15 @@ class SearchResult:
         layers: per-layer rows (name, type, parameters) of every quantizable layer.
         settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget);
             `export_onnx` adds a ``deployment`` entry with the export's measured figures.
-        checks: trust checks (`autoquant.trust`): ``holdout`` (float and final metric on the
+        checks: trust checks (`autoquant.search.trust`): ``holdout`` (float and final metric on the
             evaluator's held-out data), ``audit`` (per-layer measured drops and Spearman's
             rho against the proxy ranking) and ``monotonicity`` (pass/fail violations
             among the prefix plans evaluated); a key is absent when its check did not run.
         determinism: the evaluator determinism check (``check_determinism=True``): the two
             float metrics, their difference and whether they agree; None if not checked.
         deploy_checks: the chosen plans scored in onnxruntime (``verify_deploy=True``), in
-            order, as `autoquant.verify.DeployCheck`; the last one is the returned plan's.
+            order, as `autoquant.search.deploy_check.DeployCheck`; the last one is the
+            returned plan's.
         example_inputs: the inputs the search checked the model with (used by `export_onnx`).
         check_inputs: a few calibration batches, for the parity check of `export_onnx`.
     """
@@ -156,8 +157,8 @@ class SearchResult:
     @property
     def effective_bits(self) -> dict[str, float]:
         """Average weight bits (parameter-weighted) and activation bits (per layer) of the
-        quantizable layers, float counting as 32 (see `autoquant.report.effective_bits`)."""
-        from autoquant.report import effective_bits
+        quantizable layers, float counting as 32 (see `autoquant.report.build.effective_bits`)."""
+        from autoquant.report.build import effective_bits
 
         return effective_bits(self.layers, self.plan)
 
@@ -195,8 +196,8 @@ class SearchResult:
         return "\n".join(lines)
 
     def to_report(self) -> dict[str, Any]:
-        """The JSON report (see `autoquant.report`)."""
-        from autoquant.report import build_report
+        """The JSON report (see `autoquant.report.build`)."""
+        from autoquant.report.build import build_report
 
         return build_report(self)
 
@@ -214,7 +215,7 @@ class SearchResult:
         Example:
             >>> result.export_onnx("model_qdq.onnx", dynamic_axes={"x": {0: "batch"}})
         """
-        from autoquant.export import export_measured
+        from autoquant.export.onnx_export import export_measured
 
         inputs = self.example_inputs if example_inputs is None else example_inputs
         options.setdefault("check_inputs", self.check_inputs)

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 import autoquant as aq
-from evaluators import ClassificationEvaluator
+from autoquant.evaluators import ClassificationEvaluator
 
 __all__ = ["SETTINGS", "BITS", "main", "run_one"]
 
@@ -81,7 +81,7 @@ def run_one(model: torch.nn.Module, evaluator: Any, example: torch.Tensor,
 def logit_sqnr(model: torch.nn.Module, quantized: torch.nn.Module, loader: Any) -> float:
     """Output SQNR (dB) of the fully quantized model's logits against the float logits over
     the whole loader: a finer-grained view than accuracy on 359 images."""
-    from autoquant.calibration import SQNR
+    from autoquant.calibration.refine import SQNR
 
     acc = SQNR()
     with torch.no_grad():

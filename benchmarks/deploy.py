@@ -4,7 +4,7 @@ options on this CPU.
 For each model the search runs with its own metric and ``verify_deploy=True`` (the chosen
 plan is exported and scored by the same evaluator in onnxruntime before the search says
 "met"); then the result is exported with `SearchResult.export_onnx` and the float model
-with `autoquant.export.export_float_onnx`, and the benchmark prints:
+with `autoquant.export.onnx_export.export_float_onnx`, and the benchmark prints:
 
 - latency: INT8 / float in onnxruntime, both sessions with default options and the same
   threads, timed interleaved (A B A B ...) on the same batch; the medians and their ratio;
@@ -44,11 +44,11 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from autoquant.deploy import interleaved_ms, ort_feed, ort_session
-from autoquant.export import export_float_onnx
-from autoquant.ortmodule import OnnxModule
-from autoquant.target import host_target
-from evaluators import FidelityEvaluator
+from autoquant.evaluators import FidelityEvaluator
+from autoquant.export.onnx_export import export_float_onnx
+from autoquant.export.ortmodule import OnnxModule
+from autoquant.export.runtime import interleaved_ms, ort_feed, ort_session
+from autoquant.quant.target import host_target
 
 __all__ = ["BasicBlock", "ResNet18", "ConvNet", "Case", "CASES", "bench", "main"]
 
@@ -172,7 +172,7 @@ def _transformer() -> Case:
 
 
 def _digits() -> Case:
-    from evaluators import ClassificationEvaluator
+    from autoquant.evaluators import ClassificationEvaluator
     from examples.digits.model import load_data, make_loaders
     from examples.digits.train import get_trained_model
 

@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import autoquant as aq  # noqa: E402
-from autoquant.journal import Journal  # noqa: E402
-from autoquant.layers import QuantLayer  # noqa: E402
-from autoquant.sensitivity import LayerSensitivity  # noqa: E402
-from evaluators import Evaluator  # noqa: E402
+from autoquant.evaluators import Evaluator  # noqa: E402
+from autoquant.jobs.journal import Journal  # noqa: E402
+from autoquant.quant.layers import QuantLayer  # noqa: E402
+from autoquant.sensitivity.ranking import LayerSensitivity  # noqa: E402
 
 
 def deep_mlp(layers: int, width: int) -> nn.Sequential:

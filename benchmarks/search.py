@@ -32,10 +32,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import autoquant as aq  # noqa: E402
-from autoquant.layers import QuantState  # noqa: E402
-from autoquant.qmodel import QuantModel  # noqa: E402
-from autoquant.sensitivity import compute_sensitivity  # noqa: E402
-from evaluators import ClassificationEvaluator, Evaluator, FidelityEvaluator  # noqa: E402
+from autoquant.evaluators import ClassificationEvaluator, Evaluator, FidelityEvaluator  # noqa: E402
+from autoquant.quant.layers import QuantState  # noqa: E402
+from autoquant.quant.qmodel import QuantModel  # noqa: E402
+from autoquant.sensitivity.ranking import compute_sensitivity  # noqa: E402
 
 
 class DeepResidualMLP(nn.Module):

@@ -8,13 +8,13 @@ Usage::
 For each model the sensitivity ranking is computed once and shared by every strategy, so
 the table compares the searches alone. Per strategy it prints: evaluations (the float
 baseline included), layers quantized k/N (at any bit width), effective weight/activation
-bits (`autoquant.report.effective_bits`), the final loss, wall time of the whole
+bits (`autoquant.report.build.effective_bits`), the final loss, wall time of the whole
 `auto_quantize` call and the part of it spent inside the evaluator.
 
 The deep model is a 48-layer Linear+Tanh MLP with random but fixed (seeded) weights in which
 some layers carry an outlier output channel of random size, so the next layer's per-tensor
 input activation is hard to quantize: sensitivity varies widely from layer to layer. Its
-metric is `evaluators.FidelityEvaluator` (cosine similarity of the outputs to the float
+metric is `autoquant.evaluators.FidelityEvaluator` (cosine similarity of the outputs to the float
 model's).
 """
 
@@ -63,7 +63,7 @@ def deep_mlp(layers: int = 48, width: int = 64, seed: int = 0) -> nn.Sequential:
 
 
 def digits_setup() -> tuple[nn.Module, Any, Any, float]:
-    from evaluators import ClassificationEvaluator
+    from autoquant.evaluators import ClassificationEvaluator
     from examples.digits.model import make_loaders
     from examples.digits.train import get_trained_model
 
@@ -75,7 +75,7 @@ def digits_setup() -> tuple[nn.Module, Any, Any, float]:
 
 
 def deep_setup() -> tuple[nn.Module, Any, Any, float]:
-    from evaluators import FidelityEvaluator
+    from autoquant.evaluators import FidelityEvaluator
 
     model = deep_mlp()
     gen = torch.Generator().manual_seed(1)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
-from evaluators.loader import (
+from autoquant.evaluators.loader import (
     BatchLoaderEvaluator,
     _call,
     _first_tensor,

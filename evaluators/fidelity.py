@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
-from evaluators.base import Evaluator
-from evaluators.loader import _call, _first_tensor, _model_device, _to_device
+from autoquant.evaluators.base import Evaluator
+from autoquant.evaluators.loader import _call, _first_tensor, _model_device, _to_device
 
 __all__ = ["FidelityEvaluator"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
-from evaluators.base import Evaluator
+from autoquant.evaluators.base import Evaluator
 
 __all__ = ["BatchLoaderEvaluator"]
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
-from evaluators.loader import BatchLoaderEvaluator, _call, _first_tensor, _to_device
+from autoquant.evaluators.loader import BatchLoaderEvaluator, _call, _first_tensor, _to_device
 
 __all__ = ["PerplexityEvaluator"]
 

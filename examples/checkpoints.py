@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from autoquant.io import atomic_torch_save
+from autoquant.io.atomic import atomic_torch_save
 
 __all__ = ["load_or_train", "train_and_save"]
 

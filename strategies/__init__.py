@@ -1,8 +1,16 @@
-"""Search strategies for autoquant, each registered by name in `autoquant.strategy.STRATEGIES`."""
+"""Search strategies for autoquant, each registered by name in
+`autoquant.search.strategy.STRATEGIES`."""
 
-from strategies.binary import BinarySearchStrategy
-from strategies.greedy import GreedyStrategy
-from strategies.ladder import LadderStrategy
-from strategies.optuna_search import OptunaStrategy
+# imported as a top-level `strategies` (the repository folder on sys.path): say so
+if __name__ != "autoquant.strategies":
+    raise ImportError(
+        f"this folder installs as autoquant.strategies, not as a top-level package {__name__!r}: "
+        "import autoquant.strategies (or use the autoquant.* names), and pip install -e . first"
+    )
+
+from autoquant.strategies.binary import BinarySearchStrategy
+from autoquant.strategies.greedy import GreedyStrategy
+from autoquant.strategies.ladder import LadderStrategy
+from autoquant.strategies.optuna_search import OptunaStrategy
 
 __all__ = ["BinarySearchStrategy", "GreedyStrategy", "LadderStrategy", "OptunaStrategy"]

@@ -23,8 +23,8 @@ import math
 
 from autoquant.errors import ConfigError
 from autoquant.plan import QuantPlan, plan_key
-from autoquant.strategy import SearchContext, SearchStrategy, TrialRecord
-from strategies._bisect import Bisection
+from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
+from autoquant.strategies._bisect import Bisection
 
 __all__ = ["BinarySearchStrategy"]
 

@@ -10,7 +10,7 @@ values of k at once and stops at the first pass (same answer, up to w-1 extra ev
 from __future__ import annotations
 
 from autoquant.plan import QuantPlan, plan_key
-from autoquant.strategy import SearchContext, SearchStrategy, TrialRecord
+from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
 
 __all__ = ["GreedyStrategy"]
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 from autoquant.errors import ConfigError
 from autoquant.plan import FLOAT, QuantPlan, plan_key, scheme_label
-from autoquant.strategy import SearchContext, SearchStrategy, TrialRecord
-from strategies._bisect import Bisection
+from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
+from autoquant.strategies._bisect import Bisection
 
 __all__ = ["LadderStrategy"]
 

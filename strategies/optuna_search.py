@@ -37,8 +37,8 @@ from typing import Any
 
 from autoquant.errors import ConfigError
 from autoquant.plan import FLOAT, QuantPlan, parse_scheme, plan_key, scheme_label
-from autoquant.strategy import SearchContext, SearchStrategy, TrialRecord
-from strategies.binary import BinarySearchStrategy
+from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
+from autoquant.strategies.binary import BinarySearchStrategy
 
 __all__ = ["OptunaStrategy"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from autoquant.target import deploy_weight_bits, host_target
+from autoquant.quant.target import deploy_weight_bits, host_target
 
 
 def weight_bits(bits: int = 8) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from evaluators import Evaluator
+from autoquant.evaluators import Evaluator
 
 __all__ = ["build_model", "TinyEvaluator", "make_inputs"]
 
@@ -43,7 +43,7 @@ def make_inputs(batch: int = 2) -> tuple[torch.Tensor]:
 
 
 def _plan_of(model: nn.Module) -> dict[str, str]:
-    from autoquant.layers import QuantLayer
+    from autoquant.quant.layers import QuantLayer
 
     return {name: m.scheme for name, m in model.named_modules() if isinstance(m, QuantLayer)}
 

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from autoquant.layers import QuantLayer
-from evaluators import Evaluator
+from autoquant.evaluators import Evaluator
+from autoquant.quant.layers import QuantLayer
 
 
 def mlp(n_layers: int, width: int = 8, seed: int = 0) -> nn.Sequential:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import autoquant as aq
-from autoquant.sensitivity import LayerSensitivity
+from autoquant.sensitivity.ranking import LayerSensitivity
 from tests.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
 
 N = 13

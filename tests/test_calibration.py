@@ -11,13 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoquant as aq
-from autoquant.calibration import CANDIDATES, SQNR, calibrate_model, candidate_label
-from autoquant.clipping import entropy_range, mse_weight_range
+from autoquant.calibration.refine import CANDIDATES, SQNR, calibrate_model, candidate_label
 from autoquant.config import QuantizerConfig
 from autoquant.errors import ConfigError
-from autoquant.layers import QuantState
-from autoquant.qmodel import QuantModel
-from autoquant.quantizer import ActivationObserver, compute_qparams, fake_quantize, qrange
+from autoquant.quant.clipping import entropy_range, mse_weight_range
+from autoquant.quant.layers import QuantState
+from autoquant.quant.qmodel import QuantModel
+from autoquant.quant.quantizer import (
+    ActivationObserver,
+    compute_qparams,
+    fake_quantize,
+    qrange,
+    weight_qparams,
+)
 
 
 class BatchEvaluator:
@@ -73,7 +79,7 @@ def test_weight_mse_never_worse_than_minmax_per_channel() -> None:
     errs = {}
     for algo in ("minmax", "mse"):
         cfg = QuantizerConfig(bits=4, symmetric=True, per_channel=True, algorithm=algo)
-        scale, zp, qmin, qmax, axis = aq.quantizer.weight_qparams(weight, 4, cfg, 0)
+        scale, zp, qmin, qmax, axis = weight_qparams(weight, 4, cfg, 0)
         errs[algo] = ((fake_quantize(weight, scale, zp, qmin, qmax, axis) - weight) ** 2
                       ).mean(dim=1)
     assert bool((errs["mse"] <= errs["minmax"] + 1e-12).all())
@@ -268,7 +274,7 @@ def test_sensitivity_ranking_uses_the_chosen_calibration() -> None:
                                                                     "bits": 4}}})
     qmodel = QuantModel(model, auto_cfg)
     calibrate_model(qmodel, evaluator)
-    from autoquant.calibration import calibration_overrides
+    from autoquant.calibration.refine import calibration_overrides
 
     pinned = aq.QuantConfig.from_dict({**auto_cfg.to_dict(),
                                        "layers": calibration_overrides(qmodel)})

@@ -14,9 +14,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from autoquant.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_MET, EXIT_OK, main
-from autoquant.journal import JOURNAL_FILE, read_journal
-from autoquant.report import report_schema
+from autoquant.jobs.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_MET, EXIT_OK, main
+from autoquant.jobs.journal import JOURNAL_FILE, read_journal
+from autoquant.report.build import report_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -227,7 +227,7 @@ def test_sensitivity_prints_the_ranking_and_saves_it_without_evaluating(tmp_path
 
 
 def test_export_without_the_export_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "autoquant.export", None)
+    monkeypatch.setitem(sys.modules, "autoquant.export.onnx_export", None)
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == EXIT_ERROR
     assert "ONNX export is not available" in capsys.readouterr().err
 
@@ -236,10 +236,10 @@ def test_export_calls_export_saved_with_the_run_directory_and_inputs(tmp_path, m
     job = write_job(tmp_path)
     assert main(["run", str(job), "-q"]) == EXIT_OK
     calls = []
-    fake = types.ModuleType("autoquant.export")
+    fake = types.ModuleType("autoquant.export.onnx_export")
     fake.export_saved = lambda d, p, opset=None, example_inputs=None, **options: calls.append(
         (d, p, opset, example_inputs)) or p
-    monkeypatch.setitem(sys.modules, "autoquant.export", fake)
+    monkeypatch.setitem(sys.modules, "autoquant.export.onnx_export", fake)
     onnx = tmp_path / "m.onnx"
     assert main(["export", str(tmp_path / "out"), "--onnx", str(onnx), "--opset", "17"]) == 0
     (directory, path, opset, inputs), = calls

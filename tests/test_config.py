@@ -7,7 +7,7 @@ import json
 import pytest
 
 from autoquant import ConfigError, QuantConfig
-from autoquant.metric import AccuracyCriterion
+from autoquant.evaluation.criterion import AccuracyCriterion
 
 
 def test_partial_overrides_merge_over_role_defaults():

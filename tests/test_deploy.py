@@ -17,19 +17,19 @@ from torch import nn
 import autoquant as aq
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError, ExportError
-from autoquant.export import export_checked, export_float_onnx, export_onnx
-from autoquant.layers import QuantLayer
-from autoquant.quantizer import fake_quantize
-from autoquant.target import deploy_weight_bits, host_target, runs_exactly_on
-from evaluators import Evaluator, FidelityEvaluator
+from autoquant.evaluators import Evaluator, FidelityEvaluator
+from autoquant.export.onnx_export import export_checked, export_float_onnx, export_onnx
+from autoquant.quant.layers import QuantLayer
+from autoquant.quant.quantizer import fake_quantize
+from autoquant.quant.target import deploy_weight_bits, host_target, runs_exactly_on
 from tests.synthetic import BatchCalibrator
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from autoquant.deploy import check_parity  # noqa: E402
-from autoquant.ortmodule import OnnxModule  # noqa: E402
+from autoquant.export.ortmodule import OnnxModule  # noqa: E402
+from autoquant.export.runtime import check_parity  # noqa: E402
 
 
 def _batches(shape: tuple[int, ...], n: int = 3, seed: int = 0, scale: float = 1.0):
@@ -204,7 +204,7 @@ def test_int8_weights_saturate_this_cpu_and_the_check_names_the_first_layer(tmp_
 
 def test_an_export_that_diverges_is_an_error_naming_the_layer_and_writes_no_file(
         tmp_path, monkeypatch, caplog) -> None:
-    from autoquant.qdq import QDQLayer
+    from autoquant.export.qdq import QDQLayer
 
     data = _batches((8, 3, 16, 16))
     qmodel = aq.quantize(res_cnn(), BatchCalibrator(data))
@@ -320,7 +320,7 @@ def test_a_plan_that_misses_the_budget_once_deployed_is_not_reported_met(tmp_pat
 
 
 def test_searched_digits_model_deployed_metric_equals_the_searched_one() -> None:
-    from evaluators import ClassificationEvaluator
+    from autoquant.evaluators import ClassificationEvaluator
     from examples.digits.model import load_data, make_loaders
     from examples.digits.train import get_trained_model
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
-from evaluators import ClassificationEvaluator, Evaluator, FidelityEvaluator
+from autoquant.evaluators import ClassificationEvaluator, Evaluator, FidelityEvaluator
 
 
 def _identity_linear() -> nn.Linear:

@@ -22,9 +22,9 @@ from torch import nn
 
 import autoquant as aq
 from autoquant.errors import ConfigError, ExportError
-from autoquant.export import _export_copy, export_float_onnx, export_onnx, export_saved
-from autoquant.layers import QuantLayer
-from autoquant.qdq import QDQLayer, dequantize_linear
+from autoquant.export.onnx_export import _export_copy, export_float_onnx, export_onnx, export_saved
+from autoquant.export.qdq import QDQLayer, dequantize_linear
+from autoquant.quant.layers import QuantLayer
 from tests.synthetic import BatchCalibrator
 
 onnx = pytest.importorskip("onnx")
@@ -302,7 +302,7 @@ def test_export_without_example_inputs_is_a_clear_error(tmp_path) -> None:
 @pytest.mark.slow
 def test_searched_digits_model_deployed_in_onnxruntime_keeps_its_accuracy(tmp_path) -> None:
     pytest.importorskip("sklearn")
-    from evaluators import ClassificationEvaluator
+    from autoquant.evaluators import ClassificationEvaluator
     from examples.digits.model import load_data, make_loaders
     from examples.digits.train import get_trained_model
 
@@ -327,7 +327,7 @@ QUIET_EXPORT = """
 import logging, sys, torch
 from torch import nn
 import autoquant as aq
-from autoquant.export import export_onnx
+from autoquant.export.onnx_export import export_onnx
 from tests.synthetic import BatchCalibrator
 logging.basicConfig(level=logging.WARNING)
 registry = logging.getLogger("torch.onnx._internal.exporter._registration")

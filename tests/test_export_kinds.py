@@ -13,8 +13,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import autoquant as aq
 from autoquant.errors import ExportError
-from autoquant.export import _export_copy, export_onnx
-from autoquant.layers import QuantLayer
+from autoquant.export.onnx_export import _export_copy, export_onnx
+from autoquant.quant.layers import QuantLayer
 from tests.synthetic import BatchCalibrator, DropEvaluator, mlp
 
 onnx = pytest.importorskip("onnx")

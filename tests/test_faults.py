@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from autoquant.cli import build_parser
 from autoquant.config import QuantConfig
 from autoquant.errors import (
     ConfigError,
@@ -30,9 +29,10 @@ from autoquant.errors import (
     ModelError,
     OutputError,
 )
-from autoquant.job import load_job
-from autoquant.journal import JOURNAL_FILE, Journal, JournalMismatchError
-from autoquant.strategy import TrialRecord
+from autoquant.jobs.cli import build_parser
+from autoquant.jobs.job import load_job
+from autoquant.jobs.journal import JOURNAL_FILE, Journal, JournalMismatchError
+from autoquant.search.strategy import TrialRecord
 from tests.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
 
 TESTS = Path(__file__).resolve().parent
@@ -259,7 +259,7 @@ def output_dir_of_another_job_with_resume(tmp, mp):
 
 
 def output_dir_in_use_by_a_running_job(tmp, mp):
-    from autoquant.guard import lock_output_dir
+    from autoquant.evaluation.guard import lock_output_dir
 
     run = copy_run(_FINISHED[0], tmp)
     action = cli_run(run / "job.yaml", "--resume")
@@ -494,7 +494,7 @@ def test_yaml_bomb_is_refused_before_any_expansion():
 
 def test_cli_reports_a_full_disk_as_an_error_without_a_traceback(tmp_path, monkeypatch,
                                                                   capsys):
-    from autoquant.cli import EXIT_ERROR, main
+    from autoquant.jobs.cli import EXIT_ERROR, main
 
     job = job_file(tmp_path)
     fail_os_call(monkeypatch, os, "fsync", errno.ENOSPC)

@@ -1,4 +1,5 @@
-"""Tests for autoquant.fold: Conv-BN folding keeps outputs and names, and skips unsafe pairs."""
+"""Tests for autoquant.quant.fold: Conv-BN folding keeps outputs and names, and skips unsafe
+pairs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoquant.fold import fold_conv_bn
+from autoquant.quant.fold import fold_conv_bn
 
 _SPATIAL = {1: (9,), 2: (6, 6), 3: (4, 4, 4)}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -172,7 +173,7 @@ def test_untraceable_model_is_skipped_with_one_info_line(
     _randomize_bn(model.bn)
     state_before = copy.deepcopy(model.state_dict())
 
-    with caplog.at_level(logging.INFO, logger="autoquant.fold"):
+    with caplog.at_level(logging.INFO, logger="autoquant.quant.fold"):
         pairs = fold_conv_bn(model)
 
     assert pairs == []
@@ -211,7 +212,7 @@ class ConvOutputReused(ConvBN):
 def test_conv_output_with_a_second_user_is_not_folded(caplog: pytest.LogCaptureFixture) -> None:
     model = ConvOutputReused(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)).eval()
     _randomize_bn(model.bn)
-    with caplog.at_level(logging.DEBUG, logger="autoquant.fold"):
+    with caplog.at_level(logging.DEBUG, logger="autoquant.quant.fold"):
         _assert_not_folded(model, _input(2))
     assert any("more than one user" in r.getMessage() for r in caplog.records)
 

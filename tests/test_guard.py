@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import autoquant as aq
-from autoquant.cli import EXIT_ERROR, EXIT_OK, main
 from autoquant.errors import ConfigError, EvaluatorError, EvaluatorTimeoutError
-from autoquant.job import load_job
-from autoquant.journal import JOURNAL_FILE, Journal, read_journal
-from autoquant.render import render_report
-from autoquant.strategy import TrialRecord
+from autoquant.jobs.cli import EXIT_ERROR, EXIT_OK, main
+from autoquant.jobs.job import load_job
+from autoquant.jobs.journal import JOURNAL_FILE, Journal, read_journal
+from autoquant.report.render import render_report
+from autoquant.search.strategy import TrialRecord
 from tests.synthetic import DropEvaluator, linear_names, mlp
 from tests.test_faults import job_file
 
@@ -208,7 +208,7 @@ def test_job_file_guard_settings_are_validated_and_do_not_change_the_fingerprint
         load_job(bad)
     with pytest.raises(ConfigError, match=r"search\.check_determinism: must be"):
         load_job(job_file(tmp_path / "bad2", extra=", check_determinism: 3"))
-    from autoquant.cli import _fingerprint_settings
+    from autoquant.jobs.cli import _fingerprint_settings
 
     plain = load_job(job_file(tmp_path / "a"))
     guarded = load_job(job_file(tmp_path / "b", extra=", eval_timeout: 5, max_seconds: 60, "

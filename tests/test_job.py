@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autoquant.errors import ConfigError
-from autoquant.job import load_job
+from autoquant.jobs.job import load_job
 
 TESTS = Path(__file__).resolve().parent
 

@@ -12,15 +12,15 @@ import torch
 
 import autoquant as aq
 from autoquant.errors import ConfigError
-from autoquant.journal import (
+from autoquant.jobs.journal import (
     JOURNAL_FILE,
     Journal,
     JournalMismatchError,
     fingerprint,
     read_journal,
 )
-from autoquant.sensitivity import LayerSensitivity
-from autoquant.strategy import TrialRecord
+from autoquant.search.strategy import TrialRecord
+from autoquant.sensitivity.ranking import LayerSensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jobhelpers  # noqa: E402
@@ -55,7 +55,7 @@ def test_torn_last_line_is_dropped_with_a_warning_and_appends_stay_valid(tmp_pat
     full = json.dumps({"type": "trial", "record": record(1).to_dict()})
     with open(path, "ab") as handle:  # what a kill -9 in the middle of a write leaves
         handle.write(full[: len(full) // 2].encode())
-    with caplog.at_level(logging.WARNING, logger="autoquant.journal"):
+    with caplog.at_level(logging.WARNING, logger="autoquant.jobs.journal"):
         again = Journal.open(tmp_path, PARTS, resume=True)
     assert "torn" in caplog.text
     assert again.records == [record(0)]

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from autoquant.kinds import QuantEmbedding, QuantMultiheadAttention, QuantRNN
-from autoquant.layers import QuantState
-from autoquant.qmodel import QuantModel
+from autoquant.quant.kinds import QuantEmbedding, QuantMultiheadAttention, QuantRNN
+from autoquant.quant.layers import QuantState
+from autoquant.quant.qmodel import QuantModel
 from tests._fq import fq_affine, fq_rows
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoquant.config import LayerConfig
-from autoquant.layers import INTEGER_KERNEL_KINDS, QuantLayer, QuantState, weight_axis_of
-from autoquant.quantizer import fake_quantize
+from autoquant.quant.layers import INTEGER_KERNEL_KINDS, QuantLayer, QuantState, weight_axis_of
+from autoquant.quant.quantizer import fake_quantize
 from tests._fq import weight_bits
 
 CASES = [

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import autoquant as aq
-from evaluators import PerplexityEvaluator
+from autoquant.evaluators import PerplexityEvaluator
 from examples.lstm_lm.data import VOCAB, collect_docstrings, encode, load_corpus, make_batches
 from examples.lstm_lm.run_search import make_config, search
 from examples.lstm_lm.train import perplexity, train

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from autoquant.metrics_extra import MAX_SQNR_DB, KLMetric, SQNRMetric
-from autoquant.sensitivity import SENSITIVITY_METRICS
+from autoquant.sensitivity.metrics import MAX_SQNR_DB, KLMetric, SQNRMetric
+from autoquant.sensitivity.ranking import SENSITIVITY_METRICS
 
 
 def test_sqnr_is_the_signal_to_noise_ratio_in_db() -> None:

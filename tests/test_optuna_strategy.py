@@ -14,13 +14,13 @@ optuna = pytest.importorskip("optuna")
 
 import autoquant as aq  # noqa: E402
 from autoquant.errors import ConfigError  # noqa: E402
-from autoquant.testing import (  # noqa: E402
+from autoquant.search.testing import (  # noqa: E402
     SyntheticEvaluator,
     linear_stack,
     optimal_fallbacks,
     ranking_from_drops,
 )
-from strategies.optuna_search import OptunaStrategy  # noqa: E402
+from autoquant.strategies.optuna_search import OptunaStrategy  # noqa: E402
 
 N = 8
 DROPS = {str(i): ((3 * i) % N + 1) / 1024 for i in range(N)}  # 1..8 / 1024
@@ -113,7 +113,7 @@ WORKER = textwrap.dedent("""
     import json, sys
     import optuna
     import autoquant as aq
-    from autoquant.testing import SyntheticEvaluator, linear_stack, ranking_from_drops
+    from autoquant.search.testing import SyntheticEvaluator, linear_stack, ranking_from_drops
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     drops = json.loads(sys.argv[2])
     result = aq.auto_quantize(

@@ -6,7 +6,7 @@ import pytest
 
 import autoquant as aq
 from autoquant.errors import ConfigError
-from autoquant.testing import SyntheticEvaluator, linear_stack, ranking_from_drops
+from autoquant.search.testing import SyntheticEvaluator, linear_stack, ranking_from_drops
 
 N = 12
 DROPS = {str(i): ((7 * i) % N + 1) / 1024 for i in range(N)}
@@ -16,7 +16,7 @@ class SpecEvaluator(SyntheticEvaluator):
     """Rebuilt in each worker from an import path instead of being pickled."""
 
     def worker_spec(self):
-        return "autoquant.testing:SyntheticEvaluator", {"drops": self.drops}
+        return "autoquant.search.testing:SyntheticEvaluator", {"drops": self.drops}
 
 
 def run(strategy, evaluator, workers, **kwargs):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from evaluators import PerplexityEvaluator
+from autoquant.evaluators import PerplexityEvaluator
 
 
 class Uniform(nn.Module):

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoquant.config import QuantConfig, QuantizerConfig
-from autoquant.quantizer import compute_qparams, fake_quantize, qrange, weight_qparams
+from autoquant.quant.quantizer import compute_qparams, fake_quantize, qrange, weight_qparams
 
 FAST = settings(max_examples=60, deadline=None)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from autoquant.qmodel import QuantModel
+from autoquant.quant.qmodel import QuantModel
 from tests._fq import affine_scale, fq_affine, fq_batch, fq_rows, int32_bias, row_scales
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoquant.config import QuantizerConfig
-from autoquant.quantizer import (
+from autoquant.quant.quantizer import (
     ActivationObserver,
     compute_qparams,
     fake_quantize,

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import autoquant as aq
-from autoquant.journal import Journal, read_journal
-from autoquant.progress import ProgressBars, bars_enabled
-from autoquant.render import render_report, summary_lines, threshold_metric
-from autoquant.report import report_from_journal, report_schema
+from autoquant.jobs.journal import Journal, read_journal
+from autoquant.jobs.progress import ProgressBars, bars_enabled
+from autoquant.report.build import report_from_journal, report_schema
+from autoquant.report.render import render_report, summary_lines, threshold_metric
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jobhelpers  # noqa: E402
@@ -114,7 +114,7 @@ def test_bars_are_off_when_quiet_or_stderr_is_not_a_terminal(capsys):
 
 
 def test_report_json_from_cli_run_round_trips_through_report_command(tmp_path, result, capsys):
-    from autoquant.cli import main
+    from autoquant.jobs.cli import main
 
     result.save(tmp_path)
     (tmp_path / "report.md").unlink(missing_ok=True)

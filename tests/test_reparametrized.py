@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 import autoquant as aq
-from autoquant.layers import QuantLayer
-from evaluators import FidelityEvaluator
+from autoquant.evaluators import FidelityEvaluator
+from autoquant.quant.layers import QuantLayer
 from tests.synthetic import BatchCalibrator
 
 W4 = {"default": {"weight": {"bits": 4}}}
@@ -77,7 +77,7 @@ def test_a_deep_copy_of_a_quantized_model_keeps_its_quant_layers() -> None:
 def test_save_reload_and_onnx_export_reproduce_the_searched_model(kind, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from autoquant.export import export_onnx
+    from autoquant.export.onnx_export import export_onnx
 
     model = net(kind)
     result = aq.auto_quantize(model, FidelityEvaluator(model, DATA), (DATA[0],),

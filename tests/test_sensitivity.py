@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoquant.sensitivity import CosineSimilarity
+from autoquant.sensitivity.ranking import CosineSimilarity
 
 
 def test_cosine_matches_float64_reference_to_the_precision_of_one_minus_cos():

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from autoquant.qmodel import QuantModel, find_quantizable_layers
-from autoquant.shared import module_aliases
+from autoquant.quant.qmodel import QuantModel, find_quantizable_layers
+from autoquant.quant.shared import module_aliases
 from tests._fq import fq_affine, fq_rows
 
 

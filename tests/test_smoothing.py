@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoquant as aq
-from autoquant.calibration import calibrate_model
-from autoquant.layers import QuantState
-from autoquant.qmodel import QuantModel
-from autoquant.smoothing import find_smoothable, smooth_model, smoothing_scales
+from autoquant.calibration.refine import calibrate_model
+from autoquant.calibration.smoothing import find_smoothable, smooth_model, smoothing_scales
+from autoquant.quant.layers import QuantState
+from autoquant.quant.qmodel import QuantModel
 from tests.synthetic import BatchCalibrator
 
 

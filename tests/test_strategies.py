@@ -8,14 +8,14 @@ from hypothesis import strategies as st
 
 import autoquant as aq
 from autoquant.errors import ConfigError
-from autoquant.sensitivity import LayerSensitivity
-from autoquant.testing import (
+from autoquant.search.testing import (
     SyntheticEvaluator,
     linear_stack,
     optimal_fallbacks,
     ranking_from_drops,
 )
-from strategies._bisect import Bisection
+from autoquant.sensitivity.ranking import LayerSensitivity
+from autoquant.strategies._bisect import Bisection
 
 N = 12
 DROPS = {str(i): ((7 * i) % N + 1) / 1024 for i in range(N)}  # 1..12 / 1024, shuffled

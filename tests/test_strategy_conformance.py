@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoquant.testing import StrategyTestCase
+from autoquant.search.testing import StrategyTestCase
 
 
 class TestBinaryConformance(StrategyTestCase):

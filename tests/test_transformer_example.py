@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from autoquant.qmodel import find_quantizable_layers  # noqa: E402
+from autoquant.quant.qmodel import find_quantizable_layers  # noqa: E402
 from examples.digits.model import load_data, make_loaders  # noqa: E402
 from examples.digits.train import accuracy  # noqa: E402
 from examples.transformer.model import DigitsTransformer  # noqa: E402

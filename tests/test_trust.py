@@ -8,9 +8,9 @@ import pytest
 
 import autoquant as aq
 from autoquant.errors import ConfigError
-from autoquant.sensitivity import LayerSensitivity
-from autoquant.testing import SyntheticEvaluator, linear_stack, ranking_from_drops
-from autoquant.trust import spearman
+from autoquant.search.testing import SyntheticEvaluator, linear_stack, ranking_from_drops
+from autoquant.search.trust import spearman
+from autoquant.sensitivity.ranking import LayerSensitivity
 
 DROPS = {str(i): (i + 1) / 1024 for i in range(6)}
 

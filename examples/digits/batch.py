@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluators import ClassificationEvaluator
+from autoquant.evaluators import ClassificationEvaluator
 from examples.digits.model import DigitsCNN, make_loaders
 from examples.digits.train import CHECKPOINT, get_trained_model
 

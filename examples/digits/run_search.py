@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import autoquant as aq
-from evaluators import ClassificationEvaluator
+from autoquant.evaluators import ClassificationEvaluator
 from examples.digits.model import make_loaders
 from examples.digits.train import get_trained_model
 

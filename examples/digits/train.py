@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torch import nn
 
-from autoquant.io import atomic_torch_save
+from autoquant.io.atomic import atomic_torch_save
 from examples.checkpoints import load_or_train, train_and_save
 from examples.digits.model import DigitsCNN, build_model, load_data
 

@@ -3,7 +3,7 @@ arguments (so a YAML job can name it by import path)."""
 
 from __future__ import annotations
 
-from evaluators import PerplexityEvaluator
+from autoquant.evaluators import PerplexityEvaluator
 from examples.lstm_lm.data import load_corpus, make_batches
 
 __all__ = ["StdlibTextPerplexity"]

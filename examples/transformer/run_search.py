@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import autoquant as aq
-from evaluators import ClassificationEvaluator
+from autoquant.evaluators import ClassificationEvaluator
 from examples.digits.model import make_loaders
 from examples.transformer.train import get_trained_model
 

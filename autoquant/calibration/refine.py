@@ -1,0 +1,278 @@
+"""Calibration quality: the per-layer automatic choice of the activation calibration, bias
+correction, and the order in which they run with smoothing and the observers.
+
+`calibrate_model` is what the public API calls instead of `QuantModel.calibrate`. Passes over
+``Evaluator.calibration`` (each one forward pass per calibration batch, no evaluation):
+
+1. smoothing statistics (only with ``smoothing_alpha`` set): per-input-channel max |x| of
+   the Linear layers a LayerNorm feeds (`autoquant.calibration.smoothing`);
+2. the observer pass (always): activation statistics, collected once per run;
+3. the refinement pass (only with an ``auto`` activation algorithm or ``bias_correction``):
+   every layer sees its float input; for each ``auto`` layer every candidate calibration
+   quantizes that input (and the weight, at the layer's scheme) and the output SQNR
+   against the float output is accumulated; for bias correction the mean output shift of
+   the quantized weight is accumulated per output channel.
+
+The sensitivity pass then runs as before, on the chosen calibration, so the ranking and the
+search see exactly what the final model computes. None of this calls ``evaluate``: zero full
+evaluations.
+
+Why SQNR for the choice: it is the local output MSE in decibels, so it punishes both
+rounding noise (too wide a range) and clipping (too narrow), and unlike cosine it also sees
+a scale error. The choice is among fixed `CANDIDATES` and ties keep the earlier (min-max
+first), so ``auto`` is never locally worse than min-max on the calibration data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.plan import FLOAT, parse_scheme
+from autoquant.quant.layers import QuantLayer, QuantState
+from autoquant.quant.qmodel import QuantModel
+from autoquant.quant.quantizer import fake_quantize
+
+__all__ = [
+    "CANDIDATES",
+    "SQNR",
+    "calibrate_model",
+    "refine_calibration",
+    "calibration_overrides",
+    "calibration_rows",
+    "candidate_label",
+    "merge_overrides",
+]
+
+logger = logging.getLogger(__name__)
+
+# (algorithm, percentile) tried by "auto", min-max first (ties keep it).
+CANDIDATES: tuple[tuple[str, float], ...] = (
+    ("minmax", 100.0),
+    ("percentile", 99.9),
+    ("percentile", 99.99),
+    ("percentile", 99.999),
+    ("mse", 100.0),
+    ("entropy", 100.0),
+)
+
+_BIAS_KINDS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def candidate_label(algorithm: str, percentile: float) -> str:
+    """A short name of a calibration, e.g. ``"minmax"`` or ``"percentile:99.9"``."""
+    return f"percentile:{percentile:g}" if algorithm == "percentile" else algorithm
+
+
+class SQNR:
+    """Signal-to-quantization-noise ratio in dB, accumulated over calls:
+    ``10 log10(sum y^2 / sum (y - y_q)^2)`` (infinite when the outputs are identical)."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
+        """Fold one call's outputs into the running sums."""
+        y = y_float.detach().double()
+        self.signal += float((y**2).sum())
+        self.noise += float(((y - y_quant.detach().double()) ** 2).sum())
+
+    def score(self) -> float:
+        """The SQNR in dB (higher = closer to float)."""
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+
+def calibrate_model(qmodel: QuantModel, evaluator: Any) -> None:
+    """Smooth (if configured), calibrate the observers once, then refine (if configured).
+
+    See the module docstring for the passes. Leaves every layer at scheme float in state
+    QUANTIZE, as `QuantModel.calibrate` does.
+    """
+    alpha = qmodel.config.smoothing_alpha
+    if alpha is not None:
+        from autoquant.calibration.smoothing import smooth_model
+
+        smooth_model(qmodel, evaluator, alpha)
+    qmodel.calibrate(evaluator)
+    refine_calibration(qmodel, evaluator)
+
+
+def _output_dim(module: nn.Module, out: torch.Tensor) -> int:
+    return out.dim() - 1 if isinstance(module, nn.Linear) else 1
+
+
+class _LayerRefiner:
+    """What the refinement pass accumulates for one layer."""
+
+    def __init__(self, layer: QuantLayer, auto: bool, bias: bool) -> None:
+        self.layer = layer
+        bits = parse_scheme(layer.config.scheme)
+        assert bits is not None
+        w_bits, a_bits = bits
+        self.candidates: dict[tuple[str, float], tuple] = {}
+        self.scores: dict[tuple[str, float], SQNR] = {}
+        if auto:
+            for cand in CANDIDATES:
+                self.candidates[cand] = layer.observer.qparams_for(a_bits, *cand)
+                self.scores[cand] = SQNR()
+        self.weights: dict[str, torch.Tensor] = {}
+        self.shift_sum: dict[str, torch.Tensor] = {}
+        self.shift_count: dict[str, int] = {}
+        if bias:
+            weight = layer.module.weight.detach()
+            schemes = {layer.config.scheme, layer.config.fallback_scheme} - {FLOAT}
+            for scheme in sorted(schemes):
+                wb = parse_scheme(scheme)
+                assert wb is not None
+                scale, zp, qmin, qmax, axis = layer.weight_qparams(wb[0])
+                self.weights[scheme] = fake_quantize(weight, scale, zp, qmin, qmax, axis)
+                self.shift_count[scheme] = 0
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(
+                output, torch.Tensor) or not args[0].is_floating_point():
+            return
+        layer = self.layer
+        x, rest = args[0].detach(), args[1:]
+        y = output.detach()
+        if self.candidates:
+            weight_q = layer.quantized_weight()
+            for cand, (scale, zp, qmin, qmax, axis) in self.candidates.items():
+                x_q = fake_quantize(x, scale, zp, qmin, qmax, axis)
+                self.scores[cand].update(y, layer._run_module(x_q, weight_q, rest, kwargs))
+        for scheme, weight_q in self.weights.items():
+            diff = (y - layer._run_module(x, weight_q, rest, kwargs)).double()
+            dim = _output_dim(layer.module, diff)
+            per_channel = diff.transpose(0, dim).reshape(diff.shape[dim], -1)
+            total = per_channel.sum(dim=1)
+            prev = self.shift_sum.get(scheme)
+            self.shift_sum[scheme] = total if prev is None else prev + total
+            self.shift_count[scheme] += per_channel.shape[1]
+
+    def finish(self) -> None:
+        layer = self.layer
+        if self.scores:
+            ranked = [(self.scores[c].score(), -i, c) for i, c in enumerate(CANDIDATES)]
+            if not math.isnan(max(r[0] for r in ranked)):
+                best = max(ranked)[2]
+                layer.observer.set_choice(*best)
+                layer.calibration_scores = {
+                    candidate_label(*c): self.scores[c].score() for c in CANDIDATES}
+                logger.debug("%s: activation calibration %s (%s)", layer.layer_name,
+                             candidate_label(*best), layer.calibration_scores)
+        corrections = {}
+        for scheme, total in self.shift_sum.items():
+            count = self.shift_count[scheme]
+            if count:
+                delta = (total / count).to(layer.module.weight.dtype)
+                corrections[scheme] = delta.to(layer.module.weight.device)
+        layer.bias_corrections = corrections
+
+
+def _refinable(layer: QuantLayer) -> bool:
+    """Single-weight wrappers with a weight tensor and one observer (Linear, Conv and
+    friends). Multi-weight kinds (RNNs, attention) keep their configured algorithms."""
+    from autoquant.quant.kinds.base import MultiQuantLayer
+
+    return not isinstance(layer, MultiQuantLayer) and isinstance(
+        getattr(layer.module, "weight", None), torch.Tensor)
+
+
+def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
+    """Choose each ``auto`` layer's calibration and measure bias corrections, in one pass.
+
+    A no-op (no pass) when no layer uses ``auto`` and ``bias_correction`` is off. Needs the
+    observers calibrated (`QuantModel.calibrate`).
+    """
+    bias_on = qmodel.config.bias_correction
+    wanted = {}
+    for name in qmodel.searchable:
+        layer = qmodel.layers[name]
+        if not _refinable(layer):
+            continue
+        layer.bias_corrections = {}
+        layer.bias_delta = torch.empty(0, device=layer.module.weight.device)
+        # only a static layer has calibrated activation ranges to choose from (dynamic
+        # ranges come from each batch, weight-only layers and embeddings have none)
+        auto = layer.config.activation.algorithm == "auto" and layer.config.mode == "static"
+        bias = bias_on and isinstance(layer.module, _BIAS_KINDS)
+        if auto or bias:
+            wanted[name] = (auto, bias)
+    if not wanted:
+        return
+    qmodel.apply_plan(qmodel.quant_plan())  # weight qparams of every layer's own scheme
+    refiners = {n: _LayerRefiner(qmodel.layers[n], *flags) for n, flags in wanted.items()}
+    handles = [qmodel.layers[name].register_forward_hook(hook, with_kwargs=True)
+               for name, hook in refiners.items()]
+    qmodel.calibration_pass(evaluator, QuantState.FLOAT, "(calibration choice pass)", handles)
+    for refiner in refiners.values():
+        refiner.finish()
+    chosen = [candidate_label(*qmodel.layers[n].observer.effective_algorithm())
+              for n in refiners if qmodel.layers[n].config.activation.algorithm == "auto"]
+    if chosen:
+        counts = {c: chosen.count(c) for c in dict.fromkeys(chosen)}
+        logger.info("automatic activation calibration: %s", counts)
+    qmodel.apply_plan(qmodel.float_plan())
+
+
+def calibration_overrides(qmodel: QuantModel) -> dict[str, dict[str, Any]]:
+    """Per-layer config overrides that pin each ``auto`` layer's chosen algorithm, for the
+    final config (so re-applying it reproduces the choice without the choice pass)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, layer in qmodel.layers.items():
+        if not _refinable(layer) or layer.config.activation.algorithm != "auto" \
+                or layer.observer.choice is None:
+            continue
+        algorithm, percentile = layer.observer.choice
+        act: dict[str, Any] = {"algorithm": algorithm}
+        if algorithm == "percentile":
+            act["percentile"] = percentile
+        out[name] = {"activation": act}
+    return out
+
+
+def calibration_rows(
+    qmodel: QuantModel, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`rows` (from `QuantModel.layer_rows`) with each wrapped layer's calibration added:
+    ``act_calibration``, ``weight_calibration``, ``bias_corrected`` and ``smoothed``."""
+    out = []
+    for row in rows:
+        layer = qmodel.layers.get(row["name"])
+        if layer is None or not _refinable(layer):
+            out.append(dict(row))
+            continue
+        mode = layer.config.mode
+        out.append({
+            **row,
+            "act_calibration": (candidate_label(*layer.observer.effective_algorithm())
+                                if mode == "static" else
+                                "per batch" if mode == "dynamic" else "none"),
+            "weight_calibration": layer.config.weight.algorithm,
+            "bias_corrected": bool(layer.bias_corrections),
+            "smoothed": bool(getattr(layer, "smoothed", False)),
+        })
+    return out
+
+
+def merge_overrides(
+    layers: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """`layers` with `overrides` merged in, one level deep per role."""
+    merged = {k: {r: (dict(v) if isinstance(v, Mapping) else v) for r, v in o.items()}
+              for k, o in layers.items()}
+    for name, override in overrides.items():
+        target = merged.setdefault(name, {})
+        for role, values in override.items():
+            target[role] = {**target.get(role, {}), **values}
+    return merged

@@ -1,0 +1,1 @@
+"""Entry points named like other toolkits', for users migrating (Huawei AMCT)."""

@@ -1,0 +1,498 @@
+"""The QDQ building blocks of the ONNX export: two custom ops and the export-time layer.
+
+``autoquant::quantize_linear`` and ``autoquant::dequantize_linear`` are `torch.library`
+custom ops whose eager semantics are ONNX QuantizeLinear/DequantizeLinear (divide by the
+scale, round half to even, saturate to the zero point's integer type); `translation_table`
+maps them to those ONNX ops for `torch.onnx.export(..., dynamo=True)`. `QDQLayer` is what an
+active `autoquant.quant.layers.QuantLayer` (and `autoquant.quant.kinds.QuantEmbedding`)
+becomes in the exported copy, `QDQMultiLayer` what an active
+`autoquant.quant.kinds.MultiQuantLayer` (RNNs, attention, `QuantMatMul`) becomes (see
+`autoquant.export.onnx_export`).
+
+Every layer mode exports as the searched model computes it: ``static`` as QDQ with the
+calibrated qparams, ``dynamic`` with ReduceMin/ReduceMax and `compute_qparams`'s own formula
+in the graph before QuantizeLinear/DequantizeLinear (ONNX DynamicQuantizeLinear is not
+used: it covers only 8-bit affine per-tensor uint8, and an all-zero input gives it a zero
+scale where `compute_qparams` clamps the scale to eps), ``weight_only`` as a
+float input; a bias-correction ``bias_delta`` is added to the output as the layer adds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from autoquant.errors import ExportError, InternalError
+from autoquant.quant.layers import QuantLayer, bias_ints, forward_attribute, no_fast_path
+
+__all__ = ["quantize_linear", "dequantize_linear", "dynamic_qdq", "translation_table",
+           "QDQLayer", "QDQMultiLayer", "storage_type"]
+
+# -- the two custom ops (eager semantics = ONNX semantics) ------------------------------------
+def _broadcast(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return t.reshape(())
+    shape = [1] * dim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+@torch.library.custom_op("autoquant::quantize_linear", mutates_args=())
+def quantize_linear(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None
+) -> torch.Tensor:
+    """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)`` in the
+    dtype of `zero_point`."""
+    info = torch.iinfo(zero_point.dtype)
+    s = _broadcast(scale, x.dim(), axis)
+    z = _broadcast(zero_point, x.dim(), axis).to(torch.float32)
+    q = torch.round(x.float() / s) + z
+    return q.clamp(info.min, info.max).to(zero_point.dtype)
+
+
+@quantize_linear.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
+    return torch.empty_like(x, dtype=zero_point.dtype)
+
+
+@torch.library.custom_op("autoquant::dequantize_linear", mutates_args=())
+def dequantize_linear(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None
+) -> torch.Tensor:
+    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` as float32."""
+    s = _broadcast(scale, q.dim(), axis)
+    z = _broadcast(zero_point, q.dim(), axis).to(torch.int32)
+    return (q.to(torch.int32) - z).to(torch.float32) * s
+
+
+@dequantize_linear.register_fake
+def _(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+def translation_table(opset: int) -> dict[Any, Any]:
+    """The ``custom_translation_table`` of the two ops for `torch.onnx.export` at `opset`."""
+    import onnxscript
+
+    op = getattr(onnxscript, f"opset{opset}", None)
+    if op is None:
+        raise ExportError(
+            f"opset {opset} is not known to the installed onnxscript "
+            f"{onnxscript.__version__}; pass opset=21 or upgrade onnxscript"
+        )
+
+    def onnx_quantize(x: Any, scale: Any, zero_point: Any, axis: int | None = None) -> Any:
+        if axis is None:
+            return op.QuantizeLinear(x, scale, zero_point)
+        return op.QuantizeLinear(x, scale, zero_point, axis=axis)
+
+    def onnx_dequantize(q: Any, scale: Any, zero_point: Any, axis: int | None = None) -> Any:
+        if axis is None:
+            return op.DequantizeLinear(q, scale, zero_point)
+        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+    return {
+        torch.ops.autoquant.quantize_linear.default: onnx_quantize,
+        torch.ops.autoquant.dequantize_linear.default: onnx_dequantize,
+    }
+
+
+# -- the export-time replacement of an active QuantLayer ---------------------------------------
+def storage_type(qmin: int, qmax: int) -> tuple[torch.dtype, int]:
+    """The ONNX integer type holding [qmin, qmax] and the offset added to fit it."""
+    if qmin >= 0 and qmax <= 255:
+        return torch.uint8, 0
+    if qmin >= -128 and qmax <= 127:
+        return torch.int8, 0
+    if qmin >= -32768 and qmax <= 32767:
+        return torch.int16, 0
+    if qmin >= 0 and qmax <= 65535:
+        return torch.int16, -32768  # unsigned 16-bit: same values as int16, shifted
+    raise InternalError(f"no ONNX integer type holds the range [{qmin}, {qmax}]")
+
+
+def _weight_ints(layer_name: str, w_fq: torch.Tensor, scale: torch.Tensor,
+                 zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(integer weight, scale, zero point) in the storage type whose DequantizeLinear gives
+    back the fake-quantized weight `w_fq`."""
+    w_fq = w_fq.detach().float()
+    dtype, off = storage_type(qmin, qmax)
+    w_scale = scale.detach().float().to(w_fq.device)
+    w_zp = zero_point.detach().to(torch.int32).to(w_fq.device)
+    if axis is None:
+        w_scale, w_zp = w_scale.reshape(()), w_zp.reshape(())
+    s = _broadcast(w_scale, w_fq.dim(), axis)
+    z = _broadcast(w_zp, w_fq.dim(), axis)
+    q = torch.round(w_fq / s).to(torch.int32) + z
+    # DequantizeLinear gives (q - z) * s, the very product fake_quantize returned; allow
+    # float rounding only (a real mismatch would be a quarter step or more)
+    if int(q.min()) < qmin or int(q.max()) > qmax or \
+            bool(((q - z).float() * s - w_fq).abs().gt(0.25 * s).any()):
+        raise InternalError(
+            f"layer {layer_name!r}: the fake-quantized weight does not map back to "
+            f"integers in [{qmin}, {qmax}]; please report this"
+        )
+    return (q + off).to(dtype), w_scale, (w_zp + off).to(dtype)
+
+
+def _static_act(owner: nn.Module, names: tuple[str, str, str, str], scale: torch.Tensor,
+                zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
+                ) -> tuple[tuple[str, str, str, str], int | None, bool,
+                           tuple[float, float] | None]:
+    """Register the buffers of a calibrated activation quantizer on `owner` under `names`
+    (scale, zero point, low, high); returns the spec `_static_qdq` runs with."""
+    dtype, off = storage_type(qmin, qmax)
+    a_scale = scale.detach().float()
+    a_zp = zero_point.detach().to(torch.int32)
+    if axis is None:
+        a_scale, a_zp = a_scale.reshape(()), a_zp.reshape(())
+    owner.register_buffer(names[0], a_scale)
+    owner.register_buffer(names[1], (a_zp + off).to(dtype))
+    info = torch.iinfo(dtype)
+    clip = (qmin + off, qmax + off) != (info.min, info.max)
+    # QuantizeLinear saturates to the storage type only: clamp to the layer's own range
+    low, high = (qmin - a_zp).float() * a_scale, (qmax - a_zp).float() * a_scale
+    owner.register_buffer(names[2], low)
+    owner.register_buffer(names[3], high)
+    # per-tensor bounds as Python floats: a scalar Clip, no data-dependent tensor reads
+    clip_range = (float(low), float(high)) if axis is None else None
+    return names, axis, clip, clip_range
+
+
+def _static_qdq(owner: nn.Module, spec: tuple, x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize `x` with the calibrated quantizer `spec` of `owner`, as QDQ ops."""
+    (scale_name, zp_name, low_name, high_name), axis, clip, clip_range = spec
+    scale, zero_point = getattr(owner, scale_name), getattr(owner, zp_name)
+    dtype = x.dtype
+    x = x.float()
+    if clip:
+        if clip_range is not None:
+            x = torch.clamp(x, *clip_range)
+        else:
+            x = torch.clamp(x, _broadcast(getattr(owner, low_name), x.dim(), axis),
+                            _broadcast(getattr(owner, high_name), x.dim(), axis))
+    axis = None if axis is None else axis % x.dim()
+    q = quantize_linear(x, scale, zero_point, axis)
+    return dequantize_linear(q, scale, zero_point, axis).to(dtype)
+
+
+def dynamic_qdq(x: torch.Tensor, qmin: int, qmax: int, cfg: Any) -> torch.Tensor:
+    """`autoquant.quant.kinds.base.dynamic_fake_quantize` as graph ops: min/max of `x` (per
+    tensor, or per channel on axis 1), the qparams by `compute_qparams` itself, then
+    QuantizeLinear/DequantizeLinear (after a Clip where [qmin, qmax] is narrower than the
+    storage type)."""
+    from autoquant.quant.quantizer import compute_qparams
+
+    dtype = x.dtype
+    xf = x.float()
+    if cfg.per_channel and x.dim() >= 2:
+        flat = xf.transpose(0, 1).reshape(x.shape[1], -1)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        axis: int | None = 1
+    else:
+        lo, hi = xf.min().reshape(1), xf.max().reshape(1)
+        axis = None
+    bits = (qmax + 1).bit_length() if qmin < 0 else qmax.bit_length()
+    scale, zp = compute_qparams(lo, hi, bits, cfg.symmetric)
+    if axis is None:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    store, off = storage_type(qmin, qmax)
+    info = torch.iinfo(store)
+    if (qmin + off, qmax + off) != (info.min, info.max):
+        zf = zp.float()
+        xf = torch.clamp(xf, _broadcast((qmin - zf) * scale, xf.dim(), axis),
+                         _broadcast((qmax - zf) * scale, xf.dim(), axis))
+    zq = (zp + off).to(store)
+    q = quantize_linear(xf, scale, zq, axis)
+    return dequantize_linear(q, scale, zq, axis).to(dtype)
+
+
+class _WrapsModule(nn.Module):
+    """Reads of attributes a QDQ module lacks go to the float module it replaces, as they
+    do through the search-time wrappers (a parent's ``self.attn.batch_first``); a no-op
+    pre-hook keeps torch's fused encoder fast path (raw float weights) out of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(no_fast_path)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return forward_attribute(self, name)
+
+
+class QDQLayer(_WrapsModule):
+    """What an active `QuantLayer` computes, written with the QDQ custom ops: integer
+    weight + DequantizeLinear, the input activation per the layer's mode (static: the
+    calibrated QDQ; dynamic: qparams computed in the graph; weight_only: float), and the
+    layer's ``bias_delta`` (bias correction) added to the output as the layer adds it.
+
+    A layer the runtime runs as an integer kernel (``QuantLayer.integer_kernel``) is written
+    in the pattern onnxruntime fuses into QGemm / QLinearConv: a Linear input flattened to
+    2-D *before* its QDQ, the bias as an int32 DequantizeLinear inside the op at scale
+    ``act_scale * weight_scale`` (the bias correction folded in), and for a requantized
+    convolution a QuantizeLinear/DequantizeLinear on the output."""
+
+    def __init__(self, layer: QuantLayer) -> None:
+        super().__init__()
+        if layer._weight_q is None:
+            raise InternalError(f"layer {layer.layer_name!r} has no active scheme to export")
+        self.layer_name = layer.layer_name
+        self.kind = type(layer).__name__
+        self.module = layer.module
+        self.mode = layer.config.mode
+        self.act_cfg = layer.config.activation
+        w_qmin, w_qmax, self.weight_axis = layer._weight_q
+        self.weight_dtype = layer.module.weight.dtype
+        weight_int, w_scale, w_zp = _weight_ints(
+            self.layer_name, layer.quantized_weight(), layer.weight_scale,
+            layer.weight_zero_point, w_qmin, w_qmax, self.weight_axis)
+        self.register_buffer("weight_int", weight_int)
+        self.register_buffer("weight_scale", w_scale)
+        self.register_buffer("weight_zero_point", w_zp)
+        sizes = [storage_type(w_qmin, w_qmax)[0].itemsize]
+        self.act_range: tuple[int, int] | None = None
+        self.act_spec: tuple | None = None
+        if layer._act_q is not None:
+            a_qmin, a_qmax, act_axis = layer._act_q
+            sizes.append(storage_type(a_qmin, a_qmax)[0].itemsize)
+            self.act_range = (a_qmin, a_qmax)
+            if self.mode != "dynamic":
+                self.act_spec = _static_act(
+                    self, ("act_scale", "act_zero_point", "act_low", "act_high"),
+                    layer.act_scale, layer.act_zero_point, a_qmin, a_qmax, act_axis)
+        self.storage_bits = max(sizes) * 8
+        delta = layer.bias_delta.detach()
+        self.register_buffer("bias_delta", delta if delta.numel() else None)
+        self.integer = bool(layer.integer_kernel)
+        self.out_spec: tuple | None = None
+        if self.integer:
+            self._integer_buffers(layer)
+
+    def _integer_buffers(self, layer: QuantLayer) -> None:
+        """The int32 bias (bias correction folded in) and the output quantizer, as the
+        searched layer computes them (`QuantLayer.quantized_bias`, ``requant``)."""
+        bias = getattr(self.module, "bias", None)
+        self.bias_axis: int | None = None
+        self.register_buffer("bias_int", None)
+        if isinstance(bias, torch.Tensor) or self.bias_delta is not None:
+            total = torch.zeros(self.weight_int.shape[layer.weight_axis], dtype=torch.float32,
+                                device=self.weight_int.device)
+            if isinstance(bias, torch.Tensor):
+                total = total + bias.detach().float()
+            if self.bias_delta is not None:
+                total = total + self.bias_delta.float()
+            q, scale = bias_ints(total, layer.act_scale, layer.weight_scale)
+            self.bias_axis = 0 if scale.numel() > 1 else None
+            if self.bias_axis is None:
+                scale = scale.reshape(())
+            self.register_buffer("bias_int", q)
+            self.register_buffer("bias_scale", scale)
+            self.register_buffer("bias_zero_point", torch.zeros_like(scale, dtype=torch.int32))
+        if layer.requant and layer._out_q is not None:
+            self.out_spec = _static_act(
+                self, ("out_scale", "out_zero_point", "out_low", "out_high"),
+                layer.out_scale, layer.out_zero_point, *layer._out_q, None)
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        linear = isinstance(module, nn.Linear)
+        shape = x.shape
+        if linear and x.dim() != 2:  # a Gemm on 2-D: flatten before the QDQ, not after
+            x = x.reshape(-1, shape[-1])
+        x = _static_qdq(self, self.act_spec, x)
+        w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
+                              self.weight_axis).to(self.weight_dtype)
+        b = None
+        if self.bias_int is not None:
+            b = dequantize_linear(self.bias_int, self.bias_scale, self.bias_zero_point,
+                                  self.bias_axis).to(self.weight_dtype)
+        y = F.linear(x, w, b) if linear else module._conv_forward(x, w, b)
+        if self.out_spec is not None:
+            y = _static_qdq(self, self.out_spec, y)
+        if linear and len(shape) != 2:
+            y = y.reshape(*shape[:-1], y.shape[-1])
+        return y
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_range is None:  # weight_only
+            return x
+        if self.act_spec is None:  # dynamic
+            return dynamic_qdq(x, *self.act_range, self.act_cfg)
+        return _static_qdq(self, self.act_spec, x)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.integer:
+            return self._integer_forward(x)
+        x = self._input(x)
+        w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
+                              self.weight_axis).to(self.weight_dtype)
+        module = self.module
+        bias = getattr(module, "bias", None)
+        channel = _channel_axis(module, x.dim())
+        if isinstance(bias, torch.Tensor) and channel is not None:
+            # The bias is added after the Gemm/Conv, not as its third input: onnxruntime's
+            # WeightBiasQuantization optimizer would otherwise round a float bias fed to a
+            # QDQ Conv/Gemm to int32 at scale act_scale * weight_scale, which is not what the
+            # searched model computes (and overflows at 16 bits).
+            with _GemmLinear():
+                y = functional_call(module, {"weight": w, "bias": torch.zeros_like(bias)},
+                                    (x, *args), kwargs)
+            y = y + _broadcast(bias, y.dim(), channel % y.dim())
+        else:
+            with _GemmLinear():
+                y = functional_call(module, {"weight": w}, (x, *args), kwargs)
+        if self.bias_delta is not None and isinstance(y, torch.Tensor):
+            # as QuantLayer._run adds it: last axis for Linear, axis 1 otherwise
+            dim = y.dim() - 1 if isinstance(module, nn.Linear) else 1
+            y = y + _broadcast(self.bias_delta, y.dim(), dim).to(y.dtype)
+        return y
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+
+def _channel_axis(module: nn.Module, input_dim: int) -> int | None:
+    """The output-channel axis of a Linear/Conv output (the bias axis), for a module that
+    runs torch's own forward; None otherwise (a subclass's forward may do anything after
+    the bias, e.g. scale the output, so its bias stays where its forward puts it)."""
+    for base in (nn.Linear, *_CONVS):
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            return None
+    if isinstance(module, nn.Linear):
+        return -1
+    if isinstance(module, _CONVS):
+        return input_dim - len(module.kernel_size) - 1  # batched or unbatched input
+    return None
+
+
+# -- the export-time replacement of an active MultiQuantLayer ----------------------------------
+class QDQMultiLayer(_WrapsModule):
+    """What an active `autoquant.quant.kinds.MultiQuantLayer` (RNN, attention, QuantMatMul)
+    computes, written with the QDQ custom ops.
+
+    It runs the wrapper class's own ``compute`` with this module as ``self``: its hooks
+    ``qw`` (an integer weight buffer + DequantizeLinear) and ``qa`` (the activation point's
+    calibrated QDQ, the graph-computed dynamic QDQ, or nothing in ``weight_only`` mode)
+    replace the fake-quant ones, so the exported graph is the wrapper's forward op for op
+    (an LSTM/GRU is traced through ``torch.func.functional_call`` with dequantized
+    weights). A subclass's ``compute`` may use ``self.module``, ``self.weight_names``,
+    ``self.act_points``, ``self.config``, ``self._phase``, ``self.qw`` and ``self.qa``.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        super().__init__()
+        if layer._weight_q is None:
+            raise InternalError(f"layer {layer.layer_name!r} has no active scheme to export")
+        self.layer_name = layer.layer_name
+        self.module = layer.module
+        self.config = layer.config
+        self.weight_names = tuple(layer.weight_names)
+        self.act_points = tuple(layer.act_points)
+        self.kind = type(layer).__name__
+        self._compute = type(layer).compute  # a plain function, called with self below
+        self._phase = "quant"
+        self.mode = layer.config.mode
+        sizes = [1]
+        self._weights: dict[str, tuple[str, str, str, torch.dtype, int | None]] = {}
+        layer._phase = "quant"
+        try:
+            for name in self.weight_names:
+                qmin, qmax, axis = layer._wq[name]
+                key = name.replace(".", "_")
+                ints, scale, zp = _weight_ints(
+                    f"{self.layer_name}:{name}", layer.qw(name),
+                    getattr(layer, f"wscale_{key}"), getattr(layer, f"wzp_{key}"),
+                    qmin, qmax, axis)
+                dtype = self.module.get_parameter(name).dtype
+                blocks = layer.weight_blocks.get(name, 1)
+                rows = ints.shape[0] // blocks
+                for i in range(blocks):  # a packed weight: one integer weight per block
+                    tag = key if blocks == 1 else f"{key}_{i}"
+                    part = slice(i * rows, (i + 1) * rows)
+                    names = (f"wint_{tag}", f"wscale_{tag}", f"wzp_{tag}")
+                    values = (ints, scale, zp) if blocks == 1 else (
+                        ints[part], *((t[part] if axis is not None else t) for t in (scale, zp)))
+                    for buf, value in zip(names, values, strict=True):
+                        self.register_buffer(buf, value.clone())
+                    self._weights[name if blocks == 1 else f"{name}[{i * rows}:{(i + 1) * rows}]"] \
+                        = (*names, dtype, axis)
+                sizes.append(storage_type(qmin, qmax)[0].itemsize)
+        finally:
+            layer._phase = "float"
+        self._acts: dict[str, tuple] = {}
+        self._act_ranges: dict[str, tuple[int, int]] = dict(layer._act_q or {})
+        for point, (qmin, qmax) in self._act_ranges.items():
+            sizes.append(storage_type(qmin, qmax)[0].itemsize)
+            if self.mode == "static":
+                self._acts[point] = _static_act(
+                    self, (f"ascale_{point}", f"azp_{point}", f"alow_{point}",
+                           f"ahigh_{point}"),
+                    getattr(layer, f"ascale_{point}"), getattr(layer, f"azp_{point}"),
+                    qmin, qmax, None)
+        self.storage_bits = max(sizes) * 8
+
+    def qw(self, name: str) -> torch.Tensor:
+        """The dequantized integer weight `name` (in the parameter's dtype)."""
+        ints, scale, zp, dtype, axis = self._weights[name]
+        return dequantize_linear(getattr(self, ints), getattr(self, scale), getattr(self, zp),
+                                 axis).to(dtype)
+
+    def qw_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of weight `name`, sliced from the integers before their
+        DequantizeLinear, so the runtime sees a constant integer weight per matmul."""
+        block = self._weights.get(f"{name}[{start}:{stop}]")
+        if block is not None:
+            ints, scale, zp, dtype, axis = block
+            return dequantize_linear(getattr(self, ints), getattr(self, scale),
+                                     getattr(self, zp), axis).to(dtype)
+        ints, scale, zp, dtype, axis = self._weights[name]
+        s, z = getattr(self, scale), getattr(self, zp)
+        if axis is not None:
+            s, z = s[start:stop], z[start:stop]
+        return dequantize_linear(getattr(self, ints)[start:stop], s, z, axis).to(dtype)
+
+    def qa(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """Activation `x` at `point`, fake-quantized as the wrapper does, as QDQ ops."""
+        if point not in self._act_ranges:  # weight_only
+            return x
+        if self.mode == "dynamic":
+            return dynamic_qdq(x, *self._act_ranges[point], self.config.activation)
+        return _static_qdq(self, self._acts[point], x)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _GemmLinear():
+            return self._compute(self, args, kwargs)
+
+
+class _GemmLinear(torch.overrides.TorchFunctionMode):
+    """Runs ``F.linear`` as a 2-D Gemm (the input reshaped around it) with its bias added
+    after it.
+
+    Why the Add: onnxruntime rounds a float bias fed to a QDQ Gemm to int32 at scale
+    ``act_scale * weight_scale`` (its WeightBiasQuantization), which is not what the
+    searched float bias computes; QGemm still fuses, the Add stays exact.
+
+    onnxruntime (1.20+) rewrites DequantizeLinear(int8 weight) -> MatMul into MatMulNBits,
+    which by default quantizes a float input to int8 on the fly (accuracy_level 4): the
+    layer would no longer compute what the searched model computes (a weight-only layer,
+    or a dynamic one, whose in-graph qparams it re-quantizes). It leaves Gemm alone."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear and args and isinstance(args[0], torch.Tensor):
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = func(x.reshape(-1, x.shape[-1]), weight)
+            if bias is not None:
+                y = y + bias
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return func(*args, **kwargs)

@@ -1,0 +1,437 @@
+"""`QuantModel`: a deep copy of the user's model with every quantizable layer wrapped.
+
+It owns the copy for a whole run: BN folding, wrapping by qualified name, the explicit
+quantizer state of every layer, calibration (once), and applying plans for trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.config import QuantConfig
+from autoquant.errors import ConfigError, EvaluatorError, ModelError
+from autoquant.evaluation.guard import check_model_devices
+from autoquant.plan import FLOAT, QuantPlan
+from autoquant.quant.dataflow import OutputUse, output_uses
+from autoquant.quant.fold import fold_conv_bn
+from autoquant.quant.kinds import QuantEmbedding  # noqa: F401 - registers the extra layer kinds
+from autoquant.quant.layers import (
+    QuantLayer,
+    QuantState,
+    layer_kinds,
+    weight_axis_of,
+    wrapper_class_of,
+)
+from autoquant.quant.shared import layers_sharing_parameters, module_aliases
+from autoquant.quant.target import resolve_target
+
+__all__ = ["QuantModel", "find_quantizable_layers", "run_model"]
+
+logger = logging.getLogger(__name__)
+
+_KEPT_BATCHES = 4
+
+
+def find_quantizable_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the quantizable modules of `model`, in module order.
+
+    Layers whose parent reads their weight directly instead of calling them (the output
+    projection of `nn.MultiheadAttention`) are not listed: wrapping them would not quantize.
+    A module object reachable under several names (a shared module) is listed once, under
+    its first name (see `autoquant.quant.shared.module_aliases`).
+    """
+    names: list[str] = []
+    seen: set[int] = set()
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, (QuantLayer, nn.MultiheadAttention)):
+            continue
+        for child_name, child in parent.named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            if isinstance(child, QuantLayer):
+                names.append(full)
+            elif weight_axis_of(child) is not None:
+                names.append(full)
+    return names
+
+
+def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]) -> None:
+    """A config naming a shared module by a second name gets a pointed error."""
+    canonical = {alias: name for name, others in aliases.items() for alias in others}
+    for name in [*config.layers, *config.skip_layers]:
+        if name in canonical:
+            raise ConfigError(
+                f"the quant config names {name!r}, which is the same module object as "
+                f"{canonical[name]!r} (a shared module is one unit); use {canonical[name]!r}"
+            )
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of `model`, or ModelError saying why it cannot be copied.
+
+    Tensors held as plain attributes that are not graph leaves (``torch.nn.utils.prune``
+    keeps ``weight = weight_orig * weight_mask`` so until a forward under no_grad) refuse
+    ``copy.deepcopy``; the copy gets detached clones of them, the model is not touched.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:
+        raise ModelError(
+            f"cannot deep-copy the model ({type(err).__name__}: {err}); autoquant works "
+            "on a copy so your model is never changed. Make the model deep-copyable "
+            "(no open file handles, generators or locks as attributes)."
+        ) from err
+
+
+def _bake_weight_reparametrizations(model: nn.Module) -> None:
+    """Replace parametrized (weight_norm, spectral_norm, orthogonal, ...) and pruned
+    tensors of our copy by the values the model computes with them in eval mode.
+
+    Why: a quantized layer must compute with its fake-quant weight as is. Substituting a
+    weight under a parametrization goes through its ``right_inverse`` and re-applies it
+    (spectral_norm would normalize the quantized weight again), and a pruning pre-hook
+    overwrites ``weight`` on every call. Training needs them; quantization does not.
+    """
+    from torch.nn.utils import parametrizations, parametrize, prune
+
+    baked = 0
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module):
+                # removing a parametrization edits the module's generated class, which the
+                # copy shares with the user's model: give the copy a class of its own
+                cls = type(module)
+                module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+                for tensor_name in list(module.parametrizations):
+                    parametrize.remove_parametrizations(module, tensor_name,
+                                                        leave_parametrized=True)
+                # weight_norm's hook for loading old weight_g/weight_v state dicts is a local
+                # function: meaningless on a plain weight, and it cannot be pickled (workers)
+                for key, hook in list(module._load_state_dict_pre_hooks.items()):
+                    function = getattr(hook, "hook", hook)
+                    if getattr(function, "__module__", "") == parametrizations.__name__:
+                        del module._load_state_dict_pre_hooks[key]
+                baked += 1
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    prune.remove(module, hook._tensor_name)
+                    baked += 1
+    if baked:
+        logger.info("baked %d parametrized or pruned tensor(s) into plain weights (the "
+                    "values the model computes in eval mode)", baked)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles, or `model` itself.
+
+    Why: the search swaps layers and re-runs the model per trial; through the wrapper every
+    trial would recompile, and layer names would carry its ``_orig_mod.`` prefix."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        logger.info("the model is a torch.compile wrapper: quantizing the %s it compiles "
+                    "(compile the result again for speed)", type(inner).__name__)
+        return inner
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    """Call `model` on `inputs`: a tuple/list is unpacked, a dict passed as keywords."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+class QuantModel:
+    """Wraps a deep copy of `model`; the user's model is never touched.
+
+    Args:
+        model: the float model.
+        config: quantization settings; its layer names are checked against the model.
+        example_inputs: optional inputs (tuple of positional args, or a dict of keyword
+            args) used to check that the model runs before anything expensive happens.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig, example_inputs: Any = None):
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, QuantConfig):
+            raise ConfigError(
+                f"config must be an autoquant.QuantConfig, got {type(config).__name__}; "
+                "build one with QuantConfig.from_dict(...) or QuantConfig.load(path)"
+            )
+        model = _uncompiled(model)
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ModelError(
+                f"the model is a TorchScript module ({type(model).__name__}, from torch.jit."
+                "script or torch.jit.trace), whose layers cannot be swapped for quantized "
+                "ones; pass the Python nn.Module it was made from"
+            )
+        self.model = copy_model(model)
+        check_model_devices(self.model)
+        self.model.eval()
+        _bake_weight_reparametrizations(self.model)
+        self.config = config
+        names = find_quantizable_layers(self.model)
+        if not names:
+            kinds = ", ".join(sorted(k.__name__ for k in layer_kinds()))
+            raise ModelError(
+                f"{type(model).__name__} has no quantizable layer ({kinds}); there is nothing "
+                "to quantize"
+            )
+        _check_no_alias_in_config(config, module_aliases(self.model))
+        config.check_layers(names)
+        self.folded: list[tuple[str, str]] = fold_conv_bn(self.model) if config.fold_bn else []
+        if self.folded:
+            logger.info("folded %d Conv-BatchNorm pair(s)", len(self.folded))
+        skipped = set(config.skip_layers)
+        # canonical name -> other names of the same (shared) module object
+        self.aliases: dict[str, list[str]] = {
+            n: a for n, a in module_aliases(self.model).items() if n in set(names)
+        }
+        self.calls_per_forward: dict[str, float] = {}
+        self.target = resolve_target(config.target)
+        self.layers: dict[str, QuantLayer] = {}
+        self.skipped: list[str] = [n for n in names if n in skipped]
+        for name in names:
+            if name in skipped:
+                continue
+            module = self.model.get_submodule(name)
+            wrapper = wrapper_class_of(module)
+            layer = wrapper(module, name, config.layer_config(name), weight_axis_of(module))
+            layer.target = self.target
+            for where in (name, *self.aliases.get(name, ())):
+                _set_submodule(self.model, where, layer)  # one wrapper at every alias
+            self.layers[name] = layer
+        for name, others in self.aliases.items():
+            logger.info("layer %s is shared (also %s): one wrapper, one scheme", name,
+                        ", ".join(others))
+        self.tied = layers_sharing_parameters({n: layer.module for n, layer in self.layers.items()})
+        if self.tied:
+            logger.info("layers sharing a parameter (each is its own unit): %s",
+                        "; ".join(f"{n} ~ {', '.join(o)}" for n, o in self.tied.items()))
+        self.all_layers = names
+        self.never_executed: list[str] = []
+        self.calibration_inputs: list[Any] = []  # the first calibration batches
+        self.output_uses: dict[str, OutputUse] | None = output_uses(self.model, self.layers)
+        for name, use in (self.output_uses or {}).items():
+            self.layers[name].out_relu = use.through_relu
+        if example_inputs is not None:
+            self.check_runs(example_inputs)
+
+    # -- state -----------------------------------------------------------------------------
+    def set_state(self, state: QuantState) -> None:
+        """Put every wrapped layer in `state`."""
+        for layer in self.layers.values():
+            layer.state = state
+
+    @contextlib.contextmanager
+    def state(self, state: QuantState) -> Iterator[None]:
+        """Run a block with every layer in `state`, then return to QUANTIZE."""
+        self.set_state(state)
+        try:
+            yield
+        finally:
+            self.set_state(QuantState.QUANTIZE)
+
+    def calibration_pass(self, evaluator: Any, state: QuantState, where: str,
+                         hooks: Iterable[Any] = ()) -> None:
+        """Run ``evaluator.calibration`` once with every layer in `state`, then remove
+        `hooks` (handles of hooks the caller registered for this pass), whatever happens."""
+        try:
+            with self.state(state):
+                call_evaluator(evaluator, "calibration", self.model, where)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def check_runs(self, example_inputs: Any) -> None:
+        """Run the float model once on `example_inputs`; a failure is a clear ModelError."""
+        with self.state(QuantState.FLOAT), torch.no_grad():
+            try:
+                run_model(self.model, example_inputs)
+            except Exception as err:
+                raise ModelError(
+                    f"the model does not run on example_inputs ({type(err).__name__}: {err}). "
+                    "Pass example_inputs as a tuple of positional arguments, e.g. (x,), on "
+                    "the model's device, with the shape the model expects."
+                ) from err
+
+    # -- calibration -----------------------------------------------------------------------
+    def calibrate(self, evaluator: Any) -> None:
+        """Run ``evaluator.calibration`` once with every layer observing its input."""
+        for layer in self.layers.values():
+            layer.calls = 0
+        forwards = [0]
+        self.calibration_inputs = []
+
+        def count(_module: Any, args: tuple, kwargs: dict) -> None:
+            forwards[0] += 1
+            # a few batches as the model got them, for the export's parity check
+            if len(self.calibration_inputs) < _KEPT_BATCHES and not (args and kwargs):
+                self.calibration_inputs.append(dict(kwargs) if kwargs else tuple(args))
+
+        self.calibration_pass(evaluator, QuantState.CALIBRATE, "",
+                              [self.model.register_forward_pre_hook(count, with_kwargs=True)])
+        if forwards[0]:
+            # a module called at several places in one forward pass is a shared module too
+            self.calls_per_forward = {
+                n: layer.calls / forwards[0] for n, layer in self.layers.items()
+            }
+            for name, per in self.calls_per_forward.items():
+                if per > 1:
+                    logger.info("layer %s runs %.3g times per forward pass: one wrapper, "
+                                "one scheme, ranges calibrated over every call", name, per)
+        self.never_executed = [n for n, layer in self.layers.items() if layer.calls == 0]
+        if self.layers and len(self.never_executed) == len(self.layers):
+            raise EvaluatorError(
+                "Evaluator.calibration() ran no forward pass through any quantizable layer; "
+                "it must call model(...) on a few representative batches"
+            )
+        if self.never_executed:
+            logger.warning(
+                "%d layer(s) never ran during calibration and stay float: %s",
+                len(self.never_executed),
+                ", ".join(self.never_executed[:10]) + (" ..." if len(self.never_executed) > 10
+                                                       else ""),
+            )
+
+    @property
+    def searchable(self) -> list[str]:
+        """Layers the search may switch: wrapped and executed during calibration."""
+        dead = set(self.never_executed)
+        return [n for n in self.layers if n not in dead]
+
+    # -- plans -----------------------------------------------------------------------------
+    def quant_plan(self) -> QuantPlan:
+        """Every searchable layer at its configured quantized scheme."""
+        return {n: self.layers[n].config.scheme for n in self.searchable}
+
+    def float_plan(self) -> QuantPlan:
+        """Every searchable layer in float."""
+        return dict.fromkeys(self.searchable, FLOAT)
+
+    def apply_plan(self, plan: Mapping[str, str]) -> None:
+        """Set each layer's scheme from `plan`; layers not in it run float."""
+        for name, layer in self.layers.items():
+            layer.set_scheme(plan.get(name, FLOAT))
+        self._set_requant()
+        self.set_state(QuantState.QUANTIZE)
+
+    def requant_reason(self, name: str) -> str | None:
+        """Why the integer convolution `name` needs an output quantizer of its own in the
+        active plan (its output is not read by exactly one quantizing layer), else None."""
+        use = (self.output_uses or {}).get(name)
+        if use is None:
+            return None
+        if use.others or len(use.consumers) != 1:
+            readers = [*use.consumers, *use.others]
+            return f"its output is read by {', '.join(readers) or 'nothing'}"
+        reader = self.layers.get(use.consumers[0])
+        if reader is None:
+            return f"its reader {use.consumers[0]} is not quantized"
+        if not _quantizes_input_exactly(reader):
+            return f"its reader {reader.layer_name} has no static 8-bit input quantizer"
+        if use.through_relu and int(reader.act_zero_point.reshape(-1)[0]) != reader._act_q[0]:
+            # onnxruntime drops a ReLU before a Q only when the zero point is the range start
+            return f"the ReLU before {reader.layer_name} cannot be folded into its quantizer"
+        return None
+
+    def _set_requant(self) -> None:
+        for name, layer in self.layers.items():
+            layer.requant = False
+            layer.requant_note = None
+            if not (layer.integer_kernel and layer._out_q is not None):
+                continue
+            if self.output_uses is None:
+                layer.requant_note = ("its output is not requantized (torch.fx cannot trace "
+                                      "the model to find the layer that reads it), so "
+                                      "QLinearConv cannot fuse")
+            elif self.requant_reason(name):
+                layer.requant = True
+
+    def finalize(self, plan: Mapping[str, str]) -> nn.Module:
+        """Apply `plan` for good: float layers are unwrapped back to their original module,
+        so the model has the structure of `final_config` (and its state dict loads there)."""
+        self.apply_plan(plan)
+        for name in list(self.layers):
+            if plan.get(name, FLOAT) == FLOAT:
+                original = self.layers.pop(name).module
+                for where in (name, *self.aliases.get(name, ())):
+                    _set_submodule(self.model, where, original)
+        return self.model
+
+    def layer_rows(self) -> list[dict[str, Any]]:
+        """Name, type, parameter count, mode, aliases and calls per forward pass of every
+        quantizable layer (for reports)."""
+        rows = []
+        for name in self.all_layers:
+            module = self.model.get_submodule(name)
+            inner = module.module if isinstance(module, QuantLayer) else module
+            rows.append({
+                "name": name,
+                "type": type(inner).__name__,
+                "parameters": sum(p.numel() for p in inner.parameters()),
+                "mode": module.config.mode if isinstance(module, QuantLayer) else None,
+                "aliases": list(self.aliases.get(name, ())),
+                "calls_per_forward": self.calls_per_forward.get(name),
+                "shares_parameters_with": list(self.tied.get(name, ())),
+            })
+        return rows
+
+
+def _quantizes_input_exactly(layer: QuantLayer) -> bool:
+    """True when `layer`'s input quantizer is a plain 8-bit per-tensor QuantizeLinear (no
+    narrowing Clip before it), the Q a runtime fuses into the op producing that input."""
+    act = layer._act_q
+    if layer._weight_q is None or not isinstance(act, tuple) or \
+            layer.config.mode != "static" or act[2] is not None:
+        return False
+    return (act[1] - act[0]) == 255
+
+
+def call_evaluator(evaluator: Any, method: str, model: nn.Module, where: str = "") -> Any:
+    """Call ``evaluator.<method>(model)`` in eval mode under no_grad; wrap its errors."""
+    func = getattr(evaluator, method, None)
+    if not callable(func):
+        raise EvaluatorError(
+            f"the evaluator {type(evaluator).__name__} has no method {method}(model); "
+            "subclass autoquant.evaluators.Evaluator and implement it"
+        )
+    model.eval()
+    try:
+        with torch.no_grad():
+            return func(model)
+    except Exception as err:
+        suffix = f" {where}" if where else ""
+        raise EvaluatorError(
+            f"{type(evaluator).__name__}.{method}(){suffix} raised {type(err).__name__}: {err}"
+        ) from err
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU if it has none)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

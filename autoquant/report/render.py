@@ -1,0 +1,320 @@
+"""Human-readable reports: ``report.md`` and a self-contained ``report.html`` with plots.
+
+Both render the data of ``report.json`` (see `autoquant.report.build`): a ten-second summary (met
+or not, loss vs budget, layers quantized k/N, evaluations, time), a bar chart of per-layer
+sensitivity with fallback layers marked, the search trajectory (metric against the number of
+fallback layers, with the threshold line), and the per-layer table. Plots use matplotlib's
+Agg backend (the ``report`` extra); without matplotlib the reports have no plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from autoquant.io.atomic import atomic_write_bytes, atomic_write_text
+
+__all__ = ["render_report", "plot_sensitivity", "plot_trajectory", "summary_lines",
+           "threshold_metric"]
+
+logger = logging.getLogger(__name__)
+
+PLOT_DIR = "plots"
+_STATUS = {"met": "MET", "not_met": "NOT MET", "budget_exhausted": "BUDGET EXHAUSTED",
+           "interrupted": "INTERRUPTED"}
+
+
+def _fmt(value: Any, spec: str = ".6g") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def threshold_metric(report: dict[str, Any]) -> float | None:
+    """The metric value at which the loss equals ``max_loss``, or None if unknown."""
+    settings = report.get("settings") or {}
+    base = (report.get("metrics") or {}).get("float")
+    max_loss = settings.get("max_loss")
+    if base is None or max_loss is None or "higher_is_better" not in settings:
+        return None
+    drop = max_loss if settings.get("loss_type", "absolute") == "absolute" else \
+        max_loss * abs(base)
+    return base - drop if settings["higher_is_better"] else base + drop
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The summary as plain-text lines (Markdown-safe)."""
+    m, c, t = report["metrics"], report["counts"], report.get("timings") or {}
+    s = report.get("settings") or {}
+    run = report.get("run") or {}
+    fallback = _fallback_names(report)
+    reused = run.get("reused_evaluations") or 0
+    lines = [
+        f"**{_STATUS.get(report['status'], report['status'])}**: {report['reason']}",
+        f"Loss: {_fmt(m.get('loss'))} (budget {_fmt(s.get('max_loss'))} "
+        f"{s.get('loss_type', '')})",
+        f"Metric: float {_fmt(m.get('float'))}, all quantized {_fmt(m.get('full_quant'))}, "
+        f"final {_fmt(m.get('final'))}",
+        f"Layers quantized: {c['quantized']}/{c['layers']} (fell back: "
+        f"{', '.join(fallback) or 'none'}; skipped: {c['skipped']})",
+        f"Evaluations: {c['evaluations']}" + (f" ({reused} reused from the journal)"
+                                              if reused else ""),
+        f"Time: {_fmt(t.get('total'), '.1f')} s total, {_fmt(t.get('evaluator'), '.1f')} s "
+        "inside the evaluator" + (f" (+{run['reused_evaluator_seconds']:.1f} s in the "
+                                  "interrupted run)" if reused and
+                                  run.get("reused_evaluator_seconds") else ""),
+    ]
+    det = report.get("determinism")
+    if det and not det.get("deterministic", True):
+        lines.append(f"WARNING: the evaluator is not deterministic: the float model scored "
+                     f"{_fmt(det.get('first'), '.9g')} then {_fmt(det.get('second'), '.9g')} "
+                     f"(difference {_fmt(det.get('difference'), '.3g')})")
+    sizes = report.get("sizes")
+    if sizes:
+        f_b, q_b = sizes.get("float_weight_bytes"), sizes.get("quantized_weight_bytes")
+        ratio = f" ({f_b / q_b:.1f}x smaller)" if f_b and q_b else ""
+        lines.append(f"Weights: {_bytes(f_b)} float, {_bytes(q_b)} quantized{ratio}")
+    return lines + deployment_lines(report)
+
+
+def deployment_lines(report: dict[str, Any]) -> list[str]:
+    """The deployed artifact: the target, the metric measured in onnxruntime, the integer
+    kernels, and the exported file's size and latency against float."""
+    deploy = report.get("deployment") or {}
+    figures = (report.get("settings") or {}).get("deployment") or {}
+    lines = []
+    if deploy.get("target"):
+        lines.append(f"Deploy target: {deploy['target']}")
+    if deploy.get("met_on_deploy") is not None:
+        verdict = "meets" if deploy["met_on_deploy"] else "MISSES"
+        lines.append(f"Deployed in onnxruntime: metric {_fmt(deploy.get('deployed_metric'))}, "
+                     f"loss {_fmt(deploy.get('deployed_loss'))} ({verdict} the budget; "
+                     f"{len(deploy.get('checks') or [])} plan(s) checked)")
+    kernels = figures.get("integer_kernels")
+    if kernels:
+        floats = kernels.get("float") or {}
+        lines.append(kernels["summary"] + (f" (float: {', '.join(floats)})" if floats else ""))
+    if figures.get("latency_ratio") is not None:
+        lines.append(f"Exported file: {_bytes(figures.get('file_bytes'))} "
+                     f"({_fmt(figures.get('size_ratio'), '.2f')}x float), latency "
+                     f"{_fmt(figures.get('onnxruntime_ms'), '.3g')} ms "
+                     f"({_fmt(figures.get('latency_ratio'), '.2f')}x float, onnxruntime)")
+    return lines
+
+
+def _fallback_names(report: dict[str, Any]) -> list[str]:
+    return list(report.get("fallback_layers") or [])
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install autoquant[report]); the "
+                       "reports have no plots")
+        return None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sensitivity(report: dict[str, Any]) -> bytes | None:
+    """PNG: one bar per ranked layer, ``1 - score`` on a log axis, fallback layers red."""
+    rows = [r for r in report["layers"] if r.get("rank") is not None and r.get("score")
+            is not None]
+    plt = _pyplot()
+    if plt is None or not rows:
+        return None
+    rows.sort(key=lambda r: r["rank"])
+    fallback = set(_fallback_names(report))
+    values = [max(1.0 - r["score"], 1e-12) for r in rows]
+    colors = ["#d62728" if r["name"] in fallback else "#1f77b4" for r in rows]
+    height = max(2.5, 0.28 * len(rows) + 1.2)
+    fig, ax = plt.subplots(figsize=(8, min(height, 40)))
+    y = list(range(len(rows)))
+    ax.barh(y, values, color=colors)
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=8 if len(rows) < 40 else 6)
+    ax.invert_yaxis()
+    if max(values) / min(values) > 20:
+        ax.set_xscale("log")
+    metric = (report.get("settings") or {}).get("sensitivity", "score")
+    ax.set_xlabel(f"1 - {metric} score (longer = more sensitive)")
+    ax.set_title("Per-layer sensitivity (most sensitive first)")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#d62728", label="fell back"),
+                       Patch(color="#1f77b4", label="quantized")], loc="lower right",
+              fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def plot_trajectory(report: dict[str, Any]) -> bytes | None:
+    """PNG: each trial's metric against its number of fallback layers, with thresholds.
+
+    Quantized trials are green (pass) or red (fail) and numbered in evaluation order; the
+    float baseline sits at "every layer fell back"; the chosen plan is ringed.
+    """
+    all_trials = report.get("trials", [])
+    trials = [t for t in all_trials if t["label"] != "float"]
+    plt = _pyplot()
+    if plt is None or not trials:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    xs = [len(t["fallback_layers"]) for t in trials]
+    ys = [t["metric"] for t in trials]
+    ax.plot(xs, ys, color="#999999", linewidth=1, zorder=1, label="search order")
+    for t, x, y in zip(trials, xs, ys, strict=True):
+        ax.scatter([x], [y], color="#2ca02c" if t["passed"] else "#d62728", zorder=2, s=40)
+        ax.annotate(str(t["index"]), (x, y), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    floats = [t for t in all_trials if t["label"] == "float"]
+    for t in floats:
+        ax.scatter([len(t["fallback_layers"])], [t["metric"]], marker="s", color="#1f77b4",
+                   zorder=2, s=40, label="float baseline")
+    chosen = next((t for t in trials if t["plan"] == report.get("plan")), None)
+    if chosen is not None:
+        ax.scatter([len(chosen["fallback_layers"])], [chosen["metric"]], s=220,
+                   facecolors="none", edgecolors="black", linewidths=1.5, zorder=3,
+                   label="chosen")
+    base = (report.get("metrics") or {}).get("float")
+    if base is not None:
+        ax.axhline(base, color="#1f77b4", linestyle=":", linewidth=1)
+    limit = threshold_metric(report)
+    if limit is not None:
+        ax.axhline(limit, color="#d62728", linestyle="--", label=f"threshold {limit:.4g}")
+    ax.scatter([], [], color="#2ca02c", label="pass")
+    ax.scatter([], [], color="#d62728", label="fail")
+    ax.set_xlabel("number of fallback layers")
+    ax.set_ylabel("metric")
+    ax.set_title("Search trajectory (numbers: evaluation order)")
+    xmax = max([*xs, *(len(t["fallback_layers"]) for t in floats)])
+    ax.set_xlim(-0.5, xmax + 0.5)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    fallback = set(_fallback_names(report))
+    head = ["rank", "layer", "type", "parameters", "score", "precision", "note"]
+    rows = []
+    for r in sorted(report["layers"], key=lambda r: (r.get("rank") is None,
+                                                       r.get("rank") or 0)):
+        note = "skipped" if r.get("skipped") else ("fell back" if r["name"] in fallback
+                                                   else "")
+        score = r.get("score")
+        rows.append([_fmt(r.get("rank")), r["name"], _fmt(r.get("type")),
+                     _fmt(r.get("parameters")),
+                     "n/a" if score is None or not math.isfinite(score) else f"{score:.6f}",
+                     _fmt(r.get("precision")), note])
+    return head, rows
+
+
+def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    out = ["# autoquant search report", ""]
+    out += [f"- {line}" for line in summary_lines(report)] + [""]
+    for title, name in (("Sensitivity", "sensitivity"), ("Search trajectory", "trajectory")):
+        if name in plots:
+            out += [f"## {title}", "", f"![{title}]({plots[name]})", ""]
+    head, rows = _table(report)
+    out += ["## Layers", "", "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    out += ["", "## Trials", "", "| # | label | fallback | metric | loss | pass | seconds |",
+            "|---|---|---|---|---|---|---|"]
+    for t in report.get("trials", []):
+        out.append(f"| {t['index']} | {t['label']} | {len(t['fallback_layers'])} | "
+                   f"{t['metric']:.6g} | {t['loss']:.6g} | {'yes' if t['passed'] else 'no'} | "
+                   f"{t['seconds']:.2f} |")
+    env = report.get("environment") or {}
+    out += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px}
+th{background:#f3f3f3}.met{color:#2ca02c}.fail{color:#d62728}img{max-width:100%}
+.summary li{margin:0.2em 0}"""
+
+
+def _html(report: dict[str, Any], images: dict[str, bytes]) -> str:
+    e = html.escape
+    status_cls = "met" if report["status"] == "met" else "fail"
+    items = []
+    for line in summary_lines(report):
+        text = e(line)
+        if text.startswith("**"):
+            bold, _, rest = text[2:].partition("**")
+            text = f'<b class="{status_cls}">{bold}</b>{rest}'
+        items.append(f"<li>{text}</li>")
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>autoquant report"
+             f"</title><style>{_CSS}</style></head><body><h1>autoquant search report</h1>",
+             f"<ul class='summary'>{''.join(items)}</ul>"]
+    for title, name in (("Sensitivity", "sensitivity"), ("Search trajectory", "trajectory")):
+        if name in images:
+            data = base64.b64encode(images[name]).decode("ascii")
+            parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,"
+                         f"{data}'>")
+    head, rows = _table(report)
+    parts.append("<h2>Layers</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head)
+                 + "</tr>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row)
+                                     + "</tr>" for row in rows) + "</table>")
+    parts.append("<h2>Trials</h2><table><tr><th>#</th><th>label</th><th>fallback</th>"
+                 "<th>metric</th><th>loss</th><th>pass</th><th>seconds</th></tr>")
+    for t in report.get("trials", []):
+        parts.append(f"<tr><td>{t['index']}</td><td>{e(t['label'])}</td>"
+                     f"<td>{len(t['fallback_layers'])}</td><td>{t['metric']:.6g}</td>"
+                     f"<td>{t['loss']:.6g}</td><td>{'yes' if t['passed'] else 'no'}</td>"
+                     f"<td>{t['seconds']:.2f}</td></tr>")
+    env = report.get("environment") or {}
+    parts.append("</table><p><small>" + e(", ".join(f"{k} {v}" for k, v in env.items()))
+                 + "</small></p></body></html>\n")
+    return "".join(parts)
+
+
+def render_report(report: dict[str, Any], directory: str | Path) -> list[Path]:
+    """Write ``report.md``, ``report.html`` and ``plots/*.png`` into `directory`.
+
+    Returns:
+        The paths written.
+    """
+    out = Path(directory)
+    images: dict[str, bytes] = {}
+    for name, plot in (("sensitivity", plot_sensitivity), ("trajectory", plot_trajectory)):
+        png = plot(report)
+        if png is not None:
+            images[name] = png
+    written = []
+    links = {}
+    for name, png in images.items():
+        path = atomic_write_bytes(out / PLOT_DIR / f"{name}.png", png)
+        written.append(path)
+        links[name] = f"{PLOT_DIR}/{name}.png"
+    written.append(atomic_write_text(out / "report.md", _markdown(report, links)))
+    written.append(atomic_write_text(out / "report.html", _html(report, images)))
+    logger.info("wrote %s", ", ".join(str(p) for p in written))
+    return written

@@ -1,0 +1,317 @@
+"""The search loop: the core asks a strategy for plans and evaluates them.
+
+Caching (a plan is never evaluated twice), the evaluation budget, validation of what the
+evaluator returns and the trial history live here, in one place, for every strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from autoquant.errors import EvaluatorError
+from autoquant.evaluation.criterion import check_metric_value
+from autoquant.evaluation.guard import determinism_record, run_with_timeout
+from autoquant.plan import FLOAT, QuantPlan, plan_key
+from autoquant.quant.qmodel import QuantModel, call_evaluator
+from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
+
+__all__ = ["TrialRunner", "SearchOutcome", "run_search", "Decision", "SearchStatus"]
+
+logger = logging.getLogger(__name__)
+
+Decision = Callable[[float, float], tuple[bool, float]]
+SearchStatus = Literal["met", "not_met", "budget_exhausted"]
+
+
+def make_decision(evaluator: Any, criterion: Decision) -> Decision:
+    """The pass/fail rule: the evaluator's ``metric_eval`` if it defines one, else `criterion`.
+
+    ``metric_eval`` returning ``NotImplemented`` (the base class default) defers to the
+    criterion. Anything but ``(bool, number)`` is an EvaluatorError.
+    """
+    custom = getattr(evaluator, "metric_eval", None)
+
+    def decide(original: float, new: float) -> tuple[bool, float]:
+        if callable(custom):
+            try:
+                out = custom(original, new)
+            except Exception as err:
+                raise EvaluatorError(
+                    f"{type(evaluator).__name__}.metric_eval({original!r}, {new!r}) raised "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            if out is not NotImplemented:
+                if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                    raise EvaluatorError(
+                        f"{type(evaluator).__name__}.metric_eval() returned {out!r:.80}; "
+                        "expected a tuple (ok: bool, loss: float)"
+                    )
+                ok, loss = out
+                loss = check_metric_value(loss, "metric_eval() (its loss)")
+                return bool(ok), loss
+        return criterion(original, new)
+
+    return decide
+
+
+class BudgetExhausted(Exception):
+    """Raised inside the loop when the next evaluation would exceed the budget."""
+
+
+@dataclass
+class TrialRunner:
+    """Evaluates plans on a `QuantModel` with a cache, a budget and a history.
+
+    Attributes:
+        on_record: called with every new record as soon as it exists (e.g. a journal).
+        preloaded: records from an earlier run, served without evaluating (resume).
+    """
+
+    qmodel: QuantModel
+    evaluator: Any
+    decide: Decision
+    max_evaluations: int | None = None
+    on_record: Callable[[TrialRecord], None] | None = None
+    preloaded: Mapping[str, TrialRecord] = field(default_factory=dict)
+    history: list[TrialRecord] = field(default_factory=list)
+    evaluator_seconds: float = 0.0
+    float_metric: float | None = None
+    pool: Any = None  # an autoquant.search.parallel.WorkerPool when workers > 1
+    eval_timeout: float | None = None
+    deadline: float | None = None
+    check_determinism: bool = False
+    determinism: dict[str, Any] | None = None
+    stopped_by: str | None = None
+    _cache: dict[str, TrialRecord] = field(default_factory=dict)
+    _ranking: list[str] = field(default_factory=list)
+    _prefetched: dict[str, tuple[Any, float]] = field(default_factory=dict)
+
+    extra_evaluations: int = 0  # evaluations outside the trial history (deploy checks)
+
+    @property
+    def num_evaluations(self) -> int:
+        """Evaluations made (or reused from a resumed run) so far."""
+        return len(self.history) + self.extra_evaluations
+
+    def budget_left(self) -> bool:
+        """True while one more evaluation fits the evaluation and time budgets."""
+        if self.max_evaluations is not None and self.num_evaluations >= self.max_evaluations:
+            self.stopped_by = "evaluations"
+            return False
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stopped_by = "time"
+            return False
+        return True
+
+    def reject(self, record: TrialRecord, note: str) -> TrialRecord:
+        """Mark `record`'s plan as failed from now on (e.g. it missed the budget once
+        deployed): the cache and the history hold a failed copy, labelled with `note`."""
+        failed = dataclasses.replace(record, passed=False, label=f"{record.label} ({note})")
+        self._cache[plan_key(record.plan)] = failed
+        self.history = [failed if r is record else r for r in self.history]
+        return failed
+
+    def fallback_layers(self, plan: Mapping[str, str]) -> list[str]:
+        """Layers of `plan` not at their quantized scheme, most sensitive first."""
+        order = self._ranking or list(plan)
+        quant = {n: self.qmodel.layers[n].config.scheme for n in plan}
+        return [n for n in order if n in plan and plan[n] != quant[n]]
+
+    def prefetch(self, plans: list[QuantPlan]) -> None:
+        """Evaluate the new plans among `plans` at once in the worker pool (if any).
+
+        Only the plans `evaluate` would run, in order and within the budget, are sent; their
+        raw outcomes wait until `evaluate` turns them into records in the asked order, so
+        indices, history and the strategy's view are the same as with one worker.
+        """
+        if self.pool is None:
+            return
+        todo: dict[str, QuantPlan] = {}
+        for plan in plans:
+            key = plan_key(plan)
+            if key not in self._cache and key not in self.preloaded:
+                todo.setdefault(key, plan)
+        keys = list(todo)
+        if self.max_evaluations is not None:
+            keys = keys[:max(0, self.max_evaluations - self.num_evaluations)]
+        if len(keys) < 2:
+            return
+        for key, outcome in zip(keys, self.pool.evaluate([todo[k] for k in keys]), strict=True):
+            self._prefetched[key] = outcome
+
+    def evaluate(self, plan: QuantPlan, label: str) -> TrialRecord:
+        """The record of `plan`: from the cache, else evaluated (BudgetExhausted if none left)."""
+        key = plan_key(plan)
+        if key in self._cache:
+            return self._cache[key]
+        reused = self.preloaded.get(key)
+        if reused is None and self.max_evaluations is not None and \
+                self.num_evaluations >= self.max_evaluations:
+            self.stopped_by = "evaluations"
+            raise BudgetExhausted
+        if reused is None and self.deadline is not None and self.num_evaluations >= 1 and \
+                time.monotonic() >= self.deadline:  # the float baseline always runs
+            self.stopped_by = "time"
+            raise BudgetExhausted
+        if reused is not None:
+            record = reused
+            if self.float_metric is None:  # the baseline: later trials are judged against it
+                self.float_metric = record.metric
+            logger.info("trial %d (%s): reused from the journal", record.index, label)
+        else:
+            record = self._run(plan, label)
+        self._cache[key] = record
+        self.history.append(record)
+        if reused is None and self.on_record is not None:
+            self.on_record(record)
+        return record
+
+    def measure(self, plan: QuantPlan, where: str) -> tuple[float, float]:
+        """Evaluate `plan` once, uncached and unrecorded: ``(metric, seconds)``.
+
+        Uses the worker pool's result when the plan was prefetched; otherwise evaluates in
+        this process, honouring ``eval_timeout`` (see
+        `autoquant.evaluation.guard.run_with_timeout`).
+        """
+        done = self._prefetched.pop(plan_key(plan), None)
+        if done is not None:
+            value, seconds = done
+        else:
+            self.qmodel.apply_plan(plan)
+            start = time.perf_counter()
+            value = run_with_timeout(
+                lambda: call_evaluator(self.evaluator, "evaluate", self.qmodel.model, where),
+                self.eval_timeout, f"{type(self.evaluator).__name__}.evaluate() {where}")
+            seconds = time.perf_counter() - start
+        self.evaluator_seconds += seconds
+        metric = check_metric_value(value, f"{type(self.evaluator).__name__}.evaluate() {where}")
+        return metric, seconds
+
+    def _run(self, plan: QuantPlan, label: str) -> TrialRecord:
+        index = self.num_evaluations
+        metric, seconds = self.measure(plan, f"in trial {index} ({label})")
+        if self.float_metric is None:
+            self.float_metric = metric
+        passed, loss = self.decide(self.float_metric, metric)
+        record = TrialRecord(
+            index=index, label=label, plan=dict(plan),
+            fallback_layers=self.fallback_layers(plan), metric=metric, loss=loss,
+            passed=passed, seconds=seconds,
+        )
+        logger.info(
+            "trial %d (%s): metric %.6g, loss %.6g -> %s (%.2fs)",
+            index, label, metric, loss, "pass" if passed else "fail", seconds,
+        )
+        return record
+
+
+@dataclass
+class SearchOutcome:
+    """What the loop found: the status, the chosen record and the evaluation counts."""
+
+    status: SearchStatus
+    best: TrialRecord | None
+    float_record: TrialRecord
+    full_quant: TrialRecord | None
+    reason: str
+
+
+def _compression_key(record: TrialRecord, quant: Mapping[str, str]) -> tuple:
+    """Larger is better: more layers quantized, then fewer float layers, then lower loss."""
+    at_quant = sum(record.plan[n] == quant[n] for n in record.plan)
+    non_float = sum(s != FLOAT for s in record.plan.values())
+    return (at_quant, non_float, -record.loss)
+
+
+def run_search(
+    runner: TrialRunner,
+    strategy: SearchStrategy,
+    context: SearchContext,
+    float_plan: QuantPlan,
+    progress: Callable[..., None] | None = None,
+) -> SearchOutcome:
+    """Evaluate the float baseline, then drive `strategy` until it stops or the budget ends.
+
+    `progress`, if given, is called as ``progress("search", "start", total=...)`` once and
+    ``progress("search", "trial", record=..., reused=...)`` after every evaluation.
+    """
+    runner._ranking = list(context.ranking)
+    strategy.setup(context)
+    estimate = strategy.estimate()
+    if progress is not None:
+        total = None if estimate is None else 1 + estimate
+        if runner.max_evaluations is not None:
+            total = runner.max_evaluations if total is None else min(total,
+                                                                     runner.max_evaluations)
+        progress("search", "start", total=total)
+
+    def evaluate(plan: QuantPlan, label: str) -> TrialRecord:
+        before = len(runner.history)
+        record = runner.evaluate(plan, label)
+        if progress is not None and len(runner.history) > before:
+            progress("search", "trial", record=record,
+                     reused=plan_key(plan) in runner.preloaded)
+        return record
+
+    bound = f"at most {1 + estimate}" if estimate is not None else "an unknown number of"
+    budget = f" (budget {runner.max_evaluations})" if runner.max_evaluations else ""
+    logger.info(
+        "search with %r over %d layers: %s evaluations including the float baseline%s",
+        strategy.name or type(strategy).__name__, len(context.ranking), bound, budget,
+    )
+    float_record = evaluate(float_plan, "float")
+    if runner.check_determinism:  # one extra evaluation, outside the trial budget
+        metric, seconds = runner.measure(float_plan, "in the determinism check (float again)")
+        runner.determinism = determinism_record(float_record.metric, metric, seconds)
+    status: SearchStatus | None = None
+    visited: list[TrialRecord] = []  # records the strategy asked for (the baseline too, if so)
+    while status is None:
+        plans = strategy.ask()
+        if not plans:
+            break
+        runner.prefetch(plans)
+        for plan in plans:
+            k = len(runner.fallback_layers(plan))
+            label = "all quantized" if k == 0 else f"fallback {k}"
+            try:
+                record = evaluate(plan, label)
+            except BudgetExhausted:
+                status = "budget_exhausted"
+                break
+            visited.append(record)
+            strategy.tell(plan, record)
+    strategy.finish()
+    quant = context.quant_schemes
+    quantized = [r for r in visited if any(s != FLOAT for s in r.plan.values())]
+    full = next((r for r in visited if not runner.fallback_layers(r.plan)), None)
+    passing = [r for r in visited if r.passed]
+    if passing:
+        best = max(passing, key=lambda r: _compression_key(r, quant))
+    elif quantized:
+        best = min(quantized, key=lambda r: r.loss)
+    else:
+        best = None
+    if status is None:
+        status = "met" if passing else "not_met"
+    if status == "met":
+        reason = "the loss is within the budget"
+        if best is not None and not any(s != FLOAT for s in best.plan.values()):
+            reason = ("only the all-float plan met the loss budget: no layer could stay "
+                      "quantized under this threshold")
+            logger.warning(reason)
+    elif status == "not_met":
+        reason = ("no evaluated plan met the loss budget, not even with every searchable layer "
+                  "fallen back; the evaluator may be non-deterministic, or the threshold below "
+                  "its noise")
+    elif runner.stopped_by == "time":
+        reason = ("the wall-time budget (max_seconds) ran out before the strategy finished; "
+                  "the result is the best plan found so far")
+    else:
+        reason = (f"the evaluation budget ({runner.max_evaluations}) ran out before the "
+                  "strategy finished; the result is the best plan found so far")
+    return SearchOutcome(status, best, float_record, full, reason)

@@ -1,0 +1,178 @@
+"""Trust checks on a finished search: held-out re-check, ranking audit, monotonicity.
+
+- **Held-out check**: if the evaluator offers ``evaluate_holdout(model)``, the float model
+  and the chosen plan are both measured on it, so a plan that only passes on the search
+  data (overfitting the threshold) shows up as a held-out loss above the budget. These calls
+  are not search evaluations and are not counted in ``num_evaluations``.
+- **Ranking audit** (``audit=M``): each of the M worst-ranked layers is evaluated *alone
+  quantized* (every other searchable layer float), so the measured loss is that layer's own
+  drop, the quantity the proxy score predicts. Spearman's rho is computed between the
+  proxy's sensitivity (``-score``) and the measured loss: +1 means the proxy ordered those
+  layers exactly as the evaluator does, 0 no relation, -1 reversed. The audit's evaluations
+  go through the trial runner (cache, budget, journal) and count in ``num_evaluations``.
+- **Monotonicity**: the prefix searches assume that falling back more of the ranking never
+  hurts. Every evaluated prefix plan (the k worst-ranked layers fallen back) is checked for
+  a pass at k and a fail at some k' > k; each such pair is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from autoquant.errors import ConfigError
+from autoquant.evaluation.criterion import check_metric_value
+from autoquant.plan import FLOAT, QuantPlan
+from autoquant.quant.qmodel import QuantModel, call_evaluator
+from autoquant.search.loop import BudgetExhausted, Decision, TrialRunner
+from autoquant.search.strategy import SearchContext, TrialRecord
+
+__all__ = [
+    "check_trust_args",
+    "spearman",
+    "holdout_check",
+    "ranking_audit",
+    "monotonicity_violations",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2  # ties share their average rank
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation of `x` and `y` (average ranks for ties).
+
+    None when it is undefined: fewer than two points, or either side constant.
+
+    Example:
+        >>> spearman([1, 2, 3], [10, 30, 20])
+        0.5
+    """
+    if len(x) != len(y) or len(x) < 2:
+        return None
+    rx, ry = _ranks(list(x)), _ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    if vx == 0 or vy == 0:
+        return None
+    return cov / math.sqrt(vx * vy)
+
+
+def check_trust_args(holdout: Any, audit: Any) -> None:
+    """Validate the `holdout` and `audit` arguments of `auto_quantize` before any work."""
+    if holdout is not None and not isinstance(holdout, bool):
+        raise ConfigError(f"holdout must be None, True or False, got {holdout!r}")
+    if isinstance(audit, bool) or not isinstance(audit, int) or audit < 0:
+        raise ConfigError(f"audit must be an int >= 0 (layers to audit), got {audit!r}")
+
+
+def holdout_check(qmodel: QuantModel, evaluator: Any, plan: QuantPlan, float_plan: QuantPlan,
+                  decide: Decision, required: bool | None) -> dict[str, Any] | None:
+    """Measure the float model and `plan` with ``evaluator.evaluate_holdout``.
+
+    Args:
+        required: True raises ConfigError if the evaluator has no ``evaluate_holdout``;
+            None runs the check only if it has one; False skips it.
+
+    Returns:
+        ``{"float_metric", "metric", "loss", "passed"}`` or None when skipped.
+    """
+    if required is False:
+        return None
+    if not callable(getattr(evaluator, "evaluate_holdout", None)):
+        if required:
+            raise ConfigError(
+                f"holdout=True needs {type(evaluator).__name__}.evaluate_holdout(model) -> "
+                "float (the metric on data the search never saw); add it or pass "
+                "holdout=None"
+            )
+        return None
+    where = "(held-out check)"
+    name = f"{type(evaluator).__name__}.evaluate_holdout() {where}"
+    qmodel.apply_plan(float_plan)
+    ref = check_metric_value(call_evaluator(evaluator, "evaluate_holdout", qmodel.model, where),
+                             name)
+    qmodel.apply_plan(plan)
+    new = check_metric_value(call_evaluator(evaluator, "evaluate_holdout", qmodel.model, where),
+                             name)
+    passed, loss = decide(ref, new)
+    if not passed:
+        logger.warning(
+            "held-out check failed: the chosen plan loses %.6g on the held-out data (float "
+            "%.6g, quantized %.6g) although it passed on the search data", loss, ref, new,
+        )
+    return {"float_metric": ref, "metric": new, "loss": loss, "passed": bool(passed)}
+
+
+def ranking_audit(runner: TrialRunner, context: SearchContext, count: int) -> dict[str, Any]:
+    """Evaluate the `count` worst-ranked layers each alone quantized; Spearman's rho of the
+    proxy sensitivity (``-score``) against the measured loss.
+
+    Stops early (``"complete": False``) if the evaluation budget runs out.
+    """
+    check_trust_args(None, count)
+    rows: list[dict[str, Any]] = []
+    complete = True
+    plans = []
+    for name in context.ranking[:count]:
+        plan = dict.fromkeys(context.ranking, FLOAT)
+        plan[name] = context.quant_schemes[name]
+        plans.append(plan)
+    runner.prefetch(plans)  # concurrent with workers > 1; a no-op otherwise
+    for name, plan in zip(context.ranking[:count], plans, strict=True):
+        try:
+            record = runner.evaluate(plan, f"audit {name}")
+        except BudgetExhausted:
+            complete = False
+            logger.warning("the ranking audit stopped after %d layer(s): budget exhausted",
+                           len(rows))
+            break
+        rows.append({"layer": name, "score": context.scores[name], "loss": record.loss})
+    rho = spearman([-r["score"] for r in rows], [r["loss"] for r in rows])
+    logger.info("ranking audit of %d layer(s): Spearman rho %s", len(rows),
+                "n/a" if rho is None else f"{rho:.3f}")
+    return {"layers": rows, "spearman_rho": rho, "complete": complete}
+
+
+def monotonicity_violations(records: Sequence[TrialRecord], context: SearchContext
+                            ) -> list[dict[str, Any]]:
+    """Pairs (pass at k, fail at k' > k) among the records whose plan is exactly
+    ``context.plan(fallback=ranking[:k])`` (the k worst-ranked layers at their fallback)."""
+    ranking = list(context.ranking)
+    passes: set[int] = set()
+    fails: set[int] = set()
+    for record in records:
+        back = [n for n in ranking if record.plan.get(n, FLOAT) != context.quant_schemes[n]]
+        k = len(back)
+        if record.plan != context.plan(fallback=ranking[:k]):
+            continue
+        (passes if record.passed else fails).add(k)
+    out = []
+    for k in sorted(passes):
+        for k2 in sorted(fails):
+            if k2 > k:
+                out.append({"pass_at": k, "fail_at": k2})
+    if out:
+        logger.warning(
+            "pass/fail is not monotone in the number of fallbacks: %s; the ranking does not "
+            "order the layers the way the evaluator does (refinement repairs the plan)",
+            ", ".join(f"pass at {v['pass_at']}, fail at {v['fail_at']}" for v in out[:5]),
+        )
+    return out

@@ -1,0 +1,173 @@
+"""Per-layer sensitivity: how far each layer's quantized output is from its float output.
+
+One pass over the calibration batches with every layer in ``COMPARE`` state: each layer
+computes its float and fake-quantized outputs on the same float input and feeds them to an
+accumulator, so memory holds one layer's outputs at a time. Layers are ranked worst first.
+
+Metrics are plug-ins: subclass `SensitivityMetric` and register it by name
+(`register_sensitivity`), or expose it in the ``autoquant.sensitivity`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoquant.errors import ConfigError
+from autoquant.quant.layers import QuantState
+from autoquant.quant.qmodel import QuantModel
+from autoquant.registry import Registry
+
+__all__ = [
+    "SensitivityMetric",
+    "CosineSimilarity",
+    "LayerSensitivity",
+    "SENSITIVITY_METRICS",
+    "register_sensitivity",
+    "compute_sensitivity",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class SensitivityMetric(ABC):
+    """Accumulates a similarity score of a layer's quantized vs float output.
+
+    Contract: `update` is called once per layer call with detached tensors of equal shape
+    (`y_quant` is the metric's to consume: it may be overwritten in place, which keeps the
+    pass's peak memory near a float forward pass);
+    `score` returns a float where **higher means less sensitive** (closer to float), so the
+    ranking sorts ascending. Instances are created fresh per layer and per run.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
+        """Fold one call's outputs into the running score."""
+
+    @abstractmethod
+    def score(self) -> float:
+        """The accumulated score (higher = closer to float)."""
+
+
+class CosineSimilarity(SensitivityMetric):
+    """Mean over calls of the cosine similarity of the flattened outputs, in [-1, 1]."""
+
+    name = "cosine"
+
+    def __init__(self) -> None:
+        self.norms: list[torch.Tensor] = []
+
+    def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
+        # Three float32 norms instead of float64 copies: cos = (|a|^2 + |b|^2 - |a-b|^2)
+        # / (2|a||b|) keeps the precision of 1 - cos, which is what the ranking compares.
+        # They stay on the device until `score`, so a GPU pass never waits on a sync.
+        a, b = y_float.reshape(-1).float(), y_quant.reshape(-1).float()
+        na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+        nd = torch.linalg.vector_norm(b.sub_(a))  # in place: y_quant is ours to consume
+        self.norms.append(torch.stack([na, nb, nd]))
+
+    def score(self) -> float:
+        if not self.norms:
+            return 1.0
+        total = 0.0
+        for na, nb, nd in torch.stack(self.norms).double().cpu().tolist():
+            if na == 0 and nb == 0:
+                cos = 1.0  # both all-zero: identical
+            elif na == 0 or nb == 0:
+                cos = 0.0
+            else:
+                cos = max(-1.0, min(1.0, (na * na + nb * nb - nd * nd) / (2.0 * na * nb)))
+            total += cos
+        return total / len(self.norms)
+
+
+SENSITIVITY_METRICS: Registry[type[SensitivityMetric]] = Registry(
+    "sensitivity metric",
+    {
+        "cosine": "autoquant.sensitivity.ranking:CosineSimilarity",
+        "mse": "autoquant.sensitivity.metrics:SQNRMetric",
+        "kl": "autoquant.sensitivity.metrics:KLMetric",
+    },
+    entry_point_group="autoquant.sensitivity",
+    aliases={"CosineSimilarity": "cosine", "sqnr": "mse"},
+)
+
+
+def register_sensitivity(name: str, metric: type[SensitivityMetric]) -> None:
+    """Register a sensitivity metric class under `name`."""
+    SENSITIVITY_METRICS.register(name, metric)
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One row of the ranking: a layer, its score and its rank (0 = most sensitive).
+
+    `aliases` are the other qualified names of a shared module (one unit, one scheme).
+    """
+
+    name: str
+    score: float
+    rank: int
+    calls: int
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # rows read back from JSON carry a list; keep rows comparable and hashable
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form."""
+        return asdict(self)
+
+
+def compute_sensitivity(
+    qmodel: QuantModel,
+    evaluator: Any,
+    metric: str | type[SensitivityMetric] = "cosine",
+    dump_dir: str | Path | None = None,
+) -> list[LayerSensitivity]:
+    """Score every searchable layer at its configured scheme; return them worst first.
+
+    Runs ``evaluator.calibration(model)`` once more with layers in ``COMPARE`` state.
+    `dump_dir`, if given, receives each layer's input activations, one file per call
+    (``<dump_dir>/<layer>/input_00000.pt``), for inspection.
+    """
+    metric_cls = SENSITIVITY_METRICS.resolve(metric) if isinstance(metric, str) else metric
+    if not (isinstance(metric_cls, type) and issubclass(metric_cls, SensitivityMetric)):
+        raise ConfigError(
+            f"sensitivity must be a name or a SensitivityMetric class, got {metric!r}"
+        )
+    names = qmodel.searchable
+    qmodel.apply_plan(qmodel.quant_plan())
+    for name, layer in qmodel.layers.items():
+        layer.calls = 0
+        layer.comparator = metric_cls() if name in names else None
+        if dump_dir is not None and name in names:
+            layer.dump_dir = Path(dump_dir) / name
+    start = time.perf_counter()
+    try:
+        qmodel.calibration_pass(evaluator, QuantState.COMPARE, "(sensitivity pass)")
+    finally:
+        for layer in qmodel.layers.values():
+            layer.dump_dir = None
+    rows = []
+    for name in names:
+        layer = qmodel.layers[name]
+        rows.append((layer.comparator.score(), name, layer.calls))
+        layer.comparator = None
+    rows.sort(key=lambda r: (r[0], names.index(r[1])))
+    logger.info(
+        "sensitivity (%s) of %d layers in %.2fs", metric_cls.name or metric_cls.__name__,
+        len(rows), time.perf_counter() - start,
+    )
+    aliases = getattr(qmodel, "aliases", {})
+    return [LayerSensitivity(name, score, rank, calls, tuple(aliases.get(name, ())))
+            for rank, (score, name, calls) in enumerate(rows)]
