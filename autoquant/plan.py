@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from autoquant.errors import ConfigError
 
-__all__ = ["FLOAT", "QuantPlan", "parse_scheme", "scheme_label", "plan_key"]
+__all__ = ["FLOAT", "QuantPlan", "parse_scheme", "scheme_label", "plan_key", "effective_bits"]
 
 FLOAT = "float"
 QuantPlan = dict[str, str]
@@ -45,3 +46,32 @@ def scheme_label(weight_bits: int, activation_bits: int) -> str:
 def plan_key(plan: Mapping[str, str]) -> str:
     """A canonical string for a plan: equal plans give equal keys (the cache key)."""
     return json.dumps(sorted(plan.items()), separators=(",", ":"))
+
+
+def effective_bits(layers: list[dict[str, Any]], plan: Mapping[str, str]) -> dict[str, float]:
+    """Average bit widths of the quantizable layers under `plan` (float counts as 32).
+
+    ``weights`` is weighted by each layer's parameter count, so it is the storage cost per
+    weight. ``activations`` is the plain mean over layers of the input-activation bits (the
+    per-call input size is not known statically, so every layer counts once). Layers not in
+    the plan (skipped) are float.
+
+    Example:
+        >>> effective_bits([{"name": "a", "parameters": 3}, {"name": "b", "parameters": 1}],
+        ...                {"a": "w8a8", "b": "float"})
+        {'weights': 14.0, 'activations': 20.0}
+    """
+    if not layers:
+        return {"weights": 32.0, "activations": 32.0}
+    w_total = a_total = 0.0
+    params = 0
+    for row in layers:
+        bits = parse_scheme(plan.get(row["name"], FLOAT))
+        w_bits, a_bits = (32, 32) if bits is None else bits
+        w_total += w_bits * row["parameters"]
+        params += row["parameters"]
+        a_total += a_bits
+    return {
+        "weights": w_total / params if params else 32.0,
+        "activations": a_total / len(layers),
+    }

@@ -1,11 +1,13 @@
-"""`SearchResult`: what a search returns, always, whether the goal was met or not."""
+"""`SearchResult`: what a search returns, always, whether the goal was met or not.
+
+A value: it holds the outcome and imports none of its consumers. The report, the saved
+folder and the ONNX export are functions over it (`autoquant.report`, `autoquant.export`);
+`to_report`, `save` and `export_onnx` are thin methods that call them.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,53 +15,14 @@ from typing import Any
 from torch import nn
 
 from autoquant.config import QuantConfig
-from autoquant.io.atomic import atomic_torch_save, atomic_write_text
-from autoquant.plan import FLOAT, QuantPlan
+from autoquant.plan import QuantPlan, effective_bits
 from autoquant.search.strategy import TrialRecord
 from autoquant.sensitivity.ranking import LayerSensitivity
+from autoquant.settings import SearchSettings
 
-__all__ = ["SearchResult", "final_config"]
+__all__ = ["SearchResult"]
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "quant_config.yaml"
-STATE_FILE = "model_state.pt"
-REPORT_FILE = "report.json"
-
-
-def final_config(
-    base: QuantConfig,
-    plan: QuantPlan,
-    skipped: list[str],
-    calibration: Mapping[str, Mapping[str, Any]] | None = None,
-    target: str | None = None,
-) -> QuantConfig:
-    """`base` with the plan's float layers skipped and its bit-width fallbacks written in.
-
-    `calibration` holds per-layer overrides that pin each layer's chosen activation
-    calibration (`autoquant.calibration.refine.calibration_overrides`); they are written for the
-    layers the plan quantizes. `target` replaces ``auto`` by the target the search resolved
-    it to, so the config means the same on another machine. Applying the returned config
-    to the float model reproduces the plan.
-    """
-    from autoquant.calibration.refine import merge_overrides
-
-    quantized = {n: o for n, o in (calibration or {}).items() if plan.get(n, FLOAT) != FLOAT}
-    layers = merge_overrides(base.layers, quantized)
-    skip = list(dict.fromkeys([*base.skip_layers, *skipped]))
-    for name, scheme in plan.items():
-        current = base.layer_config(name)
-        if scheme == FLOAT:
-            if name not in skip:
-                skip.append(name)
-        elif scheme != current.scheme:
-            w_bits, a_bits = (int(b) for b in scheme[1:].split("a"))
-            override = layers.setdefault(name, {})
-            override["weight"] = {**override.get("weight", {}), "bits": w_bits}
-            override["activation"] = {**override.get("activation", {}), "bits": a_bits}
-    # replace() carries every other field (fold_bn, bias_correction, smoothing_alpha, ...)
-    return dataclasses.replace(base, layers=layers, skip_layers=skip,
-                               target=target or base.target)
 
 
 @dataclass
@@ -89,8 +52,12 @@ class SearchResult:
         config: the final `QuantConfig` (applying it to the float model reproduces `plan`).
         timings: seconds spent: total, calibration, sensitivity, search, evaluator.
         layers: per-layer rows (name, type, parameters) of every quantizable layer.
-        settings: the search settings (strategy, sensitivity, max_loss, loss_type, budget);
-            `export_onnx` adds a ``deployment`` entry with the export's measured figures.
+        settings: the `SearchSettings` the search ran with.
+        higher_is_better: the direction of the evaluator's metric.
+        target: the deploy target the model was quantized for (`autoquant.quant.target`).
+        folded_bn: the ``(conv, batchnorm)`` pairs folded before quantizing.
+        deployment: the figures of the last `export_onnx` (parity, integer kernels, size,
+            latency), empty before one.
         checks: trust checks (`autoquant.search.trust`): ``holdout`` (float and final metric on the
             evaluator's held-out data), ``audit`` (per-layer measured drops and Spearman's
             rho against the proxy ranking) and ``monotonicity`` (pass/fail violations
@@ -122,7 +89,11 @@ class SearchResult:
     config: QuantConfig
     timings: dict[str, float] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: SearchSettings = field(default_factory=SearchSettings)
+    higher_is_better: bool = True
+    target: str = "reference"
+    folded_bn: list[list[str]] = field(default_factory=list)
+    deployment: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     determinism: dict[str, Any] | None = None
     deploy_checks: list[Any] = field(default_factory=list)
@@ -157,9 +128,7 @@ class SearchResult:
     @property
     def effective_bits(self) -> dict[str, float]:
         """Average weight bits (parameter-weighted) and activation bits (per layer) of the
-        quantizable layers, float counting as 32 (see `autoquant.report.build.effective_bits`)."""
-        from autoquant.report.build import effective_bits
-
+        quantizable layers, float counting as 32 (see `autoquant.plan.effective_bits`)."""
         return effective_bits(self.layers, self.plan)
 
     def summary(self) -> str:
@@ -169,8 +138,8 @@ class SearchResult:
             f"status: {self.status} ({self.reason})",
             f"float metric: {self.float_metric:.6g}   "
             f"all-quantized: {_fmt(self.full_quant_metric)}   final: {_fmt(self.quant_metric)}",
-            f"loss: {_fmt(self.loss)} (budget {self.settings.get('max_loss')} "
-            f"{self.settings.get('loss_type', '')})",
+            f"loss: {_fmt(self.loss)} (budget {self.settings.max_loss} "
+            f"{self.settings.loss_type})",
             f"layers quantized: {len(self.quantized_layers)}/{n}; fell back: "
             f"{', '.join(self.fallback_layers) or 'none'}",
             f"effective bits: weights {self.effective_bits['weights']:.2f}, activations "
@@ -196,21 +165,20 @@ class SearchResult:
         return "\n".join(lines)
 
     def to_report(self) -> dict[str, Any]:
-        """The JSON report (see `autoquant.report.build`)."""
+        """The JSON report (`autoquant.report.build.build_report`)."""
         from autoquant.report.build import build_report
 
         return build_report(self)
 
     def export_onnx(self, path: str | Path, example_inputs: Any = None,
                     opset: int | None = None, measure: bool = True, **options: Any) -> Path:
-        """Export the chosen model as an ONNX QDQ graph (see `autoquant.export.export_onnx`;
-        `options` are its keyword options: names, dynamic axes, ``strict``, ``target``).
+        """Export the chosen model to ONNX (`autoquant.export.export_onnx`; `options` are its
+        keyword options: names, dynamic axes, ``strict``, ``target``).
 
         The parity check runs on the example inputs and the calibration batches. The
         figures (integer-kernel count, parity, and with `measure` the file size and the
-        onnxruntime latency, both as ratios to the float export) go into
-        ``settings["deployment"]`` and so into the report. The result itself is otherwise
-        unchanged, also when export fails.
+        onnxruntime latency, both as ratios to the float export) go into `deployment` and
+        so into the report. The result is otherwise unchanged, also when export fails.
 
         Example:
             >>> result.export_onnx("model_qdq.onnx", dynamic_axes={"x": {0: "batch"}})
@@ -220,21 +188,15 @@ class SearchResult:
         inputs = self.example_inputs if example_inputs is None else example_inputs
         options.setdefault("check_inputs", self.check_inputs)
         out, figures = export_measured(self.model, path, inputs, opset, measure, **options)
-        self.settings["deployment"] = figures
+        self.deployment = figures
         return out
 
     def save(self, directory: str | Path) -> Path:
-        """Write the final config, the fake-quant state dict and ``report.json``.
+        """Write the final config, the fake-quant state dict and ``report.json``
+        (`autoquant.report.saving.save_result`); reload with `autoquant.load_quantized`."""
+        from autoquant.report.saving import save_result
 
-        Every file is written atomically. Reload the model with `autoquant.load_quantized`.
-        """
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.config.save(out / CONFIG_FILE)
-        atomic_torch_save(out / STATE_FILE, self.model.state_dict())
-        atomic_write_text(out / REPORT_FILE, json.dumps(self.to_report(), indent=2) + "\n")
-        logger.info("saved %s, %s and %s to %s", CONFIG_FILE, STATE_FILE, REPORT_FILE, out)
-        return out
+        return save_result(self, directory)
 
 
 def _fmt(value: float | None) -> str:

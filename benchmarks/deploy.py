@@ -45,7 +45,7 @@ from torch import nn
 
 import autoquant as aq
 from autoquant.evaluators import FidelityEvaluator
-from autoquant.export.onnx_export import export_float_onnx
+from autoquant.export import export_float_onnx
 from autoquant.export.ortmodule import OnnxModule
 from autoquant.export.runtime import interleaved_ms, ort_feed, ort_session
 from autoquant.quant.target import host_target
@@ -211,7 +211,7 @@ def bench(name: str, repeats: int, out_dir: Path) -> dict[str, Any]:
     t_int8, t_float = interleaved_ms([lambda: int8.run(None, feeds[0]),
                                       lambda: flt.run(None, feeds[1])], repeats, warmup=5)
     deployed = case.evaluator.evaluate(OnnxModule(q_path, result.model, case.example_inputs))
-    figures = result.settings["deployment"]
+    figures = result.deployment
     kernels = figures.get("integer_kernels", {})
     return {
         "model": name, "metric": case.note, "status": result.status,

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import autoquant as aq  # noqa: E402
+from autoquant.evaluation.adapter import calibration_of  # noqa: E402
 from autoquant.evaluators import ClassificationEvaluator, Evaluator, FidelityEvaluator  # noqa: E402
 from autoquant.quant.layers import QuantState  # noqa: E402
 from autoquant.quant.qmodel import QuantModel  # noqa: E402
@@ -112,7 +113,7 @@ def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float
     forward or 'sensitivity'. The peak includes the model, the data and the process."""
     model, evaluator, inputs = build(name, args)
     qmodel = QuantModel(model, aq.QuantConfig(), inputs)
-    qmodel.calibrate(evaluator)
+    qmodel.calibrate(calibration_of(evaluator))
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -126,7 +127,7 @@ def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float
         with qmodel.state(QuantState.FLOAT), torch.no_grad():
             evaluator.calibration(qmodel.model)
     else:
-        compute_sensitivity(qmodel, evaluator, "cosine")
+        compute_sensitivity(qmodel, calibration_of(evaluator), "cosine")
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -9,13 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from autoquant.batches import call_model, first_tensor, to_device
 from autoquant.errors import ConfigError, ModelError
-from autoquant.evaluators.loader import (
-    BatchLoaderEvaluator,
-    _call,
-    _first_tensor,
-    _to_device,
-)
+from autoquant.evaluators.loader import BatchLoaderEvaluator
 
 __all__ = ["ClassificationEvaluator"]
 
@@ -61,7 +57,7 @@ class ClassificationEvaluator(BatchLoaderEvaluator):
         total = 0
         with torch.no_grad():
             for inputs, labels in self._batches():
-                logits = _first_tensor(_call(model, _to_device(inputs, device)))
+                logits = first_tensor(call_model(model, to_device(inputs, device)))
                 labels = torch.as_tensor(labels).to(logits.device).reshape(-1)
                 predictions = logits.reshape(logits.shape[0], -1).argmax(dim=1)
                 if predictions.shape[0] != labels.shape[0]:

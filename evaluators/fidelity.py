@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoquant.batches import call_model, first_tensor, model_device, to_device
 from autoquant.errors import ConfigError, ModelError
 from autoquant.evaluators.base import Evaluator
-from autoquant.evaluators.loader import _call, _first_tensor, _model_device, _to_device
 
 __all__ = ["FidelityEvaluator"]
 
@@ -108,13 +108,13 @@ class FidelityEvaluator(Evaluator):
     def _reference_outputs(self, model: nn.Module) -> list[torch.Tensor]:
         """Run `model` in eval mode over `inputs`; restore every module's training flag."""
         modes = {module: module.training for module in model.modules()}
-        device = _model_device(model)
+        device = model_device(model)
         outputs: list[torch.Tensor] = []
         try:
             model.eval()
             with torch.no_grad():
                 for batch in self.inputs:
-                    output = _first_tensor(_call(model, _to_device(batch, device)))
+                    output = first_tensor(call_model(model, to_device(batch, device)))
                     if not output.is_floating_point():
                         output = output.float()
                     outputs.append(output.detach().clone())
@@ -128,10 +128,10 @@ class FidelityEvaluator(Evaluator):
 
         Why: quantizer observers record ranges during these forward passes.
         """
-        device = _model_device(model)
+        device = model_device(model)
         with torch.no_grad():
             for batch in self.calibration_inputs:
-                _call(model, _to_device(batch, device))
+                call_model(model, to_device(batch, device))
 
     def evaluate(self, model: nn.Module) -> float:
         """Return the mean cosine similarity to the reference outputs, in [-1, 1].
@@ -142,13 +142,13 @@ class FidelityEvaluator(Evaluator):
         Raises:
             ModelError: if an output's number of elements differs from the reference's.
         """
-        device = _model_device(model)
+        device = model_device(model)
         total = 0.0
         with torch.no_grad():
             for index, (batch, reference) in enumerate(
                 zip(self.inputs, self.reference_outputs, strict=True)
             ):
-                output = _first_tensor(_call(model, _to_device(batch, device)))
+                output = first_tensor(call_model(model, to_device(batch, device)))
                 if output.numel() != reference.numel():
                     raise ModelError(
                         f"for batch {index} the model returned {output.numel()} values but the "

@@ -8,91 +8,26 @@ metric.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from autoquant.errors import ConfigError, ModelError
+from autoquant.batches import call_model, model_device, to_device
+from autoquant.errors import ConfigError
 from autoquant.evaluators.base import Evaluator
 
 __all__ = ["BatchLoaderEvaluator"]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (then buffer), or CPU for a stateless model."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    """Move a tensor, or every tensor in a tuple/list/dict, to `device` (other values pass
-    as is)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(item, device) for item in inputs)
-    if isinstance(inputs, Mapping):
-        return {key: _to_device(value, device) for key, value in inputs.items()}
-    return inputs
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    """Call `model` on one batch of inputs: ``model(*inputs)`` for a tuple,
-    ``model(**inputs)`` for a dict (e.g. ``input_ids``, ``attention_mask``), else
-    ``model(x)``."""
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
-
-
-def _find_tensor(output: Any, depth: int = 0) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if depth > 4:
-        return None
-    if isinstance(output, Mapping):
-        items = ([output["logits"]] if "logits" in output else []) + list(output.values())
-    elif isinstance(output, (tuple, list)):
-        items = list(output)
-    elif isinstance(getattr(output, "logits", None), torch.Tensor):
-        items = [output.logits]
-    else:
-        return None
-    for item in items:
-        found = _find_tensor(item, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    """The tensor a metric is computed on: `output` itself; a dict's (or a Hugging Face
-    ``ModelOutput``'s) ``logits`` entry, else its first tensor value; a tuple/list's first
-    tensor element (nested containers are searched in order)."""
-    found = _find_tensor(output)
-    if found is None:
-        raise ModelError(
-            f"the model returned {type(output).__name__} {output!r:.80} with no tensor in it; "
-            "expected a tensor, a tuple/list or a dict holding one (a 'logits' entry is "
-            "used first). Wrap the model so it returns the output tensor."
-        )
-    return found
 
 
 class BatchLoaderEvaluator(Evaluator):
     """Base of evaluators over a re-iterable of ``(inputs, target)`` batches.
 
     `inputs` is a tensor, a tuple of tensors (``model(*inputs)``) or a dict of keyword inputs
-    (``model(**inputs)``); outputs are read as `_first_tensor` says. Tensors follow the model's
-    device unless `device` is given. Subclasses implement `evaluate`; ``target_name`` names
-    the second element in messages.
+    (``model(**inputs)``); outputs are read as `autoquant.batches.first_tensor` says.
+    Tensors follow the model's device unless `device` is given. Subclasses implement
+    `evaluate`; ``target_name`` names the second element in messages.
     """
 
     target_name = "labels"
@@ -144,7 +79,7 @@ class BatchLoaderEvaluator(Evaluator):
             yield batch[0], batch[1]
 
     def _device_for(self, model: nn.Module) -> torch.device:
-        return self.device if self.device is not None else _model_device(model)
+        return self.device if self.device is not None else model_device(model)
 
     def calibration(self, model: nn.Module) -> None:
         """Run `model` over the first `calibration_batches` batches of the loader.
@@ -160,7 +95,7 @@ class BatchLoaderEvaluator(Evaluator):
             for inputs, _ in self._batches():
                 if seen >= self.calibration_batches:
                     break
-                _call(model, _to_device(inputs, device))
+                call_model(model, to_device(inputs, device))
                 seen += 1
         if seen == 0:
             raise ConfigError(

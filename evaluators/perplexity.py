@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoquant.batches import call_model, first_tensor, to_device
 from autoquant.errors import ConfigError, ModelError
-from autoquant.evaluators.loader import BatchLoaderEvaluator, _call, _first_tensor, _to_device
+from autoquant.evaluators.loader import BatchLoaderEvaluator
 
 __all__ = ["PerplexityEvaluator"]
 
@@ -65,7 +66,7 @@ class PerplexityEvaluator(BatchLoaderEvaluator):
         total, count = 0.0, 0
         with torch.no_grad():
             for index, (inputs, targets) in enumerate(self._batches()):
-                logits = _first_tensor(_call(model, _to_device(inputs, device)))
+                logits = first_tensor(call_model(model, to_device(inputs, device)))
                 targets = torch.as_tensor(targets).to(logits.device).reshape(-1)
                 logits = logits.reshape(-1, logits.shape[-1])
                 if logits.shape[0] != targets.shape[0]:

@@ -14,6 +14,7 @@ import autoquant as aq
 from autoquant.calibration.refine import CANDIDATES, SQNR, calibrate_model, candidate_label
 from autoquant.config import QuantizerConfig
 from autoquant.errors import ConfigError
+from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.clipping import entropy_range, mse_weight_range
 from autoquant.quant.layers import QuantState
 from autoquant.quant.qmodel import QuantModel
@@ -145,7 +146,7 @@ def test_auto_choice_is_never_locally_worse_than_any_candidate() -> None:
     cfg = aq.QuantConfig.from_dict({"default": {"activation": {"algorithm": "auto",
                                                                 "bits": 4}}})
     qmodel = QuantModel(model, cfg)
-    calibrate_model(qmodel, BatchEvaluator(batches, model))
+    calibrate_model(qmodel, calibration_of(BatchEvaluator(batches, model)))
     scores = _candidate_sqnr(qmodel, batches)
     for name, layer in qmodel.layers.items():
         chosen = candidate_label(*layer.observer.effective_algorithm())
@@ -217,7 +218,7 @@ def test_bias_correction_is_per_scheme_and_off_for_float() -> None:
     model, batches = _outlier_mlp()
     cfg = aq.QuantConfig.from_dict({"bias_correction": True, "default": {"fallback": 16}})
     qmodel = QuantModel(model, cfg)
-    calibrate_model(qmodel, BatchEvaluator(batches, model))
+    calibrate_model(qmodel, calibration_of(BatchEvaluator(batches, model)))
     layer = qmodel.layers["0"]
     assert set(layer.bias_corrections) == {"w8a8", "w16a16"}
     qmodel.apply_plan({"0": "w16a16"})
@@ -273,7 +274,7 @@ def test_sensitivity_ranking_uses_the_chosen_calibration() -> None:
     auto_cfg = aq.QuantConfig.from_dict({"default": {"activation": {"algorithm": "auto",
                                                                     "bits": 4}}})
     qmodel = QuantModel(model, auto_cfg)
-    calibrate_model(qmodel, evaluator)
+    calibrate_model(qmodel, calibration_of(evaluator))
     from autoquant.calibration.refine import calibration_overrides
 
     pinned = aq.QuantConfig.from_dict({**auto_cfg.to_dict(),

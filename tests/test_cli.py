@@ -24,7 +24,7 @@ TESTS = ROOT / "tests"
 
 def write_job(folder: Path, *, max_loss: float = 0.03, budget: int | None = None,
               hang_on_call: int | None = None, quant: str | None = None,
-              out: str = "out", export: str | None = None) -> Path:
+              out: str = "out", export: str | None = None, search: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     quant_text = quant or "{default: {weight: {bits: 6}, activation: {bits: 6}}}"
     text = f"""\
@@ -35,7 +35,7 @@ evaluator:
   kwargs: {{depth: 6, log: {folder / 'evals.log'}, hang_on_call: {hang_on_call or 'null'}}}
 example_inputs: [{{shape: [2, 8]}}]
 quant: {quant_text}
-search: {{max_loss: {max_loss}, max_evaluations: {'null' if budget is None else budget}}}
+search: {{max_loss: {max_loss}, max_evaluations: {'null' if budget is None else budget}{search}}}
 output_dir: {out}
 """
     if export is not None:
@@ -227,7 +227,7 @@ def test_sensitivity_prints_the_ranking_and_saves_it_without_evaluating(tmp_path
 
 
 def test_export_without_the_export_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "autoquant.export.onnx_export", None)
+    monkeypatch.setitem(sys.modules, "autoquant.export", None)
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == EXIT_ERROR
     assert "ONNX export is not available" in capsys.readouterr().err
 
@@ -236,10 +236,10 @@ def test_export_calls_export_saved_with_the_run_directory_and_inputs(tmp_path, m
     job = write_job(tmp_path)
     assert main(["run", str(job), "-q"]) == EXIT_OK
     calls = []
-    fake = types.ModuleType("autoquant.export.onnx_export")
-    fake.export_saved = lambda d, p, opset=None, example_inputs=None, **options: calls.append(
-        (d, p, opset, example_inputs)) or p
-    monkeypatch.setitem(sys.modules, "autoquant.export.onnx_export", fake)
+    fake = types.ModuleType("autoquant.export")
+    fake.export_saved = lambda d, p, model, example_inputs, **options: calls.append(
+        (d, p, options.get("opset"), example_inputs)) or p
+    monkeypatch.setitem(sys.modules, "autoquant.export", fake)
     onnx = tmp_path / "m.onnx"
     assert main(["export", str(tmp_path / "out"), "--onnx", str(onnx), "--opset", "17"]) == 0
     (directory, path, opset, inputs), = calls
@@ -252,7 +252,7 @@ def test_job_export_section_writes_the_checked_onnx_file_and_the_deployed_metric
     import onnx
 
     job = write_job(tmp_path, export="{input_names: [x], output_names: [y], "
-                                     "dynamic_axes: {x: {0: n}}, verify_deploy: true}")
+                                     "dynamic_axes: {x: {0: n}}}", search=", verify_deploy: true")
     assert main(["run", str(job), "-q"]) == EXIT_OK
     out = tmp_path / "out"
     graph = onnx.load(str(out / "model_qdq.onnx")).graph
@@ -260,7 +260,7 @@ def test_job_export_section_writes_the_checked_onnx_file_and_the_deployed_metric
     report = json.loads((out / "report.json").read_text())
     jsonschema.validate(report, report_schema())
     assert report["deployment"]["met_on_deploy"] is True
-    figures = report["settings"]["deployment"]
+    figures = report["deployment"]["export"]
     assert figures["parity_ok"] and "integer kernels" in figures["integer_kernels"]["summary"]
     assert "latency_ratio" in figures and "Deployed in onnxruntime" in (out / "report.md"
                                                                        ).read_text()

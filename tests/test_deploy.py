@@ -18,7 +18,7 @@ import autoquant as aq
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError, ExportError
 from autoquant.evaluators import Evaluator, FidelityEvaluator
-from autoquant.export.onnx_export import export_checked, export_float_onnx, export_onnx
+from autoquant.export import export_checked, export_float_onnx, export_onnx
 from autoquant.quant.layers import QuantLayer
 from autoquant.quant.quantizer import fake_quantize
 from autoquant.quant.target import deploy_weight_bits, host_target, runs_exactly_on
@@ -99,7 +99,7 @@ def test_auto_target_resolves_to_this_cpu_and_the_saved_config_holds_it(tmp_path
     evaluator = FidelityEvaluator(model, _batches((4, 8)))
     result = aq.auto_quantize(model, evaluator, max_loss=0.5)
     assert result.config.target == host_target() != "auto"
-    assert result.settings["target"] == host_target()
+    assert result.target == host_target()
     result.save(tmp_path)
     assert QuantConfig.load(tmp_path / "quant_config.yaml").target == host_target()
     assert result.to_report()["settings"]["target"] == host_target()
@@ -186,7 +186,7 @@ def test_saturating_tanh_mlp_exports_what_was_searched_with_default_session_opti
     evaluator = FidelityEvaluator(model, [(x,) for x in data])
     result = aq.auto_quantize(model, evaluator, (data[0],), max_loss=0.2, verify_deploy=True)
     path = result.export_onnx(tmp_path / "m.onnx")
-    figures = result.settings["deployment"]
+    figures = result.deployment
     assert figures["parity_ok"] and figures["relative_error"] <= 0.03
     deployed = evaluator.evaluate(OnnxModule(path, result.model, (data[0],)))
     assert abs(deployed - result.quant_metric) <= 2e-3

@@ -276,19 +276,19 @@ def test_search_result_export_records_deployment_figures_and_saved_export_matche
     data = _data()
     result = aq.auto_quantize(model, TinyEval(data), (data[0],), max_loss=0.05)
     path = result.export_onnx(tmp_path / "r.onnx")
-    figures = result.settings["deployment"]
+    figures = result.deployment
     assert figures["file_bytes"] == path.stat().st_size
     assert figures["matching_outputs"] >= 0.9
     assert figures["max_abs_diff"] <= 5e-2 * (1 + float(result.model(data[0]).abs().max()))
     assert figures["onnxruntime_ms"] > 0 and figures["torch_fake_quant_ms"] > 0
-    assert result.to_report()["settings"]["deployment"]["opset"] == 21
+    assert result.to_report()["deployment"]["export"]["opset"] == 21
     assert isinstance(result.model.c2, QuantLayer) or result.plan["c2"] == "float"
 
     saved = result.save(tmp_path / "saved")
     out = export_saved(saved, tmp_path / "s.onnx", model=model, example_inputs=(data[0],))
     assert torch.equal(ort_run(out, data[1]), ort_run(path, data[1]))
     report = json.loads((saved / "report.json").read_text())
-    assert report["settings"]["deployment"]["file_bytes"] == out.stat().st_size
+    assert report["deployment"]["export"]["file_bytes"] == out.stat().st_size
     with pytest.raises(ConfigError, match="job.yaml"):
         export_saved(saved, tmp_path / "t.onnx")
 
@@ -327,7 +327,7 @@ QUIET_EXPORT = """
 import logging, sys, torch
 from torch import nn
 import autoquant as aq
-from autoquant.export.onnx_export import export_onnx
+from autoquant.export import export_onnx
 from tests.synthetic import BatchCalibrator
 logging.basicConfig(level=logging.WARNING)
 registry = logging.getLogger("torch.onnx._internal.exporter._registration")

@@ -259,7 +259,7 @@ def output_dir_of_another_job_with_resume(tmp, mp):
 
 
 def output_dir_in_use_by_a_running_job(tmp, mp):
-    from autoquant.evaluation.guard import lock_output_dir
+    from autoquant.jobs.rundir import lock_output_dir
 
     run = copy_run(_FINISHED[0], tmp)
     action = cli_run(run / "job.yaml", "--resume")

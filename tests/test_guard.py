@@ -97,7 +97,7 @@ def test_eval_timeout_does_not_change_the_result_of_a_fast_evaluator():
     guarded = aq.auto_quantize(mlp(6), DropEvaluator(drops), max_loss=0.1, eval_timeout=60)
     assert guarded.plan == plain.plan
     assert [r.metric for r in guarded.history] == [r.metric for r in plain.history]
-    assert guarded.settings["eval_timeout"] == 60
+    assert guarded.settings.eval_timeout == 60
 
 
 def test_error_inside_a_timed_evaluation_is_the_same_evaluator_error():
@@ -208,11 +208,9 @@ def test_job_file_guard_settings_are_validated_and_do_not_change_the_fingerprint
         load_job(bad)
     with pytest.raises(ConfigError, match=r"search\.check_determinism: must be"):
         load_job(job_file(tmp_path / "bad2", extra=", check_determinism: 3"))
-    from autoquant.jobs.cli import _fingerprint_settings
-
     plain = load_job(job_file(tmp_path / "a"))
     guarded = load_job(job_file(tmp_path / "b", extra=", eval_timeout: 5, max_seconds: 60, "
                                                       "check_determinism: true"))
-    assert guarded.search_kwargs()["eval_timeout"] == 5
-    assert guarded.search_kwargs()["check_determinism"] is True
-    assert _fingerprint_settings(guarded) == _fingerprint_settings(plain)
+    assert guarded.settings().eval_timeout == 5
+    assert guarded.settings().check_determinism is True
+    assert guarded.settings().fingerprint() == plain.settings().fingerprint()

@@ -45,9 +45,9 @@ def test_valid_job_builds_model_evaluator_inputs_and_search_settings(tmp_path):
     assert x.shape == (2, 8) and x.dtype == torch.float32
     assert model(x).shape == (2, 4)
     assert job.build_evaluator().evaluate(model) == pytest.approx(1.0)
-    kwargs = job.search_kwargs()
-    assert kwargs["max_loss"] == 0.03 and kwargs["strategy"] == "binary"
-    assert kwargs["config"].default.weight.bits == 6
+    settings = job.settings()
+    assert settings.max_loss == 0.03 and settings.strategy == "binary"
+    assert job.quant_config().default.weight.bits == 6
     assert job.config.output_dir == tmp_path / "results"  # relative to the job's folder
 
 
@@ -196,6 +196,6 @@ def test_job_quant_config_may_name_sequential_children_by_number(tmp_path):
     text = GOOD.replace("  default: {weight: {bits: 6}}",
                         "  layers: {0: {weight: {bits: 4}}}\n  skip_layers: [4]")
     job = load_job(write(tmp_path, text))
-    config = job.search_kwargs()["config"]
+    config = job.quant_config()
     assert config.layer_config("0").weight.bits == 4 and config.skip_layers == ["4"]
     config.check_layers(["0", "2", "4"])

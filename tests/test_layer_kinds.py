@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import autoquant as aq
+from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.kinds import QuantEmbedding, QuantMultiheadAttention, QuantRNN
 from autoquant.quant.layers import QuantState
 from autoquant.quant.qmodel import QuantModel
@@ -40,7 +41,7 @@ class _Wrap(nn.Module):
 
 def _quantized(module, *inputs, config=None):
     qm = QuantModel(_Wrap(module), config or aq.QuantConfig(), inputs)
-    qm.calibrate(_Calib(*inputs))
+    qm.calibrate(calibration_of(_Calib(*inputs)))
     qm.apply_plan(qm.quant_plan())
     return qm
 
@@ -243,7 +244,7 @@ def test_mha_quantizes_projections_and_both_matmuls() -> None:
             return self.attn(x, x, x, need_weights=False)[0]
 
     qm = QuantModel(SelfAttention(), aq.QuantConfig(), (x,))
-    qm.calibrate(_Calib(x))
+    qm.calibrate(calibration_of(_Calib(x)))
     qm.apply_plan(qm.quant_plan())
     assert isinstance(qm.layers["attn"], QuantMultiheadAttention)
     with torch.no_grad():

@@ -36,7 +36,7 @@ def test_two_workers_give_the_same_answer_in_fewer_rounds() -> None:
     assert [len(r.fallback_layers) for r in two.history[:6]] == [12, 0, 4, 8, 5, 6]
     assert [r.index for r in two.history] == list(range(9))
     assert two.checks["audit"] == one.checks["audit"]  # evaluated in the workers
-    assert two.settings["workers"] == 2
+    assert two.settings.workers == 2
 
 
 def test_unpicklable_evaluator_is_a_config_error_naming_the_fix() -> None:

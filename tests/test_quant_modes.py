@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import autoquant as aq
+from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.qmodel import QuantModel
 from tests._fq import affine_scale, fq_affine, fq_batch, fq_rows, int32_bias, row_scales
 
@@ -27,7 +28,7 @@ def _linear_model(mode: str, calib: torch.Tensor):
     model = nn.Sequential(nn.Linear(6, 4)).eval()
     cfg = aq.QuantConfig.from_dict({"layers": {"0": {"mode": mode}}})
     qm = QuantModel(model, cfg, (calib,))
-    qm.calibrate(_Calib(calib))
+    qm.calibrate(calibration_of(_Calib(calib)))
     qm.apply_plan(qm.quant_plan())
     return model[0], qm
 
@@ -77,7 +78,7 @@ def test_dynamic_lstm_input_follows_the_batch() -> None:
     model = nn.Sequential(lstm).eval()
     calib = torch.randn(2, 5, 4)
     qm = QuantModel(model, aq.QuantConfig.from_dict({"default": {"mode": "dynamic"}}))
-    qm.calibrate(_Calib(calib))
+    qm.calibrate(calibration_of(_Calib(calib)))
     qm.apply_plan(qm.quant_plan())
     x = torch.randn(2, 5, 4) * 10
     reference = nn.LSTM(4, 3, batch_first=True)

@@ -77,7 +77,7 @@ def test_a_deep_copy_of_a_quantized_model_keeps_its_quant_layers() -> None:
 def test_save_reload_and_onnx_export_reproduce_the_searched_model(kind, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from autoquant.export.onnx_export import export_onnx
+    from autoquant.export import export_onnx
 
     model = net(kind)
     result = aq.auto_quantize(model, FidelityEvaluator(model, DATA), (DATA[0],),

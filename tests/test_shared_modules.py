@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import autoquant as aq
+from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.qmodel import QuantModel, find_quantizable_layers
 from autoquant.quant.shared import module_aliases
 from tests._fq import fq_affine, fq_rows
@@ -51,7 +52,7 @@ def test_shared_module_gets_one_wrapper_one_scheme_and_call_counts() -> None:
     qm = QuantModel(model, aq.QuantConfig(), (x,))
     assert qm.model.block is qm.model.again is qm.layers["block"]
     assert qm.aliases == {"block": ["again"]}
-    qm.calibrate(_Eval(x, model(x)))
+    qm.calibrate(calibration_of(_Eval(x, model(x))))
     assert qm.calls_per_forward == {"block": 2.0, "head": 1.0}
     qm.apply_plan(qm.quant_plan())
     # the reference: one fake-quant weight, one input range calibrated over both calls
@@ -85,7 +86,7 @@ def test_float_fallback_unwraps_every_alias() -> None:
     model = Reused().eval()
     x = torch.randn(4, 5)
     qm = QuantModel(model, aq.QuantConfig(), (x,))
-    qm.calibrate(_Eval(x, model(x)))
+    qm.calibrate(calibration_of(_Eval(x, model(x))))
     out = qm.finalize({"block": "float", "head": "w8a8"})
     assert type(out.block) is nn.Linear and out.block is out.again
 

@@ -10,6 +10,7 @@ from torch import nn
 import autoquant as aq
 from autoquant.calibration.refine import calibrate_model
 from autoquant.calibration.smoothing import find_smoothable, smooth_model, smoothing_scales
+from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.layers import QuantState
 from autoquant.quant.qmodel import QuantModel
 from tests.synthetic import BatchCalibrator
@@ -70,7 +71,7 @@ def test_smoothing_leaves_the_float_function_unchanged(alpha: float) -> None:
     model, batches = _block_and_data()
     model, batches = model.double(), [x.double() for x in batches]
     qmodel = QuantModel(model, aq.QuantConfig())
-    done = smooth_model(qmodel, Calib(batches), alpha)
+    done = smooth_model(qmodel, calibration_of(Calib(batches)), alpha)
     assert [n for n, _ in done] == ["ln1", "ln2"]
     with torch.no_grad(), qmodel.state(QuantState.FLOAT):
         for x in batches + [torch.randn(2, 5, 16, dtype=torch.float64)]:
@@ -83,7 +84,7 @@ def test_smoothing_leaves_the_float_function_unchanged(alpha: float) -> None:
 def test_smoothing_flattens_the_activation_channels() -> None:
     model, batches = _block_and_data()
     qmodel = QuantModel(model, aq.QuantConfig())
-    smooth_model(qmodel, Calib(batches), 0.5)
+    smooth_model(qmodel, calibration_of(Calib(batches)), 0.5)
     with torch.no_grad():
         before = torch.cat([model.ln2(x).reshape(-1, 16) for x in batches]).abs().amax(0)
         after = torch.cat([qmodel.model.ln2(x).reshape(-1, 16) for x in batches]).abs().amax(0)
@@ -101,7 +102,7 @@ def test_smoothing_scales_follow_the_formula_and_keep_dead_channels() -> None:
 def test_untraceable_model_is_not_smoothed_and_still_quantizes() -> None:
     model, batches = _block_and_data(Untraceable)
     qmodel = QuantModel(model, aq.QuantConfig(smoothing_alpha=0.5))
-    calibrate_model(qmodel, Calib(batches))
+    calibrate_model(qmodel, calibration_of(Calib(batches)))
     assert torch.equal(qmodel.model.ln1.weight, model.ln1.weight)
     assert not any(getattr(layer, "smoothed", False) for layer in qmodel.layers.values())
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 
 from autoquant.plan import FLOAT, parse_scheme
 from autoquant.quant.layers import QuantLayer, QuantState
-from autoquant.quant.qmodel import QuantModel
+from autoquant.quant.qmodel import Calibrate, QuantModel
 from autoquant.quant.quantizer import fake_quantize
 
 __all__ = [
@@ -46,7 +45,6 @@ __all__ = [
     "calibration_overrides",
     "calibration_rows",
     "candidate_label",
-    "merge_overrides",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,7 +90,7 @@ class SQNR:
         return 10.0 * math.log10(self.signal / self.noise)
 
 
-def calibrate_model(qmodel: QuantModel, evaluator: Any) -> None:
+def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:
     """Smooth (if configured), calibrate the observers once, then refine (if configured).
 
     See the module docstring for the passes. Leaves every layer at scheme float in state
@@ -102,9 +100,9 @@ def calibrate_model(qmodel: QuantModel, evaluator: Any) -> None:
     if alpha is not None:
         from autoquant.calibration.smoothing import smooth_model
 
-        smooth_model(qmodel, evaluator, alpha)
-    qmodel.calibrate(evaluator)
-    refine_calibration(qmodel, evaluator)
+        smooth_model(qmodel, calibrate, alpha)
+    qmodel.calibrate(calibrate)
+    refine_calibration(qmodel, calibrate)
 
 
 def _output_dim(module: nn.Module, out: torch.Tensor) -> int:
@@ -188,7 +186,7 @@ def _refinable(layer: QuantLayer) -> bool:
         getattr(layer.module, "weight", None), torch.Tensor)
 
 
-def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
+def refine_calibration(qmodel: QuantModel, calibrate: Calibrate) -> None:
     """Choose each ``auto`` layer's calibration and measure bias corrections, in one pass.
 
     A no-op (no pass) when no layer uses ``auto`` and ``bias_correction`` is off. Needs the
@@ -214,7 +212,7 @@ def refine_calibration(qmodel: QuantModel, evaluator: Any) -> None:
     refiners = {n: _LayerRefiner(qmodel.layers[n], *flags) for n, flags in wanted.items()}
     handles = [qmodel.layers[name].register_forward_hook(hook, with_kwargs=True)
                for name, hook in refiners.items()]
-    qmodel.calibration_pass(evaluator, QuantState.FLOAT, "(calibration choice pass)", handles)
+    qmodel.calibration_pass(calibrate, QuantState.FLOAT, "(calibration choice pass)", handles)
     for refiner in refiners.values():
         refiner.finish()
     chosen = [candidate_label(*qmodel.layers[n].observer.effective_algorithm())
@@ -263,16 +261,3 @@ def calibration_rows(
             "smoothed": bool(getattr(layer, "smoothed", False)),
         })
     return out
-
-
-def merge_overrides(
-    layers: Mapping[str, Mapping[str, Any]], overrides: Mapping[str, Mapping[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """`layers` with `overrides` merged in, one level deep per role."""
-    merged = {k: {r: (dict(v) if isinstance(v, Mapping) else v) for r, v in o.items()}
-              for k, o in layers.items()}
-    for name, override in overrides.items():
-        target = merged.setdefault(name, {})
-        for role, values in override.items():
-            target[role] = {**target.get(role, {}), **values}
-    return merged

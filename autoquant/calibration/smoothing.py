@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from autoquant.quant.layers import QuantLayer, QuantState
-from autoquant.quant.qmodel import QuantModel
+from autoquant.quant.qmodel import Calibrate, QuantModel
 
 __all__ = ["find_smoothable", "smoothing_scales", "smooth_model", "apply_smoothing"]
 
@@ -107,10 +107,11 @@ def apply_smoothing(
         linear.weight.mul_(scales.to(linear.weight.dtype).reshape(1, -1))
 
 
-def smooth_model(qmodel: QuantModel, evaluator: Any, alpha: float) -> list[tuple[str, list[str]]]:
+def smooth_model(qmodel: QuantModel, calibrate: Calibrate, alpha: float
+                 ) -> list[tuple[str, list[str]]]:
     """Smooth every smoothable LayerNorm→Linear group of `qmodel` (its own copy).
 
-    Runs one statistics pass over ``evaluator.calibration``; returns the groups smoothed.
+    Runs one statistics pass over the calibration batches; returns the groups smoothed.
     """
     groups = find_smoothable(qmodel.model)
     if not groups:
@@ -128,7 +129,7 @@ def smooth_model(qmodel: QuantModel, evaluator: Any, alpha: float) -> list[tuple
     firsts = {linears[0]: norm for norm, linears in groups}
     handles = [qmodel.model.get_submodule(name).register_forward_pre_hook(observe(name))
                for name in firsts]
-    qmodel.calibration_pass(evaluator, QuantState.FLOAT, "(smoothing statistics)", handles)
+    qmodel.calibration_pass(calibrate, QuantState.FLOAT, "(smoothing statistics)", handles)
     done = []
     for norm_name, linears in groups:
         if linears[0] not in amax:

@@ -64,6 +64,7 @@ from autoquant.export.signature import (
     varying_axes,
 )
 from autoquant.io.atomic import atomic_write_bytes
+from autoquant.io.names import REPORT_FILE
 from autoquant.quant.kinds.base import MultiQuantLayer
 from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.qmodel import copy_model
@@ -483,45 +484,32 @@ def export_measured(model: nn.Module, path: str | Path, example_inputs: Any,
 
 def export_saved(directory: str | Path, onnx_path: str | Path, model: nn.Module | None = None,
                  example_inputs: Any = None, opset: int | None = None, **options: Any) -> Path:
-    """Export the result saved by `SearchResult.save` in `directory` to `onnx_path`.
+    """Export the result `SearchResult.save` wrote to `directory` to `onnx_path`.
 
     The fake-quant model is rebuilt with `autoquant.load_quantized` on `model` (the float
-    architecture the search ran on). Without `model`, the float model and its example
-    inputs come from ``directory/job.yaml`` through `autoquant.jobs.job.load_job`. `options` are
-    `export_onnx`'s keyword options (names, dynamic axes, ``strict``, ``target``). When
-    ``directory/report.json`` exists, its ``settings.deployment`` entry is updated with the
-    export's figures (see `export_measured`).
+    architecture the search ran on). `options` are `export_onnx`'s keyword options (names,
+    dynamic axes, ``strict``, ``target``). When ``directory/report.json`` exists, its
+    ``deployment.export`` entry gets the export's figures (see `export_measured`). For a
+    run directory of ``autoquant run``, ``autoquant export DIR --onnx PATH`` rebuilds the
+    model and inputs from its job file.
 
     Example:
-        >>> export_saved("out/search", "model_qdq.onnx", model=DigitsCNN(), example_inputs=(x,))
+        >>> export_saved("out/search", "model_qdq.onnx", DigitsCNN(), (x,))
     """
-    from autoquant.api import load_quantized
+    from autoquant.quant.saved import load_quantized
 
-    directory = Path(directory)
     if model is None:
-        job_file = directory / "job.yaml"
-        if not job_file.is_file():
-            raise ConfigError(
-                f"{job_file} does not exist: pass model= (the float model the search ran on) "
-                "and example_inputs=, or save the search with its job file"
-            )
-        try:
-            from autoquant.jobs.job import load_job
-        except ImportError as err:
-            raise ConfigError(
-                "this autoquant has no job files (autoquant.jobs.job is missing); pass model= and "
-                "example_inputs= to export_saved"
-            ) from err
-        job = load_job(job_file)
-        model = job.build_model()
-        if example_inputs is None:
-            example_inputs = job.example_inputs()
+        raise ConfigError(
+            "export_saved needs model= (the float model the search ran on) and "
+            "example_inputs=; for the output directory of `autoquant run`, `autoquant export "
+            "DIR --onnx PATH` rebuilds both from its job.yaml")
+    directory = Path(directory)
     qmodel = load_quantized(model, directory)
-    report = directory / "report.json"
+    report = directory / REPORT_FILE
     out, figures = export_measured(qmodel, onnx_path, example_inputs, opset,
                                    measure=report.is_file(), **options)
     if report.is_file():
-        from autoquant.export.runtime import record_deployment
+        from autoquant.report.saving import record_deployment
 
         record_deployment(report, figures)
     return out

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from autoquant.batches import call_model
 from autoquant.errors import ConfigError, ExportError
 
 __all__ = ["OnnxModule", "ort_session"]
@@ -78,10 +79,8 @@ class OnnxModule(nn.Module):
         self._template: list[Any] = []  # the output leaves; _TENSOR where a tensor goes
         self._signature = inspect.signature(model.forward) if model is not None else None
         if model is not None and example_inputs is not None:
-            from autoquant.quant.qmodel import run_model
-
             with torch.no_grad():
-                leaves, self._spec = tree_flatten(run_model(model, example_inputs))
+                leaves, self._spec = tree_flatten(call_model(model, example_inputs))
             self._template = [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves]
 
     def __getstate__(self) -> dict[str, Any]:  # sessions do not pickle: rebuild from path

@@ -182,7 +182,7 @@ def _static_qdq(owner: nn.Module, spec: tuple, x: torch.Tensor) -> torch.Tensor:
 
 
 def dynamic_qdq(x: torch.Tensor, qmin: int, qmax: int, cfg: Any) -> torch.Tensor:
-    """`autoquant.quant.kinds.base.dynamic_fake_quantize` as graph ops: min/max of `x` (per
+    """`autoquant.quant.qmath.dynamic_fake_quantize` as graph ops: min/max of `x` (per
     tensor, or per channel on axis 1), the qparams by `compute_qparams` itself, then
     QuantizeLinear/DequantizeLinear (after a Clip where [qmin, qmax] is narrower than the
     storage type)."""

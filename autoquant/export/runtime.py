@@ -10,7 +10,6 @@ report's ``settings.deployment``) and ``benchmarks/deploy.py``. onnxruntime is o
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import statistics
 import tempfile
@@ -22,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoquant.batches import call_model
 from autoquant.errors import ConfigError, ExportError
 from autoquant.export.ortmodule import ort_session
-from autoquant.io.atomic import atomic_write_text
 
 __all__ = [
     "INTEGER_OPS",
@@ -40,7 +39,6 @@ __all__ = [
     "check_parity",
     "kernel_coverage",
     "deployment_figures",
-    "record_deployment",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,10 +113,8 @@ def interleaved_ms(fns: Sequence[Callable[[], Any]], repeats: int = 30,
 
 
 def _run_torch(model: nn.Module, example_inputs: Any) -> Any:
-    from autoquant.quant.qmodel import run_model
-
     with torch.no_grad():
-        return run_model(model, example_inputs)
+        return call_model(model, example_inputs)
 
 
 def parity(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[str, float]:
@@ -426,14 +422,3 @@ def deployment_figures(model: nn.Module, onnx_path: str | Path, example_inputs: 
     finally:
         torch.set_num_threads(previous)
     return figures
-
-
-def record_deployment(report_path: str | Path, figures: Mapping[str, Any]) -> Path:
-    """Write `figures` into ``settings.deployment`` of a saved ``report.json`` (atomically)."""
-    path = Path(report_path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read the report {path}: {err}") from err
-    report.setdefault("settings", {})["deployment"] = dict(figures)
-    return atomic_write_text(path, json.dumps(report, indent=2) + "\n")

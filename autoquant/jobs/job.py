@@ -18,16 +18,21 @@ the valid choices. Relative paths resolve against the YAML file's folder. The sc
       - {shape: [1, 3, 32, 32], dtype: float32}
     # example_inputs: {factory: package.module:make_inputs, kwargs: {}}   # ... or a function
     quant: {default: {weight: {bits: 4}}}   # inline QuantConfig, or a path (init-config)
-    search:
+    search:                         # autoquant.SearchSettings, key for key
       strategy: binary
-      strategy_options: {}
+      strategy_options: {}          # checked against the strategy's constructor
       sensitivity: cosine
-      max_loss: 0.01                # required
+      max_loss: 0.01
       loss_type: absolute           # or relative
       max_evaluations: null         # a budget, the float baseline included
       eval_timeout: null            # seconds one evaluate() may take (null: no limit)
       max_seconds: null             # wall-time budget of the run (null: no limit)
+      workers: 1                    # evaluate independent plans in parallel processes
+      holdout: null                 # re-check the final plan on evaluate_holdout()
+      audit: 0                      # audit the ranking on this many layers
       check_determinism: false      # evaluate the float model twice and compare
+      verify_deploy: false          # score the exported model with the evaluator before
+                                    # the search reports "met" (one evaluation per check)
     export:                         # optional: export the result to ONNX after the search
       path: model_qdq.onnx          # relative to the output directory
       opset: null                   # default 21
@@ -35,8 +40,6 @@ the valid choices. Relative paths resolve against the YAML file's folder. The sc
       output_names: [logits]
       dynamic_axes: {images: {0: batch, 2: height, 3: width}}   # default: the batch axis
       strict: true                  # a failed parity check in onnxruntime is an error
-      verify_deploy: false          # score the exported model with the evaluator before
-                                    # the search reports "met" (one evaluation per check)
     output_dir: out                 # optional (default "autoquant_out")
 """
 
@@ -62,7 +65,7 @@ class Job:
         >>> job = load_job("job.yaml")
         >>> model, evaluator = job.build_model(), job.build_evaluator()
         >>> result = autoquant.auto_quantize(model, evaluator, job.example_inputs(),
-        ...                                  **job.search_kwargs())
+        ...                                  job.settings(), config=job.quant_config())
     """
 
     def __init__(self, config: JobConfig) -> None:
@@ -79,7 +82,8 @@ class Job:
         import torch
         from torch import nn
 
-        from autoquant.evaluation.guard import check_model_devices, load_state_dict_file
+        from autoquant.io.checkpoint import load_state_dict_file
+        from autoquant.quant.copying import check_model_devices
 
         spec = self.config.model
         torch.manual_seed(self.config.seed)
@@ -156,19 +160,15 @@ class Job:
             return QuantConfig.load(quant)
         return QuantConfig.from_dict(quant)
 
-    def search_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `autoquant.auto_quantize` (config included)."""
-        s = self.config.search
-        return {
-            "max_loss": s["max_loss"], "loss_type": s["loss_type"],
-            "strategy": s["strategy"], "strategy_options": dict(s["strategy_options"]),
-            "sensitivity": s["sensitivity"], "max_evaluations": s["max_evaluations"],
-            "eval_timeout": s["eval_timeout"], "max_seconds": s["max_seconds"],
-            "check_determinism": s["check_determinism"],
-            "config": self.quant_config(),
-            "verify_deploy": bool(self.config.export and self.config.export["verify_deploy"]),
-            "deploy_options": self.export_options(),
-        }
+    def settings(self) -> Any:
+        """The `SearchSettings` of the ``search:`` section (the deploy check exports with
+        the ``export:`` section's options)."""
+        from autoquant.settings import SearchSettings
+
+        data = dict(self.config.search)
+        if not data.get("deploy_options"):
+            data["deploy_options"] = self.export_options()
+        return SearchSettings.from_dict(data)
 
     def export_options(self) -> dict[str, Any]:
         """`autoquant.export.onnx_export.export_onnx` keyword options of the ``export`` section."""

@@ -27,6 +27,7 @@ from typing import Any
 
 from autoquant.errors import ConfigError
 from autoquant.io.atomic import atomic_write_text, output_error
+from autoquant.io.names import JOURNAL_FILE
 from autoquant.search.strategy import TrialRecord
 from autoquant.sensitivity.ranking import LayerSensitivity
 
@@ -41,7 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_FILE = "journal.jsonl"
 JOURNAL_VERSION = 1
 
 

@@ -56,17 +56,6 @@ _TENSOR = {
     "shape": ((list,), True, None),
     "dtype": ((str,), False, "float32"),
 }
-_SEARCH = {
-    "strategy": ((str,), False, "binary"),
-    "strategy_options": ((dict,), False, {}),
-    "sensitivity": ((str,), False, "cosine"),
-    "max_loss": (_NUMBER, True, None),
-    "loss_type": ((str,), False, "absolute"),
-    "max_evaluations": ((int, type(None)), False, None),
-    "eval_timeout": ((int, float, type(None)), False, None),
-    "max_seconds": ((int, float, type(None)), False, None),
-    "check_determinism": ((bool,), False, False),
-}
 _EXPORT = {
     "path": ((str,), False, "model_qdq.onnx"),
     "opset": ((int, type(None)), False, None),
@@ -74,7 +63,6 @@ _EXPORT = {
     "output_names": ((list, type(None)), False, None),
     "dynamic_axes": ((dict, type(None)), False, None),
     "strict": ((bool,), False, True),
-    "verify_deploy": ((bool,), False, False),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
                list: "a list", type(None): "null"}
@@ -142,10 +130,10 @@ class JobConfig:
         evaluator: ``{"class", "kwargs"}``.
         example_inputs: a list of ``{"shape", "dtype"}``, ``{"factory", "kwargs"}`` or None.
         quant: an inline QuantConfig mapping, a Path to a config file, or None (int8).
-        search: strategy, strategy_options, sensitivity, max_loss, loss_type,
-            max_evaluations.
+        search: the `autoquant.settings.SearchSettings` mapping (validated, defaults
+            filled).
         export: path (relative to the output directory), opset, input_names,
-            output_names, dynamic_axes, strict, verify_deploy; or None (no export).
+            output_names, dynamic_axes, strict; or None (no export).
         output_dir: where `autoquant run` writes (the CLI's ``--output-dir`` overrides it).
         python_path: folders added to ``sys.path`` before importing.
         seed: seeds ``torch`` before building the model and the example inputs.
@@ -225,9 +213,6 @@ def _resolve_path(base: Path, text: str) -> Path:
 def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
     """Validate parsed job data; ConfigError naming file, line, key and valid choices."""
     from autoquant.config import QuantConfig
-    from autoquant.evaluation.criterion import AccuracyCriterion
-    from autoquant.search.strategy import STRATEGIES
-    from autoquant.sensitivity.ranking import SENSITIVITY_METRICS
 
     v = _Validator(path, lines)
     base = path.parent
@@ -289,25 +274,7 @@ def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
         except ConfigError as err:
             raise v.error(("quant",), str(err)) from None
 
-    search = v.section(top["search"], ("search",), _SEARCH)
-    for key, registry in (("strategy", STRATEGIES), ("sensitivity", SENSITIVITY_METRICS)):
-        try:
-            registry.resolve(search[key])
-        except ConfigError as err:
-            raise v.error(("search", key), str(err)) from None
-    try:
-        AccuracyCriterion(search["max_loss"], search["loss_type"])
-    except ConfigError as err:
-        keys = ("search", "loss_type" if "loss_type" in str(err) else "max_loss")
-        raise v.error(keys, str(err)) from None
-    budget = search["max_evaluations"]
-    if budget is not None and budget < 2:
-        raise v.error(("search", "max_evaluations"), f"must be >= 2 (the float baseline and "
-                                                     f"one quantized trial) or null, got {budget}")
-    for key in ("eval_timeout", "max_seconds"):
-        if search[key] is not None and search[key] <= 0:
-            raise v.error(("search", key), f"must be a number of seconds > 0 or null (no "
-                                           f"limit), got {search[key]}")
+    search = _validate_search(v, top["search"])
     export = None
     if top["export"] is not None:
         export = v.section(top["export"], ("export",), _EXPORT)
@@ -324,6 +291,24 @@ def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
         output_dir=_resolve_path(base, top["output_dir"]), example_inputs=inputs, quant=quant,
         export=export, python_path=python_path, seed=top["seed"], version=top["version"],
     )
+
+
+def _validate_search(v: _Validator, data: Any) -> dict[str, Any]:
+    """The ``search:`` section as `SearchSettings` validate it, defaults filled in."""
+    from autoquant.settings import SearchSettings, SettingError
+
+    if not isinstance(data, dict):
+        raise v.error(("search",), f"must be a mapping of search settings, got "
+                                   f"{_describe(data)}")
+    try:
+        settings = SearchSettings.from_dict(data)
+    except SettingError as err:
+        keys = ("search", *err.key.split("."))
+        raise v.error(keys, err.message) from None
+    if "max_loss" not in data:  # a job states its budget; the API has a default
+        raise v.error(("search",), "missing required key 'max_loss' (the accepted loss, e.g. "
+                                   "0.01)")
+    return settings.to_dict()
 
 
 def dynamic_axes_from_data(data: Any) -> dict[str, dict[int, str] | list[int]]:

@@ -104,7 +104,7 @@ def mse_weight_range(
     Each row is quantized with its own scale (per output channel); a single row is the
     per-tensor case. Returns ``(lo, hi)`` with one element per row.
     """
-    from autoquant.quant.quantizer import compute_qparams, fake_quantize, qrange
+    from autoquant.quant.qmath import compute_qparams, fake_quantize, qrange
 
     flat = flat.detach().float()
     qmin, qmax = qrange(bits, symmetric)

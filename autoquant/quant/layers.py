@@ -41,7 +41,8 @@ from torch.func import functional_call
 from autoquant.config import LayerConfig
 from autoquant.errors import ModelError
 from autoquant.plan import FLOAT, parse_scheme
-from autoquant.quant.quantizer import ActivationObserver, fake_quantize, qrange, weight_qparams
+from autoquant.quant.qmath import dynamic_fake_quantize, fake_quantize, qrange
+from autoquant.quant.quantizer import ActivationObserver, weight_qparams
 from autoquant.quant.target import deploy_weight_bits, host_target
 
 __all__ = [
@@ -389,8 +390,6 @@ class QuantLayer(nn.Module):
             return x
         qmin, qmax, axis = self._act_q
         if self.config.mode == "dynamic":
-            from autoquant.quant.kinds.base import dynamic_fake_quantize
-
             return dynamic_fake_quantize(x, qmin, qmax, self.config.activation)
         return fake_quantize(x, self.act_scale, self.act_zero_point, qmin, qmax, axis)
 

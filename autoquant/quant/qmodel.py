@@ -7,18 +7,23 @@ quantizer state of every layer, calibration (once), and applying plans for trial
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from autoquant.batches import call_model
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError, EvaluatorError, ModelError
-from autoquant.evaluation.guard import check_model_devices
 from autoquant.plan import FLOAT, QuantPlan
+from autoquant.quant.copying import (
+    bake_weight_reparametrizations,
+    check_model_devices,
+    copy_model,
+    uncompiled,
+)
 from autoquant.quant.dataflow import OutputUse, output_uses
 from autoquant.quant.fold import fold_conv_bn
 from autoquant.quant.kinds import QuantEmbedding  # noqa: F401 - registers the extra layer kinds
@@ -32,7 +37,11 @@ from autoquant.quant.layers import (
 from autoquant.quant.shared import layers_sharing_parameters, module_aliases
 from autoquant.quant.target import resolve_target
 
-__all__ = ["QuantModel", "find_quantizable_layers", "run_model"]
+__all__ = ["QuantModel", "Calibrate", "find_quantizable_layers"]
+
+# runs calibration batches through a model: ``calibrate(model, where)`` (the search passes
+# `autoquant.evaluation.adapter.EvaluatorAdapter.calibrate`; PTQ never sees the evaluator)
+Calibrate = Callable[[nn.Module, str], None]
 
 logger = logging.getLogger(__name__)
 
@@ -75,92 +84,10 @@ def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]
             )
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of `model`, or ModelError saying why it cannot be copied.
-
-    Tensors held as plain attributes that are not graph leaves (``torch.nn.utils.prune``
-    keeps ``weight = weight_orig * weight_mask`` so until a forward under no_grad) refuse
-    ``copy.deepcopy``; the copy gets detached clones of them, the model is not touched.
-    """
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as err:
-        raise ModelError(
-            f"cannot deep-copy the model ({type(err).__name__}: {err}); autoquant works "
-            "on a copy so your model is never changed. Make the model deep-copyable "
-            "(no open file handles, generators or locks as attributes)."
-        ) from err
-
-
-def _bake_weight_reparametrizations(model: nn.Module) -> None:
-    """Replace parametrized (weight_norm, spectral_norm, orthogonal, ...) and pruned
-    tensors of our copy by the values the model computes with them in eval mode.
-
-    Why: a quantized layer must compute with its fake-quant weight as is. Substituting a
-    weight under a parametrization goes through its ``right_inverse`` and re-applies it
-    (spectral_norm would normalize the quantized weight again), and a pruning pre-hook
-    overwrites ``weight`` on every call. Training needs them; quantization does not.
-    """
-    from torch.nn.utils import parametrizations, parametrize, prune
-
-    baked = 0
-    with torch.no_grad():
-        for module in list(model.modules()):
-            if parametrize.is_parametrized(module):
-                # removing a parametrization edits the module's generated class, which the
-                # copy shares with the user's model: give the copy a class of its own
-                cls = type(module)
-                module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-                for tensor_name in list(module.parametrizations):
-                    parametrize.remove_parametrizations(module, tensor_name,
-                                                        leave_parametrized=True)
-                # weight_norm's hook for loading old weight_g/weight_v state dicts is a local
-                # function: meaningless on a plain weight, and it cannot be pickled (workers)
-                for key, hook in list(module._load_state_dict_pre_hooks.items()):
-                    function = getattr(hook, "hook", hook)
-                    if getattr(function, "__module__", "") == parametrizations.__name__:
-                        del module._load_state_dict_pre_hooks[key]
-                baked += 1
-            for hook in list(module._forward_pre_hooks.values()):
-                if isinstance(hook, prune.BasePruningMethod):
-                    prune.remove(module, hook._tensor_name)
-                    baked += 1
-    if baked:
-        logger.info("baked %d parametrized or pruned tensor(s) into plain weights (the "
-                    "values the model computes in eval mode)", baked)
-
-
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper compiles, or `model` itself.
-
-    Why: the search swaps layers and re-runs the model per trial; through the wrapper every
-    trial would recompile, and layer names would carry its ``_orig_mod.`` prefix."""
-    inner = getattr(model, "_orig_mod", None)
-    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
-        logger.info("the model is a torch.compile wrapper: quantizing the %s it compiles "
-                    "(compile the result again for speed)", type(inner).__name__)
-        return inner
-    return model
-
-
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def run_model(model: nn.Module, inputs: Any) -> Any:
-    """Call `model` on `inputs`: a tuple/list is unpacked, a dict passed as keywords."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 class QuantModel:
@@ -181,7 +108,7 @@ class QuantModel:
                 f"config must be an autoquant.QuantConfig, got {type(config).__name__}; "
                 "build one with QuantConfig.from_dict(...) or QuantConfig.load(path)"
             )
-        model = _uncompiled(model)
+        model = uncompiled(model)
         if isinstance(model, torch.jit.ScriptModule):
             raise ModelError(
                 f"the model is a TorchScript module ({type(model).__name__}, from torch.jit."
@@ -191,7 +118,7 @@ class QuantModel:
         self.model = copy_model(model)
         check_model_devices(self.model)
         self.model.eval()
-        _bake_weight_reparametrizations(self.model)
+        bake_weight_reparametrizations(self.model)
         self.config = config
         names = find_quantizable_layers(self.model)
         if not names:
@@ -255,13 +182,14 @@ class QuantModel:
         finally:
             self.set_state(QuantState.QUANTIZE)
 
-    def calibration_pass(self, evaluator: Any, state: QuantState, where: str,
+    def calibration_pass(self, calibrate: Calibrate, state: QuantState, where: str,
                          hooks: Iterable[Any] = ()) -> None:
-        """Run ``evaluator.calibration`` once with every layer in `state`, then remove
-        `hooks` (handles of hooks the caller registered for this pass), whatever happens."""
+        """Run the calibration batches once (`calibrate`) with every layer in `state`, then
+        remove `hooks` (handles of hooks the caller registered for this pass), whatever
+        happens."""
         try:
             with self.state(state):
-                call_evaluator(evaluator, "calibration", self.model, where)
+                calibrate(self.model, where)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -270,7 +198,7 @@ class QuantModel:
         """Run the float model once on `example_inputs`; a failure is a clear ModelError."""
         with self.state(QuantState.FLOAT), torch.no_grad():
             try:
-                run_model(self.model, example_inputs)
+                call_model(self.model, example_inputs)
             except Exception as err:
                 raise ModelError(
                     f"the model does not run on example_inputs ({type(err).__name__}: {err}). "
@@ -279,8 +207,8 @@ class QuantModel:
                 ) from err
 
     # -- calibration -----------------------------------------------------------------------
-    def calibrate(self, evaluator: Any) -> None:
-        """Run ``evaluator.calibration`` once with every layer observing its input."""
+    def calibrate(self, calibrate: Calibrate) -> None:
+        """Run the calibration batches once with every layer observing its input."""
         for layer in self.layers.values():
             layer.calls = 0
         forwards = [0]
@@ -292,7 +220,7 @@ class QuantModel:
             if len(self.calibration_inputs) < _KEPT_BATCHES and not (args and kwargs):
                 self.calibration_inputs.append(dict(kwargs) if kwargs else tuple(args))
 
-        self.calibration_pass(evaluator, QuantState.CALIBRATE, "",
+        self.calibration_pass(calibrate, QuantState.CALIBRATE, "",
                               [self.model.register_forward_pre_hook(count, with_kwargs=True)])
         if forwards[0]:
             # a module called at several places in one forward pass is a shared module too
@@ -409,29 +337,3 @@ def _quantizes_input_exactly(layer: QuantLayer) -> bool:
             layer.config.mode != "static" or act[2] is not None:
         return False
     return (act[1] - act[0]) == 255
-
-
-def call_evaluator(evaluator: Any, method: str, model: nn.Module, where: str = "") -> Any:
-    """Call ``evaluator.<method>(model)`` in eval mode under no_grad; wrap its errors."""
-    func = getattr(evaluator, method, None)
-    if not callable(func):
-        raise EvaluatorError(
-            f"the evaluator {type(evaluator).__name__} has no method {method}(model); "
-            "subclass autoquant.evaluators.Evaluator and implement it"
-        )
-    model.eval()
-    try:
-        with torch.no_grad():
-            return func(model)
-    except Exception as err:
-        suffix = f" {where}" if where else ""
-        raise EvaluatorError(
-            f"{type(evaluator).__name__}.{method}(){suffix} raised {type(err).__name__}: {err}"
-        ) from err
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU if it has none)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")

@@ -1,8 +1,6 @@
-"""Quantization math and range observers, on core torch ops only.
+"""Range observers and weight qparams (the QDQ math itself is `autoquant.quant.qmath`,
+re-exported here).
 
-`fake_quantize` is quantize-then-dequantize with the ONNX QuantizeLinear/DequantizeLinear
-semantics (divide by the scale, round half to even, clamp to [qmin, qmax]), in core torch
-elementwise ops.
 Observers keep bounded statistics (exact min/max plus a fixed-size uniform sample), so
 calibration memory does not grow with the number of batches, and qparams for any bit width
 can be derived later from the same statistics (calibrate once, apply many).
@@ -14,6 +12,8 @@ import torch
 
 from autoquant.config import QuantizerConfig
 from autoquant.errors import InternalError
+from autoquant.quant.clipping import entropy_range, mse_weight_range
+from autoquant.quant.qmath import QParams, compute_qparams, fake_quantize, qrange
 
 __all__ = [
     "qrange",
@@ -24,69 +24,6 @@ __all__ = [
     "weight_qparams",
 ]
 
-_EPS = torch.finfo(torch.float32).eps
-QParams = tuple[torch.Tensor, torch.Tensor, int, int, "int | None"]  # scale, zp, qmin, qmax, axis
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer range of a quantizer: signed for symmetric, unsigned for affine."""
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def compute_qparams(
-    min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float32) and zero point (int32) covering [min_val, max_val] (per element).
-
-    The range always includes 0 so that zero (padding, ReLU outputs) is exact.
-    Symmetric: ``scale = max|x| / qmax``, zero point 0. Affine:
-    ``scale = (max - min) / (qmax - qmin)``, ``zp = qmin - round(min / scale)``.
-    """
-    qmin, qmax = qrange(bits, symmetric)
-    min_val = torch.clamp(min_val.detach().float(), max=0.0)
-    max_val = torch.clamp(max_val.detach().float(), min=0.0)
-    if symmetric:
-        amax = torch.maximum(-min_val, max_val)
-        scale = torch.clamp(amax / qmax, min=_EPS)
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=_EPS)
-        zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
-    return scale, zero_point
-
-
-def fake_quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    axis: int | None = None,
-) -> torch.Tensor:
-    """Quantize then dequantize `x`: ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s``.
-
-    Per-tensor when `axis` is None (scale/zero_point with one element), else per-channel
-    along `axis`. Works for any float dtype (computed in float32) and any device.
-
-    Why not ``torch.fake_quantize_per_*_affine``: they multiply by the reciprocal of the
-    scale where ONNX QuantizeLinear (and so the deployed runtime) divides by it; values on
-    a rounding tie (a saturated tanh at exactly 1.0 with scale 2/255 lands on 127.5) then
-    round to the other integer, and in a deep network those flips add up.
-    """
-    dtype = x.dtype
-    xf = x if dtype == torch.float32 else x.float()
-    s = scale.detach().to(device=xf.device, dtype=torch.float32)
-    z = zero_point.detach().to(device=xf.device, dtype=torch.float32)
-    if axis is None:
-        s, z = s.reshape(()), z.reshape(())
-    else:
-        shape = [1] * xf.dim()
-        shape[axis % xf.dim()] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
-    out = (torch.clamp(torch.round(xf / s) + z, qmin, qmax) - z) * s
-    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def weight_qparams(
@@ -105,8 +42,6 @@ def weight_qparams(
         flat = w.reshape(1, -1)
         channel_axis = None
     if cfg.algorithm == "mse":
-        from autoquant.quant.clipping import mse_weight_range
-
         lo, hi = mse_weight_range(flat, bits, cfg.symmetric)
     else:
         lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
@@ -237,8 +172,6 @@ class ActivationObserver:
         if algorithm == "percentile":
             return self._percentile_range(self.sample, lo, hi, percentile)
         if algorithm == "entropy":
-            from autoquant.quant.clipping import entropy_range
-
             return entropy_range(self.sample, lo, hi, bits, self.cfg.symmetric)
         return self._mse_range(self.sample, lo, hi, bits)
 

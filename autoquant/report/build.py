@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from autoquant.plan import FLOAT, parse_scheme
+from autoquant.plan import FLOAT, effective_bits, parse_scheme
 
 if TYPE_CHECKING:
     from autoquant.result import SearchResult
 
-__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "effective_bits", "environment",
-           "model_sizes", "report_from_journal", "report_schema"]
+__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "environment", "model_sizes",
+           "report_from_journal", "report_schema"]
 
 REPORT_SCHEMA_VERSION = 2
 
@@ -81,35 +81,6 @@ def model_sizes(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str,
     return {"float_weight_bytes": float_bytes, "quantized_weight_bytes": quant_bytes}
 
 
-def effective_bits(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str, float]:
-    """Average bit widths of the quantizable layers under `plan` (float counts as 32).
-
-    ``weights`` is weighted by each layer's parameter count, so it is the storage cost per
-    weight. ``activations`` is the plain mean over layers of the input-activation bits (the
-    per-call input size is not known statically, so every layer counts once). Layers not in
-    the plan (skipped) are float.
-
-    Example:
-        >>> effective_bits([{"name": "a", "parameters": 3}, {"name": "b", "parameters": 1}],
-        ...                {"a": "w8a8", "b": "float"})
-        {'weights': 14.0, 'activations': 20.0}
-    """
-    if not layers:
-        return {"weights": 32.0, "activations": 32.0}
-    w_total = a_total = 0.0
-    params = 0
-    for row in layers:
-        bits = parse_scheme(plan.get(row["name"], FLOAT))
-        w_bits, a_bits = (32, 32) if bits is None else bits
-        w_total += w_bits * row["parameters"]
-        params += row["parameters"]
-        a_total += a_bits
-    return {
-        "weights": w_total / params if params else 32.0,
-        "activations": a_total / len(layers),
-    }
-
-
 def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
                  run: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The report of `result` as JSON-ready data.
@@ -139,7 +110,8 @@ def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
         "environment": environment(device),
         "job": None if job is None else dict(job),
         "run": None if run is None else dict(run),
-        "settings": dict(result.settings),
+        "settings": {**result.settings.to_dict(), "higher_is_better": result.higher_is_better,
+                     "target": result.target, "folded_bn": result.folded_bn},
         "status": result.status,
         "met": result.met,
         "reason": result.reason,
@@ -167,7 +139,8 @@ def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
         "config": result.config.to_dict(),
         "determinism": result.determinism,
         "deployment": {
-            "target": result.settings.get("target"),
+            "target": result.target,
+            "export": dict(result.deployment),
             "deployed_metric": result.deployed_metric,
             "deployed_loss": result.deployed_loss,
             "met_on_deploy": result.met_on_deploy,

@@ -94,7 +94,7 @@ def deployment_lines(report: dict[str, Any]) -> list[str]:
     """The deployed artifact: the target, the metric measured in onnxruntime, the integer
     kernels, and the exported file's size and latency against float."""
     deploy = report.get("deployment") or {}
-    figures = (report.get("settings") or {}).get("deployment") or {}
+    figures = deploy.get("export") or {}
     lines = []
     if deploy.get("target"):
         lines.append(f"Deploy target: {deploy['target']}")

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.errors import ConfigError
-from autoquant.evaluation.criterion import check_metric_value
-from autoquant.evaluation.guard import run_with_timeout
+from autoquant.evaluation.adapter import EvaluatorAdapter
 from autoquant.plan import QuantPlan
-from autoquant.quant.qmodel import QuantModel, call_evaluator
+from autoquant.quant.qmodel import QuantModel
 
 __all__ = ["DeployCheck", "evaluate_deployed"]
 
@@ -55,12 +54,11 @@ class DeployCheck:
         return asdict(self)
 
 
-def evaluate_deployed(qmodel: QuantModel, plan: QuantPlan, trial: int, evaluator: Any,
-                      example_inputs: Any, decide: Any, float_metric: float,
-                      eval_timeout: float | None = None,
+def evaluate_deployed(qmodel: QuantModel, plan: QuantPlan, trial: int,
+                      evaluator: EvaluatorAdapter, example_inputs: Any, float_metric: float,
                       export_options: Mapping[str, Any] | None = None) -> DeployCheck:
-    """Export `plan` of `qmodel` to a temporary ONNX file and score it with
-    ``evaluator.evaluate`` in onnxruntime; `decide` judges it against `float_metric`."""
+    """Export `plan` of `qmodel` to a temporary ONNX file and score it with the user's
+    ``evaluate`` in onnxruntime, judged against `float_metric` as the trials are."""
     from autoquant.export.onnx_export import export_checked
     from autoquant.export.ortmodule import OnnxModule
 
@@ -78,12 +76,8 @@ def evaluate_deployed(qmodel: QuantModel, plan: QuantPlan, trial: int, evaluator
         path, figures = export_checked(qmodel.model, Path(tmp) / "deployed.onnx", inputs,
                                        **options)
         deployed = OnnxModule(path, qmodel.model, inputs)
-        where = f"on the deployed ONNX model of trial {trial}"
-        value = run_with_timeout(
-            lambda: call_evaluator(evaluator, "evaluate", deployed, where), eval_timeout,
-            f"{type(evaluator).__name__}.evaluate() {where}")
-    metric = check_metric_value(value, f"{type(evaluator).__name__}.evaluate() {where}")
-    passed, loss = decide(float_metric, metric)
+        metric, _ = evaluator.measure(deployed, f"on the deployed ONNX model of trial {trial}")
+    passed, loss = evaluator.decide(float_metric, metric)
     check = DeployCheck(trial, metric, loss, passed, time.perf_counter() - start,
                         {k: v for k, v in figures.items() if k != "onnx_path"})
     logger.info("trial %d deployed in onnxruntime: metric %.6g, loss %.6g -> %s", trial,

@@ -13,50 +13,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from autoquant.errors import EvaluatorError
-from autoquant.evaluation.criterion import check_metric_value
-from autoquant.evaluation.guard import determinism_record, run_with_timeout
+from autoquant.evaluation.adapter import EvaluatorAdapter
+from autoquant.evaluation.guard import determinism_record
 from autoquant.plan import FLOAT, QuantPlan, plan_key
-from autoquant.quant.qmodel import QuantModel, call_evaluator
+from autoquant.quant.qmodel import QuantModel
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
 
-__all__ = ["TrialRunner", "SearchOutcome", "run_search", "Decision", "SearchStatus"]
+__all__ = ["TrialRunner", "SearchOutcome", "run_search", "SearchStatus"]
 
 logger = logging.getLogger(__name__)
 
-Decision = Callable[[float, float], tuple[bool, float]]
 SearchStatus = Literal["met", "not_met", "budget_exhausted"]
-
-
-def make_decision(evaluator: Any, criterion: Decision) -> Decision:
-    """The pass/fail rule: the evaluator's ``metric_eval`` if it defines one, else `criterion`.
-
-    ``metric_eval`` returning ``NotImplemented`` (the base class default) defers to the
-    criterion. Anything but ``(bool, number)`` is an EvaluatorError.
-    """
-    custom = getattr(evaluator, "metric_eval", None)
-
-    def decide(original: float, new: float) -> tuple[bool, float]:
-        if callable(custom):
-            try:
-                out = custom(original, new)
-            except Exception as err:
-                raise EvaluatorError(
-                    f"{type(evaluator).__name__}.metric_eval({original!r}, {new!r}) raised "
-                    f"{type(err).__name__}: {err}"
-                ) from err
-            if out is not NotImplemented:
-                if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                    raise EvaluatorError(
-                        f"{type(evaluator).__name__}.metric_eval() returned {out!r:.80}; "
-                        "expected a tuple (ok: bool, loss: float)"
-                    )
-                ok, loss = out
-                loss = check_metric_value(loss, "metric_eval() (its loss)")
-                return bool(ok), loss
-        return criterion(original, new)
-
-    return decide
 
 
 class BudgetExhausted(Exception):
@@ -73,8 +40,7 @@ class TrialRunner:
     """
 
     qmodel: QuantModel
-    evaluator: Any
-    decide: Decision
+    evaluator: EvaluatorAdapter
     max_evaluations: int | None = None
     on_record: Callable[[TrialRecord], None] | None = None
     preloaded: Mapping[str, TrialRecord] = field(default_factory=dict)
@@ -82,7 +48,6 @@ class TrialRunner:
     evaluator_seconds: float = 0.0
     float_metric: float | None = None
     pool: Any = None  # an autoquant.search.parallel.WorkerPool when workers > 1
-    eval_timeout: float | None = None
     deadline: float | None = None
     check_determinism: bool = False
     determinism: dict[str, Any] | None = None
@@ -175,21 +140,16 @@ class TrialRunner:
         """Evaluate `plan` once, uncached and unrecorded: ``(metric, seconds)``.
 
         Uses the worker pool's result when the plan was prefetched; otherwise evaluates in
-        this process, honouring ``eval_timeout`` (see
-        `autoquant.evaluation.guard.run_with_timeout`).
+        this process through the adapter (its ``eval_timeout`` guard and value check).
         """
         done = self._prefetched.pop(plan_key(plan), None)
         if done is not None:
             value, seconds = done
+            metric = self.evaluator.check(value, where)
         else:
             self.qmodel.apply_plan(plan)
-            start = time.perf_counter()
-            value = run_with_timeout(
-                lambda: call_evaluator(self.evaluator, "evaluate", self.qmodel.model, where),
-                self.eval_timeout, f"{type(self.evaluator).__name__}.evaluate() {where}")
-            seconds = time.perf_counter() - start
+            metric, seconds = self.evaluator.measure(self.qmodel.model, where)
         self.evaluator_seconds += seconds
-        metric = check_metric_value(value, f"{type(self.evaluator).__name__}.evaluate() {where}")
         return metric, seconds
 
     def _run(self, plan: QuantPlan, label: str) -> TrialRecord:
@@ -197,7 +157,7 @@ class TrialRunner:
         metric, seconds = self.measure(plan, f"in trial {index} ({label})")
         if self.float_metric is None:
             self.float_metric = metric
-        passed, loss = self.decide(self.float_metric, metric)
+        passed, loss = self.evaluator.decide(self.float_metric, metric)
         record = TrialRecord(
             index=index, label=label, plan=dict(plan),
             fallback_layers=self.fallback_layers(plan), metric=metric, loss=loss,

@@ -24,19 +24,17 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import pickle
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from autoquant.errors import ConfigError
+from autoquant.evaluation.adapter import EvaluatorAdapter, call_user
 from autoquant.plan import QuantPlan
-from autoquant.quant.qmodel import QuantModel, call_evaluator
-from autoquant.registry import import_object
+from autoquant.quant.qmodel import QuantModel
 
 __all__ = ["WorkerPool", "check_workers"]
 
@@ -54,45 +52,17 @@ def check_workers(workers: Any) -> int:
     return workers
 
 
-def _evaluator_payload(evaluator: Any) -> tuple[str, Any]:
-    spec = getattr(evaluator, "worker_spec", None)
-    if callable(spec):
-        out = spec()
-        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], str)
-                and isinstance(out[1], Mapping)):
-            raise ConfigError(
-                f"{type(evaluator).__name__}.worker_spec() returned {out!r:.80}; expected "
-                "('package.module:factory', {keyword arguments})"
-            )
-        import_object(out[0], "evaluator factory")  # fail here, not in every worker
-        return "spec", (out[0], dict(out[1]))
-    try:
-        return "pickle", pickle.dumps(evaluator)
-    except Exception as err:
-        raise ConfigError(
-            f"workers > 1 needs the evaluator in every worker process, but "
-            f"{type(evaluator).__name__} cannot be pickled ({type(err).__name__}: {err}). "
-            "Give it a method worker_spec() returning ('package.module:factory', {kwargs}) "
-            "that builds an equivalent evaluator, or use workers=1."
-        ) from err
-
-
 def _init_worker(model_file: str, payload: tuple[str, Any], threads: int) -> None:
     torch.set_num_threads(threads)
     _STATE["qmodel"] = torch.load(model_file, map_location="cpu", weights_only=False)
-    kind, data = payload
-    if kind == "spec":
-        path, kwargs = data
-        _STATE["evaluator"] = import_object(path, "evaluator factory")(**kwargs)
-    else:
-        _STATE["evaluator"] = pickle.loads(data)
+    _STATE["evaluator"] = EvaluatorAdapter.from_payload(payload)
 
 
 def _evaluate_in_worker(plan: QuantPlan) -> tuple[Any, float]:
     qmodel: QuantModel = _STATE["qmodel"]
     qmodel.apply_plan(plan)
     start = time.perf_counter()
-    value = call_evaluator(_STATE["evaluator"], "evaluate", qmodel.model, "(in a worker)")
+    value = call_user(_STATE["evaluator"], "evaluate", qmodel.model, "(in a worker)")
     return value, time.perf_counter() - start
 
 
@@ -104,13 +74,14 @@ class WorkerPool:
 
     Args:
         qmodel: the calibrated `QuantModel` (copied to every worker once).
-        evaluator: the evaluator, pickled or rebuilt from its ``worker_spec()``.
+        evaluator: the search's evaluator adapter; each worker gets the user's evaluator
+            pickled or rebuilt from its ``worker_spec()`` (`EvaluatorAdapter.payload`).
         workers: the number of processes (>= 2 to be useful).
     """
 
-    def __init__(self, qmodel: QuantModel, evaluator: Any, workers: int) -> None:
+    def __init__(self, qmodel: QuantModel, evaluator: EvaluatorAdapter, workers: int) -> None:
         self.workers = check_workers(workers)
-        payload = _evaluator_payload(evaluator)
+        payload = evaluator.payload()
         self._dir = tempfile.TemporaryDirectory(prefix="autoquant-workers-")
         model_file = Path(self._dir.name) / "qmodel.pt"
         try:

@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from autoquant.errors import ConfigError
-from autoquant.evaluation.criterion import check_metric_value
+from autoquant.evaluation.adapter import EvaluatorAdapter
 from autoquant.plan import FLOAT, QuantPlan
-from autoquant.quant.qmodel import QuantModel, call_evaluator
-from autoquant.search.loop import BudgetExhausted, Decision, TrialRunner
+from autoquant.quant.qmodel import QuantModel
+from autoquant.search.loop import BudgetExhausted, TrialRunner
 from autoquant.search.strategy import SearchContext, TrialRecord
 
 __all__ = [
@@ -83,8 +83,8 @@ def check_trust_args(holdout: Any, audit: Any) -> None:
         raise ConfigError(f"audit must be an int >= 0 (layers to audit), got {audit!r}")
 
 
-def holdout_check(qmodel: QuantModel, evaluator: Any, plan: QuantPlan, float_plan: QuantPlan,
-                  decide: Decision, required: bool | None) -> dict[str, Any] | None:
+def holdout_check(qmodel: QuantModel, evaluator: EvaluatorAdapter, plan: QuantPlan,
+                  float_plan: QuantPlan, required: bool | None) -> dict[str, Any] | None:
     """Measure the float model and `plan` with ``evaluator.evaluate_holdout``.
 
     Args:
@@ -96,23 +96,20 @@ def holdout_check(qmodel: QuantModel, evaluator: Any, plan: QuantPlan, float_pla
     """
     if required is False:
         return None
-    if not callable(getattr(evaluator, "evaluate_holdout", None)):
+    if not evaluator.has_holdout:
         if required:
             raise ConfigError(
-                f"holdout=True needs {type(evaluator).__name__}.evaluate_holdout(model) -> "
+                f"holdout=True needs {evaluator.name}.evaluate_holdout(model) -> "
                 "float (the metric on data the search never saw); add it or pass "
                 "holdout=None"
             )
         return None
     where = "(held-out check)"
-    name = f"{type(evaluator).__name__}.evaluate_holdout() {where}"
     qmodel.apply_plan(float_plan)
-    ref = check_metric_value(call_evaluator(evaluator, "evaluate_holdout", qmodel.model, where),
-                             name)
+    ref = evaluator.measure_holdout(qmodel.model, where)
     qmodel.apply_plan(plan)
-    new = check_metric_value(call_evaluator(evaluator, "evaluate_holdout", qmodel.model, where),
-                             name)
-    passed, loss = decide(ref, new)
+    new = evaluator.measure_holdout(qmodel.model, where)
+    passed, loss = evaluator.decide(ref, new)
     if not passed:
         logger.warning(
             "held-out check failed: the chosen plan loses %.6g on the held-out data (float "

@@ -21,7 +21,7 @@ import torch
 
 from autoquant.errors import ConfigError
 from autoquant.quant.layers import QuantState
-from autoquant.quant.qmodel import QuantModel
+from autoquant.quant.qmodel import Calibrate, QuantModel
 from autoquant.registry import Registry
 
 __all__ = [
@@ -130,13 +130,13 @@ class LayerSensitivity:
 
 def compute_sensitivity(
     qmodel: QuantModel,
-    evaluator: Any,
+    calibrate: Calibrate,
     metric: str | type[SensitivityMetric] = "cosine",
     dump_dir: str | Path | None = None,
 ) -> list[LayerSensitivity]:
     """Score every searchable layer at its configured scheme; return them worst first.
 
-    Runs ``evaluator.calibration(model)`` once more with layers in ``COMPARE`` state.
+    Runs the calibration batches (`calibrate`) once more with layers in ``COMPARE`` state.
     `dump_dir`, if given, receives each layer's input activations, one file per call
     (``<dump_dir>/<layer>/input_00000.pt``), for inspection.
     """
@@ -154,7 +154,7 @@ def compute_sensitivity(
             layer.dump_dir = Path(dump_dir) / name
     start = time.perf_counter()
     try:
-        qmodel.calibration_pass(evaluator, QuantState.COMPARE, "(sensitivity pass)")
+        qmodel.calibration_pass(calibrate, QuantState.COMPARE, "(sensitivity pass)")
     finally:
         for layer in qmodel.layers.values():
             layer.dump_dir = None

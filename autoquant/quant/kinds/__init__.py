@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from autoquant.quant.kinds.attention import QuantMatMul, QuantMatMulLayer, QuantMultiheadAttention
-from autoquant.quant.kinds.base import MultiQuantLayer, dynamic_fake_quantize, primary_tensor
+from autoquant.quant.kinds.base import MultiQuantLayer, primary_tensor
 from autoquant.quant.kinds.embedding import QuantEmbedding
 from autoquant.quant.kinds.fx_matmul import convert_matmuls
 from autoquant.quant.kinds.rnn import QuantRNN
@@ -35,7 +35,6 @@ __all__ = [
     "QuantMultiheadAttention",
     "QuantRNN",
     "convert_matmuls",
-    "dynamic_fake_quantize",
     "primary_tensor",
 ]
 

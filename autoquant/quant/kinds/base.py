@@ -22,41 +22,20 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from autoquant.config import LayerConfig, QuantizerConfig
+from autoquant.config import LayerConfig
 from autoquant.errors import ModelError
 from autoquant.plan import parse_scheme
 from autoquant.quant.layers import QuantLayer, QuantState
+from autoquant.quant.qmath import dynamic_fake_quantize
 from autoquant.quant.quantizer import (
     ActivationObserver,
-    compute_qparams,
     fake_quantize,
     qrange,
     weight_qparams,
 )
 from autoquant.quant.target import deploy_weight_bits
 
-__all__ = ["MultiQuantLayer", "dynamic_fake_quantize", "primary_tensor"]
-
-
-def dynamic_fake_quantize(
-    x: torch.Tensor, qmin: int, qmax: int, cfg: QuantizerConfig
-) -> torch.Tensor:
-    """Fake-quantize `x` with qparams from its own min/max (dynamic quantization).
-
-    Per tensor, or per channel on axis 1 when ``cfg.per_channel`` and `x` has that axis.
-    The range always includes 0, as for calibrated qparams.
-    """
-    xd = x.detach()
-    if cfg.per_channel and x.dim() >= 2:
-        flat = xd.transpose(0, 1).reshape(x.shape[1], -1).float()
-        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-        axis: int | None = 1
-    else:
-        lo, hi = xd.min().float().reshape(1), xd.max().float().reshape(1)
-        axis = None
-    bits = (qmax + 1).bit_length() if qmin < 0 else qmax.bit_length()  # from the int range
-    scale, zp = compute_qparams(lo, hi, bits, cfg.symmetric)
-    return fake_quantize(x, scale, zp, qmin, qmax, axis)
+__all__ = ["MultiQuantLayer", "primary_tensor"]
 
 
 def primary_tensor(output: Any) -> torch.Tensor:

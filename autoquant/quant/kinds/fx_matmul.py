@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from autoquant.errors import ModelError
+from autoquant.quant.copying import copy_model
 from autoquant.quant.kinds.attention import QuantMatMul
 
 __all__ = ["convert_matmuls"]
@@ -51,7 +52,6 @@ def convert_matmuls(model: nn.Module, concrete_args: dict[str, Any] | None = Non
     """
     import torch.fx
 
-    from autoquant.quant.qmodel import copy_model  # here: qmodel imports the layer kinds
 
     work = copy_model(model)
     try:

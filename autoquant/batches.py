@@ -1,0 +1,81 @@
+"""Calling a model on a batch, whatever its shape: a tensor, a tuple or list of positional
+inputs, or a dict of keyword inputs; moving a batch to the model's device; and reading the
+tensor a metric is computed on from any output (a tensor, a tuple, a dict or a Hugging
+Face ``ModelOutput`` with ``logits``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.errors import ModelError
+
+__all__ = ["call_model", "to_device", "model_device", "first_tensor"]
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(*inputs)`` for a tuple or list, ``model(**inputs)`` for a dict (e.g.
+    ``input_ids``, ``attention_mask``), else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (then buffer), or CPU for a stateless model."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """Move a tensor, or every tensor in a tuple/list/dict, to `device` (other values pass
+    as is)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(item, device) for item in inputs)
+    if isinstance(inputs, Mapping):
+        return {key: to_device(value, device) for key, value in inputs.items()}
+    return inputs
+
+
+def _find_tensor(output: Any, depth: int = 0) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if depth > 4:
+        return None
+    if isinstance(output, Mapping):
+        items = ([output["logits"]] if "logits" in output else []) + list(output.values())
+    elif isinstance(output, (tuple, list)):
+        items = list(output)
+    elif isinstance(getattr(output, "logits", None), torch.Tensor):
+        items = [output.logits]
+    else:
+        return None
+    for item in items:
+        found = _find_tensor(item, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The tensor a metric is computed on: `output` itself; a dict's (or a Hugging Face
+    ``ModelOutput``'s) ``logits`` entry, else its first tensor value; a tuple/list's first
+    tensor element (nested containers are searched in order)."""
+    found = _find_tensor(output)
+    if found is None:
+        raise ModelError(
+            f"the model returned {type(output).__name__} {output!r:.80} with no tensor in it; "
+            "expected a tensor, a tuple/list or a dict holding one (a 'logits' entry is "
+            "used first). Wrap the model so it returns the output tensor."
+        )
+    return found

@@ -1,0 +1,44 @@
+"""`load_quantized`: the fake-quant model rebuilt from a folder `SearchResult.save` wrote (its
+config and state dict), on a copy of the float model; no calibration data is needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from autoquant.config import QuantConfig
+from autoquant.errors import ConfigError
+from autoquant.io.checkpoint import load_state_dict_file
+from autoquant.io.names import CONFIG_FILE, STATE_FILE
+from autoquant.quant.qmodel import QuantModel
+
+__all__ = ["load_quantized"]
+
+
+def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Rebuild the fake-quant model saved by `SearchResult.save` on a copy of `model`.
+
+    Uses the saved config and qparams; no calibration data is needed.
+
+    Example:
+        >>> qmodel = load_quantized(build_model(), "out/search")
+    """
+    directory = Path(directory)
+    for name in (CONFIG_FILE, STATE_FILE):
+        if not (directory / name).is_file():
+            raise ConfigError(
+                f"{directory} has no {name}; pass the folder written by SearchResult.save()"
+            )
+    cfg = QuantConfig.load(directory / CONFIG_FILE)
+    qmodel = QuantModel(model, cfg)
+    state = load_state_dict_file(directory / STATE_FILE, "the saved quantized model")
+    try:
+        qmodel.model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"{directory / STATE_FILE} does not fit this model with the saved config: {err}. "
+            "Pass the same float model architecture the search was run on."
+        ) from err
+    qmodel.apply_plan(qmodel.quant_plan())
+    return qmodel.model

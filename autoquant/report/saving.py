@@ -1,0 +1,49 @@
+"""Saving a `SearchResult` to a folder: the final config, the fake-quant state dict and the
+report, each written atomically; `autoquant.load_quantized` reads the first two back."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autoquant.errors import ConfigError
+from autoquant.io.atomic import atomic_torch_save, atomic_write_text
+from autoquant.io.names import CONFIG_FILE, REPORT_FILE, STATE_FILE
+from autoquant.report.build import build_report
+
+if TYPE_CHECKING:
+    from autoquant.result import SearchResult
+
+__all__ = ["save_result", "record_deployment"]
+
+logger = logging.getLogger(__name__)
+
+
+def save_result(result: SearchResult, directory: str | Path) -> Path:
+    """Write `result`'s config, state dict and ``report.json`` into `directory`.
+
+    Example:
+        >>> save_result(result, "out/search")
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    result.config.save(out / CONFIG_FILE)
+    atomic_torch_save(out / STATE_FILE, result.model.state_dict())
+    atomic_write_text(out / REPORT_FILE, json.dumps(build_report(result), indent=2) + "\n")
+    logger.info("saved %s, %s and %s to %s", CONFIG_FILE, STATE_FILE, REPORT_FILE, out)
+    return out
+
+
+def record_deployment(report_path: str | Path, figures: Mapping[str, Any]) -> Path:
+    """Write an export's `figures` into ``deployment.export`` of a saved ``report.json``
+    (atomically)."""
+    path = Path(report_path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read the report {path}: {err}") from err
+    report.setdefault("deployment", {})["export"] = dict(figures)
+    return atomic_write_text(path, json.dumps(report, indent=2) + "\n")

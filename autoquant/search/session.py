@@ -1,0 +1,111 @@
+"""The search stage of one run: the context a strategy sees, the trial runner with its
+budget and workers, the strategy loop with the deploy check, and the checks on the
+history (monotonicity, ranking audit). `autoquant.api.auto_quantize` calls `run_stage`."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoquant.errors import ConfigError
+from autoquant.evaluation.adapter import EvaluatorAdapter
+from autoquant.plan import plan_key
+from autoquant.quant.qmodel import QuantModel
+from autoquant.search.deploy_check import DeployCheck, evaluate_deployed, search_until_deployed
+from autoquant.search.loop import SearchOutcome, TrialRunner
+from autoquant.search.parallel import WorkerPool
+from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
+from autoquant.search.trust import monotonicity_violations, ranking_audit
+from autoquant.sensitivity.ranking import LayerSensitivity
+from autoquant.settings import SearchSettings
+
+__all__ = ["StageResult", "build_context", "run_stage"]
+
+
+@dataclass
+class StageResult:
+    """What the search stage found, for `autoquant.result.SearchResult`."""
+
+    outcome: SearchOutcome
+    runner: TrialRunner
+    context: SearchContext
+    checks: dict[str, Any] = field(default_factory=dict)
+    deploy_checks: list[DeployCheck] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def build_context(qmodel: QuantModel, ranking: Sequence[LayerSensitivity],
+                  settings: SearchSettings, params: dict[str, int]) -> SearchContext:
+    """The read-only view a strategy gets of the searchable layers."""
+    names = qmodel.searchable
+    budget = settings.max_evaluations
+    return SearchContext(
+        ranking=tuple(r.name for r in ranking if r.name in set(names)),
+        scores={r.name: r.score for r in ranking},
+        quant_schemes={n: qmodel.layers[n].config.scheme for n in names},
+        fallback_schemes={n: qmodel.layers[n].config.fallback_scheme for n in names},
+        max_evaluations=None if budget is None else budget - 1,
+        options=dict(settings.strategy_options),
+        workers=settings.workers,
+        params=params,
+    )
+
+
+def _rounds(settings: SearchSettings) -> Callable[[], SearchStrategy]:
+    """A strategy per round of the deploy check: the one given, then fresh copies of it."""
+    first = settings.make_strategy()
+    template = None
+    if settings.verify_deploy:
+        try:
+            template = copy.deepcopy(first)
+        except Exception as err:
+            raise ConfigError(
+                f"verify_deploy needs a fresh strategy per round, but the "
+                f"{type(first).__name__} instance cannot be copied ({type(err).__name__}: "
+                f"{err}); pass the strategy's name or class with strategy_options instead"
+            ) from err
+    given = [first]
+    return lambda: given.pop() if given else copy.deepcopy(template)
+
+
+def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
+              ranking: Sequence[LayerSensitivity], settings: SearchSettings,
+              example_inputs: Any, params: dict[str, int], *,
+              on_record: Callable[[TrialRecord], None] | None = None,
+              preloaded: Sequence[TrialRecord] = (), progress: Any = None) -> StageResult:
+    """Run the strategy against `evaluator` on the calibrated `qmodel` (see the module
+    docstring); the float baseline first, the budget and deadline of `settings`."""
+    context = build_context(qmodel, ranking, settings, params)
+    deadline = None if settings.max_seconds is None else \
+        time.monotonic() + settings.max_seconds
+    new_strategy = _rounds(settings)
+    pool = WorkerPool(qmodel, evaluator, settings.workers) if settings.workers > 1 else None
+    runner = TrialRunner(
+        qmodel, evaluator, max_evaluations=settings.max_evaluations, on_record=on_record,
+        preloaded={plan_key(r.plan): r for r in preloaded}, pool=pool, deadline=deadline,
+        check_determinism=settings.check_determinism,
+    )
+
+    def deploy(record: TrialRecord) -> DeployCheck | None:
+        if not settings.verify_deploy:
+            return None
+        assert runner.float_metric is not None  # the baseline ran first
+        return evaluate_deployed(qmodel, record.plan, record.index, evaluator,
+                                 example_inputs, runner.float_metric, settings.deploy_options)
+
+    start = time.perf_counter()
+    checks: dict[str, Any] = {}
+    try:
+        outcome, deployed = search_until_deployed(
+            runner, new_strategy, context, qmodel.float_plan(), deploy, progress)
+        checks["monotonicity"] = monotonicity_violations(runner.history, context)
+        if settings.audit:
+            checks["audit"] = ranking_audit(runner, context, settings.audit)
+    finally:
+        if pool is not None:
+            pool.close()
+    return StageResult(outcome, runner, context, checks, deployed,
+                       time.perf_counter() - start)
