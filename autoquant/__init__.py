@@ -33,7 +33,7 @@ _EXPORTS = {
     "SearchSettings": "autoquant.settings",
     "QuantMatMul": "autoquant.quant.kinds",
     "convert_matmuls": "autoquant.quant.kinds",
-    "register_layer_kind": "autoquant.quant.layers",
+    "register_layer_kind": "autoquant.quant.kind_registry",
     "AccuracyCriterion": "autoquant.evaluation.criterion",
     "SearchResult": "autoquant.result",
     "TrialRecord": "autoquant.search.strategy",
@@ -121,8 +121,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         PerplexityEvaluator,
     )
     from autoquant.export.ortmodule import OnnxModule
+    from autoquant.quant.kind_registry import register_layer_kind
     from autoquant.quant.kinds import QuantMatMul, convert_matmuls
-    from autoquant.quant.layers import register_layer_kind
     from autoquant.quant.saved import load_quantized
     from autoquant.result import SearchResult
     from autoquant.search.strategy import (

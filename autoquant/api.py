@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from autoquant.calibration.refine import calibrate_model, calibration_overrides, calibration_rows
-from autoquant.config import QuantConfig, final_config
+from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError
 from autoquant.evaluation.adapter import EvaluatorAdapter, calibration_of
 from autoquant.evaluation.functional import FunctionEvaluator
@@ -25,6 +25,7 @@ from autoquant.plan import FLOAT
 from autoquant.quant.qmodel import QuantModel
 from autoquant.quant.saved import load_quantized
 from autoquant.result import SearchResult
+from autoquant.search.final import final_config
 from autoquant.search.session import StageResult, run_stage
 from autoquant.search.strategy import TrialRecord
 from autoquant.search.trust import holdout_check

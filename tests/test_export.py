@@ -22,8 +22,10 @@ from torch import nn
 
 import autoquant as aq
 from autoquant.errors import ConfigError, ExportError
-from autoquant.export.onnx_export import _export_copy, export_float_onnx, export_onnx, export_saved
-from autoquant.export.qdq import QDQLayer, dequantize_linear
+from autoquant.export import export_float_onnx, export_onnx, export_saved
+from autoquant.export.prepare import export_copy as _export_copy
+from autoquant.export.qdq import QDQLayer
+from autoquant.export.qdq_ops import dequantize_linear
 from autoquant.quant.layers import QuantLayer
 from tests.synthetic import BatchCalibrator
 

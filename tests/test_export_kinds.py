@@ -13,7 +13,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import autoquant as aq
 from autoquant.errors import ExportError
-from autoquant.export.onnx_export import _export_copy, export_onnx
+from autoquant.export import export_onnx
+from autoquant.export.prepare import export_copy as _export_copy
 from autoquant.quant.layers import QuantLayer
 from tests.synthetic import BatchCalibrator, DropEvaluator, mlp
 

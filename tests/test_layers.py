@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoquant.config import LayerConfig
-from autoquant.quant.layers import INTEGER_KERNEL_KINDS, QuantLayer, QuantState, weight_axis_of
+from autoquant.quant.integer import INTEGER_KERNEL_KINDS
+from autoquant.quant.kind_registry import weight_axis_of
+from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.quantizer import fake_quantize
 from tests._fq import weight_bits
 

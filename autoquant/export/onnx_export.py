@@ -40,294 +40,26 @@ with the zero point shifted by -32768 (the same dequantized values).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
 import tempfile
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from autoquant.errors import ConfigError, ExportError, InternalError, ModelError
-from autoquant.export.qdq import QDQLayer, QDQMultiLayer, translation_table
-from autoquant.export.signature import (
-    DynamicAxes,
-    dynamic_shapes,
-    input_names_of,
-    rename_graph,
-    split_inputs,
-    varying_axes,
-)
+from autoquant.errors import ConfigError
+from autoquant.export.prepare import check_target, export_copy, kernel_notes, model_target
+from autoquant.export.signature import DynamicAxes, varying_axes
+from autoquant.export.trace import DEFAULT_OPSET, Signature, check_opset, to_onnx_bytes
 from autoquant.io.atomic import atomic_write_bytes
 from autoquant.io.names import REPORT_FILE
-from autoquant.quant.kinds.base import MultiQuantLayer
-from autoquant.quant.layers import QuantLayer, QuantState
-from autoquant.quant.qmodel import copy_model
-from autoquant.quant.target import TARGETS, host_target, runs_exactly_on
+from autoquant.quant.target import host_target, runs_exactly_on
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "export_checked", "export_measured",
-           "export_float_onnx", "export_saved", "kernel_notes", "model_target"]
+           "export_float_onnx", "export_saved"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_OPSET = 21  # the first opset with int16/uint16 QuantizeLinear/DequantizeLinear
-_MIN_OPSET = 18  # the dynamo exporter's lowest supported opset (per-axis QDQ needs 13)
-_INT16_OPSET = 21
-
-
-@dataclass(frozen=True)
-class Signature:
-    """The graph signature the user asks for (see `autoquant.export.signature`)."""
-
-    input_names: Sequence[str] | None = None
-    output_names: Sequence[str] | None = None
-    dynamic_axes: DynamicAxes | None = None
-    dynamic_batch: bool = True
-    varying: tuple[set[int], ...] = ()  # input axes other inputs vary (signature.varying_axes)
-
-
-def _export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str, int]]:
-    """A copy of `model` with every QuantLayer swapped for a `QDQLayer` (if active and
-    `quantized`) or for its float module; returns it and ``{layer: storage bits}``."""
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    work = copy_model(model)  # export works on a copy: the search result never changes
-    work.eval()
-    _refuse_unexportable(work)
-    layers: dict[str, int] = {}
-    for name, module in list(work.named_modules()):
-        if not isinstance(module, QuantLayer):
-            continue
-        active = (quantized and module.state is QuantState.QUANTIZE
-                  and module._weight_q is not None)
-        new: nn.Module = module.module
-        if active:
-            new = QDQMultiLayer(module) if isinstance(module, MultiQuantLayer) \
-                else QDQLayer(module)
-        if active:
-            layers[name] = new.storage_bits  # type: ignore[assignment]
-        parent_name, _, child = name.rpartition(".")
-        setattr(work.get_submodule(parent_name) if parent_name else work, child, new)
-    return work, layers
-
-
-def _refuse_unexportable(work: nn.Module) -> None:
-    """Raise ExportError for a module ONNX cannot express, before a broken file is made.
-
-    An ``nn.LSTM`` with ``proj_size`` has no ONNX counterpart (the LSTM op has no
-    projection); torch.onnx writes a graph onnxruntime cannot run, even for a float model.
-    """
-    for name, module in work.named_modules():
-        if isinstance(module, nn.LSTM) and module.proj_size > 0:
-            layer = name.removesuffix(".module")
-            raise ExportError(
-                f"layer {layer!r} is an nn.LSTM with proj_size={module.proj_size}, which ONNX "
-                "cannot express (its LSTM op has no projection; torch.onnx writes a graph "
-                "onnxruntime refuses, even in float). Use proj_size=0 with an nn.Linear after "
-                "the LSTM, or deploy the fake-quant model with torch; the search result is "
-                "unchanged."
-            )
-
-
-# -- tracing, translation and error naming -----------------------------------------------------
-def _module_names(model: nn.Module) -> dict[int, str]:
-    names = {}
-    for name, module in model.named_modules():
-        names[id(module)] = name
-    for name, module in model.named_modules():
-        if isinstance(module, (QDQLayer, QDQMultiLayer)):  # the searched layer, not its child
-            names[id(module.module)] = name
-    return names
-
-
-def _layer_from_traceback(err: BaseException, model: nn.Module) -> str | None:
-    """The innermost module of `model` whose forward was running when `err` was raised."""
-    names = _module_names(model)
-    found = None
-    tb = err.__traceback__
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if owner is not None and id(owner) in names:
-            found = names[id(owner)]
-        tb = tb.tb_next
-    return found
-
-
-def _layer_from_node(err: BaseException, program: Any) -> tuple[str | None, str | None]:
-    """(module path, op) of the graph node the ONNX translation failed on, if named."""
-    text = str(err)
-    node_match = re.search(r"translating node %(\w+)", text)
-    op_match = re.search(r"target=torch\.ops\.([\w.]+)", text) or re.search(
-        r"OpOverload\(op='([\w.]+)'", text)
-    op = op_match.group(1) if op_match else None
-    candidates = []
-    for node in program.graph.nodes:
-        if node_match and node.name == node_match.group(1):
-            candidates.insert(0, node)
-        elif op and op.split(".")[min(1, op.count("."))].lstrip("_") in str(node.target):
-            candidates.append(node)
-    for node in candidates:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            path = list(stack.values())[-1][0]
-            return (path or "<top-level forward>"), op
-    return None, op
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    summary = [ln for ln in lines if "Error" in ln and ":" in ln and "translating" not in ln]
-    return (summary[-1] if summary else (lines[0] if lines else type(err).__name__))[:300]
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Any:
-    """Silence torch's exporter notes that no user can act on, for this export only.
-
-    They are: the registry's "torchvision is not installed. Skipping torchvision::nms"
-    warnings, a pytree ``LeafSpec`` FutureWarning raised inside torch, and the
-    ``_flat_weights`` note of an RNN traced through ``functional_call`` (QDQMultiLayer
-    swaps in the dequantized weights while tracing and restores them).
-    """
-    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry.level
-    registry.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=r"The tensor attributes .*_flat_weights.* assigned during")
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
-                                    category=FutureWarning)
-            yield
-    finally:
-        registry.setLevel(level)
-
-
-def _to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
-                   sig: Signature) -> bytes:
-    with _quiet_exporter():
-        return _trace_and_translate(work, example_inputs, opset, sig)
-
-
-def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
-                         sig: Signature) -> bytes:
-    args, kwargs = split_inputs(example_inputs)
-    names = list(sig.input_names) if sig.input_names is not None else \
-        input_names_of(work, args, kwargs)
-    try:
-        dynamic, labels = dynamic_shapes(work, args, kwargs, names, sig.dynamic_axes,
-                                         sig.dynamic_batch, sig.varying)
-    except TypeError:
-        dynamic, labels = None, {}
-    if sig.dynamic_axes is None and sig.dynamic_batch and any(
-            isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1
-            for t in (*args, *kwargs.values())):
-        logger.info("an example input has batch size 1, so the exported batch size is fixed "
-                    "at 1; pass a batch of 2 or more for a dynamic batch dimension")
-    try:
-        program = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic,
-                                      strict=False)
-    except Exception as err:
-        layer = _layer_from_traceback(err, work)
-        where, hint = "", ""
-        if layer:
-            sub = work.get_submodule(layer)
-            where = f" in layer {layer!r} ({getattr(sub, 'kind', type(sub).__name__)})"
-            if isinstance(sub, (QDQLayer, QDQMultiLayer)):
-                hint = (f", or keep {layer!r} float (list it in the config's skip_layers, "
-                        "or give it the plan entry 'float')")
-        raise ExportError(
-            f"torch.export could not trace the model{where}: {type(err).__name__}: "
-            f"{_first_line(err)}. Make that forward traceable (no data-dependent Python "
-            f"control flow, inputs as tensors){hint}; the search result is unchanged."
-        ) from err
-    try:
-        onnx_program = torch.onnx.export(
-            program, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
-            custom_translation_table=translation_table(opset), verbose=False, optimize=True,
-        )
-    except ExportError:
-        raise
-    except Exception as err:
-        layer, op = _layer_from_node(err, program)
-        what = f"op {op}" if op else "an op"
-        where, hint = (f" in layer {layer!r}", f", or keep {layer!r} float (skip_layers)") \
-            if layer else ("", "")
-        raise ExportError(
-            f"the ONNX exporter refused {what}{where}: {_first_line(err)}. Rewrite that "
-            f"forward with ops ONNX supports, or export with another opset{hint}; the search "
-            "result is unchanged."
-        ) from err
-    proto = onnx_program.model_proto
-    rename_graph(proto, names, sig.input_names, sig.output_names, labels, sig.dynamic_axes)
-    for node in proto.graph.node:
-        # keep the layer path of each node; drop the exporter's debug records (source stack
-        # traces with local file paths, FX node dumps), which would double a small file
-        keep = [(p.key, p.value) for p in node.metadata_props if p.key == "namespace"]
-        del node.metadata_props[:]
-        for key, value in keep:
-            node.metadata_props.add(key=key, value=value)
-    try:
-        return proto.SerializeToString()
-    except ValueError as err:  # protobuf's 2 GB limit
-        raise ExportError(f"the ONNX model is too large to serialize: {err}") from err
-
-
-def _check_opset(opset: int | None, layers: dict[str, int]) -> int:
-    opset = DEFAULT_OPSET if opset is None else opset
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < _MIN_OPSET:
-        raise ConfigError(f"opset must be an int >= {_MIN_OPSET}, got {opset!r}; use "
-                          f"{DEFAULT_OPSET}")
-    wide = [name for name, bits in layers.items() if bits > 8]
-    if wide and opset < _INT16_OPSET:
-        raise ExportError(
-            f"layer {wide[0]!r} runs with more than 8 bits, which needs int16 QDQ from opset "
-            f"{_INT16_OPSET}; pass opset={_INT16_OPSET} (or higher), got {opset}"
-        )
-    return opset
-
-
-# -- public API ------------------------------------------------------------------------------
-def kernel_notes(model: nn.Module) -> dict[str, str | None]:
-    """``{layer: None or why it cannot run an integer kernel}`` of every active quantized
-    layer of the fake-quant `model` (see `QuantLayer.kernel_note`)."""
-    notes: dict[str, str | None] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLayer) and module._weight_q is not None and \
-                id(module) not in seen:
-            seen.add(id(module))
-            notes[name] = module.kernel_note()
-    return notes
-
-
-def model_target(model: nn.Module) -> str | None:
-    """The deploy target the fake-quant `model` was quantized for (None: no layer)."""
-    targets = {m.target for m in model.modules() if isinstance(m, QuantLayer)}
-    if len(targets) > 1:
-        raise InternalError(f"the model's layers were quantized for several targets: "
-                            f"{sorted(targets)}")
-    return next(iter(targets), None)
-
-
-def _check_target(searched: str | None, target: str | None, allow_mismatch: bool) -> None:
-    if target is None or searched is None:
-        return
-    if target not in TARGETS or target == "auto":
-        raise ConfigError(f"target must be one of {', '.join(t for t in TARGETS if t != 'auto')}"
-                          f", got {target!r}")
-    if not runs_exactly_on(searched, target) and not allow_mismatch:
-        raise ExportError(
-            f"the model was searched for target {searched!r}, whose 8-bit weights saturate "
-            f"onnxruntime's kernels on {target!r}: what you would deploy is not what was "
-            "searched. Search again with QuantConfig.target 'x86_avx2' (exact on every CPU) "
-            "or the deploy CPU's target, or pass allow_target_mismatch=True to export anyway"
-        )
 
 
 def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
@@ -339,20 +71,21 @@ def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
                    target: str | None = None, allow_target_mismatch: bool = False,
                    ) -> tuple[Path, dict[str, Any]]:
     """`export_onnx`, returning the path and the check's figures: ``target``, ``host``,
-    ``integer_kernels`` (`autoquant.export.runtime.kernel_coverage`) and the parity figures
+    ``integer_kernels`` (`autoquant.export.measure.kernel_coverage`) and the parity figures
     (`autoquant.export.runtime.check_parity`), or ``parity: "not checked: ..."``."""
-    work, layers = _export_copy(model, quantized=True)
+    work, layers = export_copy(model, quantized=True)
     searched = model_target(model)
-    _check_target(searched, target, allow_target_mismatch)
-    opset = _check_opset(opset, layers)
+    check_target(searched, target, allow_target_mismatch)
+    opset = check_opset(opset, layers)
     if not layers:
         logger.warning("the model has no quantized layer; exporting a float graph")
     sig = Signature(input_names, output_names, dynamic_axes, dynamic_batch,
                     tuple(varying_axes(example_inputs, check_inputs)))
-    data = _to_onnx_bytes(work, example_inputs, opset, sig)
+    data = to_onnx_bytes(work, example_inputs, opset, sig)
     figures: dict[str, Any] = {"target": searched, "host": host_target()}
     if check:
-        from autoquant.export.runtime import check_parity, kernel_coverage
+        from autoquant.export.measure import kernel_coverage
+        from autoquant.export.runtime import check_parity
 
         with tempfile.TemporaryDirectory() as tmp:  # check first: no bad file at `path`
             trial = atomic_write_bytes(Path(tmp) / "model.onnx", data)
@@ -451,10 +184,10 @@ def export_float_onnx(model: nn.Module, path: str | Path, example_inputs: Any,
 
     The baseline for sizes and speed: the same graph as `export_onnx` without QDQ.
     """
-    work, _ = _export_copy(model, quantized=False)
-    opset = _check_opset(opset, {})
+    work, _ = export_copy(model, quantized=False)
+    opset = check_opset(opset, {})
     sig = Signature(input_names, output_names, dynamic_axes, dynamic_batch)
-    data = _to_onnx_bytes(work, example_inputs, opset, sig)
+    data = to_onnx_bytes(work, example_inputs, opset, sig)
     return atomic_write_bytes(path, data)
 
 
@@ -462,14 +195,14 @@ def export_measured(model: nn.Module, path: str | Path, example_inputs: Any,
                     opset: int | None = None, measure: bool = True, **options: Any
                     ) -> tuple[Path, dict[str, Any]]:
     """`export_checked`, plus with `measure` the deployment figures of
-    `autoquant.export.runtime.deployment_figures`: size and latency, both also as ratios to the
+    `autoquant.export.measure.deployment_figures`: size and latency, both also as ratios to the
     float export of the same model (timed interleaved, default session options)."""
     out, checked = export_checked(model, path, example_inputs, opset, **options)
     opset = opset or DEFAULT_OPSET
     figures: dict[str, Any] = {"onnx_path": str(out), "opset": opset,
                                "file_bytes": out.stat().st_size}
     if measure:
-        from autoquant.export.runtime import deployment_figures
+        from autoquant.export.measure import deployment_figures
 
         signature = {k: options[k] for k in ("input_names", "output_names", "dynamic_axes",
                                              "dynamic_batch") if k in options}

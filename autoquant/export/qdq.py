@@ -1,20 +1,11 @@
-"""The QDQ building blocks of the ONNX export: two custom ops and the export-time layer.
-
-``autoquant::quantize_linear`` and ``autoquant::dequantize_linear`` are `torch.library`
-custom ops whose eager semantics are ONNX QuantizeLinear/DequantizeLinear (divide by the
-scale, round half to even, saturate to the zero point's integer type); `translation_table`
-maps them to those ONNX ops for `torch.onnx.export(..., dynamo=True)`. `QDQLayer` is what an
-active `autoquant.quant.layers.QuantLayer` (and `autoquant.quant.kinds.QuantEmbedding`)
-becomes in the exported copy, `QDQMultiLayer` what an active
-`autoquant.quant.kinds.MultiQuantLayer` (RNNs, attention, `QuantMatMul`) becomes (see
-`autoquant.export.onnx_export`).
+"""The export-time layers: what an active `autoquant.quant.layers.QuantLayer` (and
+`autoquant.quant.kinds.QuantEmbedding`) becomes in the exported copy (`QDQLayer`), and what
+an active `autoquant.quant.kinds.MultiQuantLayer` (RNNs, attention, `QuantMatMul`) becomes
+(`QDQMultiLayer`), written with the QDQ ops of `autoquant.export.qdq_ops`.
 
 Every layer mode exports as the searched model computes it: ``static`` as QDQ with the
-calibrated qparams, ``dynamic`` with ReduceMin/ReduceMax and `compute_qparams`'s own formula
-in the graph before QuantizeLinear/DequantizeLinear (ONNX DynamicQuantizeLinear is not
-used: it covers only 8-bit affine per-tensor uint8, and an all-zero input gives it a zero
-scale where `compute_qparams` clamps the scale to eps), ``weight_only`` as a
-float input; a bias-correction ``bias_delta`` is added to the output as the layer adds it.
+calibrated qparams, ``dynamic`` with the qparams computed in the graph, ``weight_only`` as
+a float input; a bias-correction ``bias_delta`` is added to the output as the layer adds it.
 """
 
 from __future__ import annotations
@@ -26,190 +17,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from autoquant.errors import ExportError, InternalError
-from autoquant.quant.layers import QuantLayer, bias_ints, forward_attribute, no_fast_path
+from autoquant.errors import InternalError
+from autoquant.export.qdq_ops import (
+    broadcast,
+    dequantize_linear,
+    dynamic_qdq,
+    static_act,
+    static_qdq,
+    storage_type,
+    weight_ints,
+)
+from autoquant.quant.integer import bias_ints
+from autoquant.quant.layers import QuantLayer, forward_attribute, no_fast_path
 
-__all__ = ["quantize_linear", "dequantize_linear", "dynamic_qdq", "translation_table",
-           "QDQLayer", "QDQMultiLayer", "storage_type"]
-
-# -- the two custom ops (eager semantics = ONNX semantics) ------------------------------------
-def _broadcast(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return t.reshape(())
-    shape = [1] * dim
-    shape[axis] = -1
-    return t.reshape(shape)
-
-
-@torch.library.custom_op("autoquant::quantize_linear", mutates_args=())
-def quantize_linear(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None
-) -> torch.Tensor:
-    """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)`` in the
-    dtype of `zero_point`."""
-    info = torch.iinfo(zero_point.dtype)
-    s = _broadcast(scale, x.dim(), axis)
-    z = _broadcast(zero_point, x.dim(), axis).to(torch.float32)
-    q = torch.round(x.float() / s) + z
-    return q.clamp(info.min, info.max).to(zero_point.dtype)
-
-
-@quantize_linear.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
-    return torch.empty_like(x, dtype=zero_point.dtype)
-
-
-@torch.library.custom_op("autoquant::dequantize_linear", mutates_args=())
-def dequantize_linear(
-    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None
-) -> torch.Tensor:
-    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` as float32."""
-    s = _broadcast(scale, q.dim(), axis)
-    z = _broadcast(zero_point, q.dim(), axis).to(torch.int32)
-    return (q.to(torch.int32) - z).to(torch.float32) * s
-
-
-@dequantize_linear.register_fake
-def _(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
-    return torch.empty_like(q, dtype=torch.float32)
-
-
-def translation_table(opset: int) -> dict[Any, Any]:
-    """The ``custom_translation_table`` of the two ops for `torch.onnx.export` at `opset`."""
-    import onnxscript
-
-    op = getattr(onnxscript, f"opset{opset}", None)
-    if op is None:
-        raise ExportError(
-            f"opset {opset} is not known to the installed onnxscript "
-            f"{onnxscript.__version__}; pass opset=21 or upgrade onnxscript"
-        )
-
-    def onnx_quantize(x: Any, scale: Any, zero_point: Any, axis: int | None = None) -> Any:
-        if axis is None:
-            return op.QuantizeLinear(x, scale, zero_point)
-        return op.QuantizeLinear(x, scale, zero_point, axis=axis)
-
-    def onnx_dequantize(q: Any, scale: Any, zero_point: Any, axis: int | None = None) -> Any:
-        if axis is None:
-            return op.DequantizeLinear(q, scale, zero_point)
-        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
-
-    return {
-        torch.ops.autoquant.quantize_linear.default: onnx_quantize,
-        torch.ops.autoquant.dequantize_linear.default: onnx_dequantize,
-    }
-
-
-# -- the export-time replacement of an active QuantLayer ---------------------------------------
-def storage_type(qmin: int, qmax: int) -> tuple[torch.dtype, int]:
-    """The ONNX integer type holding [qmin, qmax] and the offset added to fit it."""
-    if qmin >= 0 and qmax <= 255:
-        return torch.uint8, 0
-    if qmin >= -128 and qmax <= 127:
-        return torch.int8, 0
-    if qmin >= -32768 and qmax <= 32767:
-        return torch.int16, 0
-    if qmin >= 0 and qmax <= 65535:
-        return torch.int16, -32768  # unsigned 16-bit: same values as int16, shifted
-    raise InternalError(f"no ONNX integer type holds the range [{qmin}, {qmax}]")
-
-
-def _weight_ints(layer_name: str, w_fq: torch.Tensor, scale: torch.Tensor,
-                 zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(integer weight, scale, zero point) in the storage type whose DequantizeLinear gives
-    back the fake-quantized weight `w_fq`."""
-    w_fq = w_fq.detach().float()
-    dtype, off = storage_type(qmin, qmax)
-    w_scale = scale.detach().float().to(w_fq.device)
-    w_zp = zero_point.detach().to(torch.int32).to(w_fq.device)
-    if axis is None:
-        w_scale, w_zp = w_scale.reshape(()), w_zp.reshape(())
-    s = _broadcast(w_scale, w_fq.dim(), axis)
-    z = _broadcast(w_zp, w_fq.dim(), axis)
-    q = torch.round(w_fq / s).to(torch.int32) + z
-    # DequantizeLinear gives (q - z) * s, the very product fake_quantize returned; allow
-    # float rounding only (a real mismatch would be a quarter step or more)
-    if int(q.min()) < qmin or int(q.max()) > qmax or \
-            bool(((q - z).float() * s - w_fq).abs().gt(0.25 * s).any()):
-        raise InternalError(
-            f"layer {layer_name!r}: the fake-quantized weight does not map back to "
-            f"integers in [{qmin}, {qmax}]; please report this"
-        )
-    return (q + off).to(dtype), w_scale, (w_zp + off).to(dtype)
-
-
-def _static_act(owner: nn.Module, names: tuple[str, str, str, str], scale: torch.Tensor,
-                zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
-                ) -> tuple[tuple[str, str, str, str], int | None, bool,
-                           tuple[float, float] | None]:
-    """Register the buffers of a calibrated activation quantizer on `owner` under `names`
-    (scale, zero point, low, high); returns the spec `_static_qdq` runs with."""
-    dtype, off = storage_type(qmin, qmax)
-    a_scale = scale.detach().float()
-    a_zp = zero_point.detach().to(torch.int32)
-    if axis is None:
-        a_scale, a_zp = a_scale.reshape(()), a_zp.reshape(())
-    owner.register_buffer(names[0], a_scale)
-    owner.register_buffer(names[1], (a_zp + off).to(dtype))
-    info = torch.iinfo(dtype)
-    clip = (qmin + off, qmax + off) != (info.min, info.max)
-    # QuantizeLinear saturates to the storage type only: clamp to the layer's own range
-    low, high = (qmin - a_zp).float() * a_scale, (qmax - a_zp).float() * a_scale
-    owner.register_buffer(names[2], low)
-    owner.register_buffer(names[3], high)
-    # per-tensor bounds as Python floats: a scalar Clip, no data-dependent tensor reads
-    clip_range = (float(low), float(high)) if axis is None else None
-    return names, axis, clip, clip_range
-
-
-def _static_qdq(owner: nn.Module, spec: tuple, x: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize `x` with the calibrated quantizer `spec` of `owner`, as QDQ ops."""
-    (scale_name, zp_name, low_name, high_name), axis, clip, clip_range = spec
-    scale, zero_point = getattr(owner, scale_name), getattr(owner, zp_name)
-    dtype = x.dtype
-    x = x.float()
-    if clip:
-        if clip_range is not None:
-            x = torch.clamp(x, *clip_range)
-        else:
-            x = torch.clamp(x, _broadcast(getattr(owner, low_name), x.dim(), axis),
-                            _broadcast(getattr(owner, high_name), x.dim(), axis))
-    axis = None if axis is None else axis % x.dim()
-    q = quantize_linear(x, scale, zero_point, axis)
-    return dequantize_linear(q, scale, zero_point, axis).to(dtype)
-
-
-def dynamic_qdq(x: torch.Tensor, qmin: int, qmax: int, cfg: Any) -> torch.Tensor:
-    """`autoquant.quant.qmath.dynamic_fake_quantize` as graph ops: min/max of `x` (per
-    tensor, or per channel on axis 1), the qparams by `compute_qparams` itself, then
-    QuantizeLinear/DequantizeLinear (after a Clip where [qmin, qmax] is narrower than the
-    storage type)."""
-    from autoquant.quant.quantizer import compute_qparams
-
-    dtype = x.dtype
-    xf = x.float()
-    if cfg.per_channel and x.dim() >= 2:
-        flat = xf.transpose(0, 1).reshape(x.shape[1], -1)
-        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-        axis: int | None = 1
-    else:
-        lo, hi = xf.min().reshape(1), xf.max().reshape(1)
-        axis = None
-    bits = (qmax + 1).bit_length() if qmin < 0 else qmax.bit_length()
-    scale, zp = compute_qparams(lo, hi, bits, cfg.symmetric)
-    if axis is None:
-        scale, zp = scale.reshape(()), zp.reshape(())
-    store, off = storage_type(qmin, qmax)
-    info = torch.iinfo(store)
-    if (qmin + off, qmax + off) != (info.min, info.max):
-        zf = zp.float()
-        xf = torch.clamp(xf, _broadcast((qmin - zf) * scale, xf.dim(), axis),
-                         _broadcast((qmax - zf) * scale, xf.dim(), axis))
-    zq = (zp + off).to(store)
-    q = quantize_linear(xf, scale, zq, axis)
-    return dequantize_linear(q, scale, zq, axis).to(dtype)
+__all__ = ["QDQLayer", "QDQMultiLayer"]
 
 
 class _WrapsModule(nn.Module):
@@ -251,7 +72,7 @@ class QDQLayer(_WrapsModule):
         self.act_cfg = layer.config.activation
         w_qmin, w_qmax, self.weight_axis = layer._weight_q
         self.weight_dtype = layer.module.weight.dtype
-        weight_int, w_scale, w_zp = _weight_ints(
+        weight_int, w_scale, w_zp = weight_ints(
             self.layer_name, layer.quantized_weight(), layer.weight_scale,
             layer.weight_zero_point, w_qmin, w_qmax, self.weight_axis)
         self.register_buffer("weight_int", weight_int)
@@ -265,7 +86,7 @@ class QDQLayer(_WrapsModule):
             sizes.append(storage_type(a_qmin, a_qmax)[0].itemsize)
             self.act_range = (a_qmin, a_qmax)
             if self.mode != "dynamic":
-                self.act_spec = _static_act(
+                self.act_spec = static_act(
                     self, ("act_scale", "act_zero_point", "act_low", "act_high"),
                     layer.act_scale, layer.act_zero_point, a_qmin, a_qmax, act_axis)
         self.storage_bits = max(sizes) * 8
@@ -297,7 +118,7 @@ class QDQLayer(_WrapsModule):
             self.register_buffer("bias_scale", scale)
             self.register_buffer("bias_zero_point", torch.zeros_like(scale, dtype=torch.int32))
         if layer.requant and layer._out_q is not None:
-            self.out_spec = _static_act(
+            self.out_spec = static_act(
                 self, ("out_scale", "out_zero_point", "out_low", "out_high"),
                 layer.out_scale, layer.out_zero_point, *layer._out_q, None)
 
@@ -307,7 +128,7 @@ class QDQLayer(_WrapsModule):
         shape = x.shape
         if linear and x.dim() != 2:  # a Gemm on 2-D: flatten before the QDQ, not after
             x = x.reshape(-1, shape[-1])
-        x = _static_qdq(self, self.act_spec, x)
+        x = static_qdq(self, self.act_spec, x)
         w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
                               self.weight_axis).to(self.weight_dtype)
         b = None
@@ -316,7 +137,7 @@ class QDQLayer(_WrapsModule):
                                   self.bias_axis).to(self.weight_dtype)
         y = F.linear(x, w, b) if linear else module._conv_forward(x, w, b)
         if self.out_spec is not None:
-            y = _static_qdq(self, self.out_spec, y)
+            y = static_qdq(self, self.out_spec, y)
         if linear and len(shape) != 2:
             y = y.reshape(*shape[:-1], y.shape[-1])
         return y
@@ -326,7 +147,7 @@ class QDQLayer(_WrapsModule):
             return x
         if self.act_spec is None:  # dynamic
             return dynamic_qdq(x, *self.act_range, self.act_cfg)
-        return _static_qdq(self, self.act_spec, x)
+        return static_qdq(self, self.act_spec, x)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.integer:
@@ -345,14 +166,14 @@ class QDQLayer(_WrapsModule):
             with _GemmLinear():
                 y = functional_call(module, {"weight": w, "bias": torch.zeros_like(bias)},
                                     (x, *args), kwargs)
-            y = y + _broadcast(bias, y.dim(), channel % y.dim())
+            y = y + broadcast(bias, y.dim(), channel % y.dim())
         else:
             with _GemmLinear():
                 y = functional_call(module, {"weight": w}, (x, *args), kwargs)
         if self.bias_delta is not None and isinstance(y, torch.Tensor):
             # as QuantLayer._run adds it: last axis for Linear, axis 1 otherwise
             dim = y.dim() - 1 if isinstance(module, nn.Linear) else 1
-            y = y + _broadcast(self.bias_delta, y.dim(), dim).to(y.dtype)
+            y = y + broadcast(self.bias_delta, y.dim(), dim).to(y.dtype)
         return y
 
 
@@ -407,7 +228,7 @@ class QDQMultiLayer(_WrapsModule):
             for name in self.weight_names:
                 qmin, qmax, axis = layer._wq[name]
                 key = name.replace(".", "_")
-                ints, scale, zp = _weight_ints(
+                ints, scale, zp = weight_ints(
                     f"{self.layer_name}:{name}", layer.qw(name),
                     getattr(layer, f"wscale_{key}"), getattr(layer, f"wzp_{key}"),
                     qmin, qmax, axis)
@@ -432,7 +253,7 @@ class QDQMultiLayer(_WrapsModule):
         for point, (qmin, qmax) in self._act_ranges.items():
             sizes.append(storage_type(qmin, qmax)[0].itemsize)
             if self.mode == "static":
-                self._acts[point] = _static_act(
+                self._acts[point] = static_act(
                     self, (f"ascale_{point}", f"azp_{point}", f"alow_{point}",
                            f"ahigh_{point}"),
                     getattr(layer, f"ascale_{point}"), getattr(layer, f"azp_{point}"),
@@ -465,7 +286,7 @@ class QDQMultiLayer(_WrapsModule):
             return x
         if self.mode == "dynamic":
             return dynamic_qdq(x, *self._act_ranges[point], self.config.activation)
-        return _static_qdq(self, self._acts[point], x)
+        return static_qdq(self, self._acts[point], x)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with _GemmLinear():

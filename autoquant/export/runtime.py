@@ -1,10 +1,10 @@
-"""The deployed artifact, measured in onnxruntime with default session options: output
-parity with the searched model, which layers run integer kernels, size and latency.
+"""The deployed artifact in onnxruntime with default session options: sessions and feeds,
+timing, and the parity of its outputs with the searched model (the check every export
+runs, naming the first diverging layer).
 
-Used by `autoquant.export.onnx_export.export_onnx` (the parity check of every export),
-`SearchResult.export_onnx` / `autoquant.export.onnx_export.export_saved` (the figures go into the
-report's ``settings.deployment``) and ``benchmarks/deploy.py``. onnxruntime is optional
-(the ``onnx`` extra) and imported only when a session is made.
+Used by `autoquant.export.export_onnx` (the parity check of every export),
+`autoquant.export.measure` and ``benchmarks/deploy.py``. onnxruntime is optional (the
+``onnx`` extra) and imported only when a session is made.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from autoquant.errors import ConfigError, ExportError
 from autoquant.export.ortmodule import ort_session
 
 __all__ = [
-    "INTEGER_OPS",
     "ort_session",
     "ort_feed",
     "ort_run",
@@ -37,25 +36,17 @@ __all__ = [
     "parity_ok",
     "float_layers",
     "check_parity",
-    "kernel_coverage",
-    "deployment_figures",
+    "run_torch",
+    "tensors_of",
 ]
 
 logger = logging.getLogger(__name__)
 
-# onnxruntime ops that compute on integers (what its QDQ fusions produce)
-INTEGER_OPS = frozenset({
-    "QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger",
-    "ConvInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention",
-    "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
-    "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
-    "QLinearWhere", "QEmbedLayerNormalization", "QOrderedMatMul",
-})
 # output agreement accepted by the parity check (see `parity_ok`)
 MAX_RELATIVE_ERROR = 1e-2
 
 
-def _tensors(example_inputs: Any) -> list[torch.Tensor]:
+def tensors_of(example_inputs: Any) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_leaves
 
     if isinstance(example_inputs, Mapping):
@@ -69,7 +60,7 @@ def _tensors(example_inputs: Any) -> list[torch.Tensor]:
 
 def ort_feed(session: Any, example_inputs: Any) -> dict[str, Any]:
     """The input dict of `session` for `example_inputs` (the tensors, in flattened order)."""
-    tensors = _tensors(example_inputs)
+    tensors = tensors_of(example_inputs)
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(tensors):
         raise ConfigError(
@@ -112,7 +103,7 @@ def interleaved_ms(fns: Sequence[Callable[[], Any]], repeats: int = 30,
     return [statistics.median(t) for t in times]
 
 
-def _run_torch(model: nn.Module, example_inputs: Any) -> Any:
+def run_torch(model: nn.Module, example_inputs: Any) -> Any:
     with torch.no_grad():
         return call_model(model, example_inputs)
 
@@ -189,7 +180,7 @@ def _layer_outputs(model: nn.Module, batches: Iterable[Any], every: bool = False
             handles.append(module.register_forward_hook(hook))
     try:
         for batch in batches:
-            _run_torch(model, batch)
+            run_torch(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -279,7 +270,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, batches: Sequence[Any]
         except Exception as err:
             raise ExportError(f"onnxruntime cannot run the exported {onnx_path} on the "
                               f"example inputs: {err}") from err
-        torch_out = [t.detach().cpu().float() for t in flat_outputs(_run_torch(model, batch))]
+        torch_out = [t.detach().cpu().float() for t in flat_outputs(run_torch(model, batch))]
         if len(torch_out) != len(ort_out):
             raise ExportError(
                 f"the exported {onnx_path} returns {len(ort_out)} output(s) but the model "
@@ -289,7 +280,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, batches: Sequence[Any]
     figures: dict[str, Any] = {**parity(theirs, ours), "parity_batches": len(batches)}
     with float_layers(model):
         floats = [t.detach().cpu().float() for batch in batches
-                  for t in flat_outputs(_run_torch(model, batch))]
+                  for t in flat_outputs(run_torch(model, batch))]
     figures["quantization_error"] = parity(floats, theirs)["relative_error"]
     figures["parity_ok"] = parity_ok(figures)
     if figures["parity_ok"]:
@@ -313,7 +304,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, batches: Sequence[Any]
 
 def _fits(session: Any, batch: Any) -> bool:
     """True when every tensor of `batch` has the graph input's static dimensions."""
-    tensors = _tensors(batch)
+    tensors = tensors_of(batch)
     inputs = session.get_inputs()
     if len(tensors) != len(inputs):
         return True  # let the run say what is wrong
@@ -323,102 +314,3 @@ def _fits(session: Any, batch: Any) -> bool:
                                              for d, n in zip(shape, tensor.shape, strict=True)):
             return False
     return True
-
-
-def kernel_coverage(onnx_path: str | Path, notes: Mapping[str, str | None]
-                    ) -> dict[str, Any]:
-    """Which quantized layers onnxruntime runs as integer kernels, read off the graph it
-    optimizes with default options.
-
-    Args:
-        onnx_path: the exported file.
-        notes: ``{layer: None or why it cannot run an integer kernel}`` for every exported
-            quantized layer (`autoquant.export.onnx_export.kernel_notes`).
-
-    Returns:
-        ``{"integer": [layers], "float": {layer: reason}, "summary": "k of N ..."}``. A
-        layer counts as integer when an integer op reads one of its initializers and no
-        DequantizeLinear of its integer weights is left for a float op.
-    """
-    import onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        _optimize(onnx_path, optimized)
-        proto = onnx.load(str(optimized), load_external_data=False)
-    readers: dict[str, set[str]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
-    integer: list[str] = []
-    floats: dict[str, str] = {}
-    for layer, note in notes.items():
-        mine = [name for name in readers if name.startswith(f"{layer}.")]
-        weights = [n for n in mine if ".weight_int" in n or ".wint_" in n]
-        fused = any(readers[n] & INTEGER_OPS for n in mine)
-        dequantized = any("DequantizeLinear" in readers[n] for n in weights)
-        if fused and not dequantized:
-            integer.append(layer)
-        else:
-            floats[layer] = note or ("onnxruntime did not fuse it into an integer kernel "
-                                     "(its DequantizeLinear stays before a float op)")
-    total = len(notes)
-    return {"integer": integer, "float": floats,
-            "summary": f"{len(integer)} of {total} quantized layers run integer kernels"}
-
-
-def _optimize(onnx_path: str | Path, out: Path) -> None:
-    """Write the graph onnxruntime runs (default optimization level) to `out`."""
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ConfigError("onnxruntime is not installed; pip install 'autoquant[onnx]'") \
-            from err
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(out)
-    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-
-def deployment_figures(model: nn.Module, onnx_path: str | Path, example_inputs: Any,
-                       opset: int, threads: int | None = None, repeats: int = 20,
-                       float_onnx: str | Path | None = None) -> dict[str, Any]:
-    """File size, latency in onnxruntime (and as a ratio to the float export when
-    `float_onnx` is given, timed interleaved) and of the torch fake-quant model, output
-    parity on `example_inputs`. Without onnxruntime only the size is recorded."""
-    path = Path(onnx_path)
-    figures: dict[str, Any] = {"onnx_path": str(path), "opset": opset,
-                               "file_bytes": path.stat().st_size, "threads": threads}
-    tensors = _tensors(example_inputs)
-    if tensors and tensors[0].dim() >= 1:
-        figures["batch"] = int(tensors[0].shape[0])
-    try:
-        session = ort_session(path, threads)
-    except ConfigError as err:  # onnxruntime is not installed
-        logger.info("no latency or parity figures: %s", err)
-        return figures
-    figures.update(parity(
-        [t.detach().cpu().float() for t in flat_outputs(_run_torch(model, example_inputs))],
-        [torch.from_numpy(o) for o in ort_run(session, example_inputs)]))
-    feed = ort_feed(session, example_inputs)
-    runs = [lambda: session.run(None, feed)]
-    if float_onnx is not None:
-        figures["float_file_bytes"] = Path(float_onnx).stat().st_size
-        figures["size_ratio"] = figures["file_bytes"] / figures["float_file_bytes"]
-        float_session = ort_session(float_onnx, threads)
-        float_feed = ort_feed(float_session, example_inputs)
-        runs.append(lambda: float_session.run(None, float_feed))
-    times = interleaved_ms(runs, repeats)
-    figures["onnxruntime_ms"] = times[0]
-    if float_onnx is not None:
-        figures["float_onnxruntime_ms"] = times[1]
-        figures["latency_ratio"] = times[0] / times[1]
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        figures["torch_fake_quant_ms"] = median_ms(lambda: _run_torch(model, example_inputs),
-                                                   repeats)
-    finally:
-        torch.set_num_threads(previous)
-    return figures

@@ -68,7 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"autoquant {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    _add_run(sub)
+    _add_init_config(sub)
+    _add_sensitivity(sub)
+    _add_report(sub)
+    _add_export(sub)
+    return parser
 
+
+def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run the search of a YAML job (resumable)",
                        description="Calibrate, rank layers, search, save the result and "
                                    "the reports into the output directory. Every evaluation "
@@ -86,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(p)
     p.set_defaults(func=cmd_run)
 
+
+def _add_init_config(sub: Any) -> None:
     p = sub.add_parser("init-config", help="write the editable per-layer quant config",
                        description="Write every quantizable layer of the job's model with "
                                    "its settings (from the job's inline quant section or the "
@@ -99,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(p)
     p.set_defaults(func=cmd_init_config)
 
+
+def _add_sensitivity(sub: Any) -> None:
     p = sub.add_parser("sensitivity", help="calibrate and rank layers; no search",
                        description="Print the per-layer sensitivity ranking (most sensitive "
                                    "first) and save it as sensitivity.json in the output "
@@ -108,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(p)
     p.set_defaults(func=cmd_sensitivity)
 
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser("report", help="re-render report.md/html of a run directory",
                        description="Render report.md and report.html from report.json; for "
                                    "an interrupted run (no report.json), first rebuild "
@@ -116,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(p)
     p.set_defaults(func=cmd_report)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export a finished run to ONNX",
                        description="Export the quantized model saved in DIR to ONNX (QDQ). "
                                    "The float model and example inputs are rebuilt from "
@@ -134,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tolerance")
     _verbosity(p)
     p.set_defaults(func=cmd_export)
-    return parser
 
 
 # -- main ------------------------------------------------------------------------------------
+
 
 def _setup_logging(args: argparse.Namespace) -> None:
     # -v/-q set autoquant's own level; other libraries (matplotlib, onnxscript, optuna, ...)

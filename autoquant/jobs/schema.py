@@ -212,8 +212,6 @@ def _resolve_path(base: Path, text: str) -> Path:
 
 def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
     """Validate parsed job data; ConfigError naming file, line, key and valid choices."""
-    from autoquant.config import QuantConfig
-
     v = _Validator(path, lines)
     base = path.parent
     top = v.section(data, (), _TOP)
@@ -228,8 +226,21 @@ def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
             raise v.error(("python_path", i), f"folder {str(folder)!r} does not exist")
         python_path.append(folder)
         _add_to_sys_path(folder)
+    evaluator = top["evaluator"]
+    evaluator = {"class": evaluator} if isinstance(evaluator, str) else evaluator
+    evaluator = v.section(evaluator, ("evaluator",), _EVALUATOR)
+    _resolve_import(v, evaluator["class"], ("evaluator", "class"), "evaluator")
+    return JobConfig(
+        path=path, model=_validate_model(v, top["model"], base), evaluator=evaluator,
+        search=_validate_search(v, top["search"]),
+        output_dir=_resolve_path(base, top["output_dir"]),
+        example_inputs=_validate_inputs(v, top["example_inputs"]),
+        quant=_validate_quant(v, top["quant"], base), export=_validate_export(v, top["export"]),
+        python_path=python_path, seed=top["seed"], version=top["version"],
+    )
 
-    model = top["model"]
+
+def _validate_model(v: _Validator, model: Any, base: Path) -> dict[str, Any]:
     model = {"factory": model} if isinstance(model, str) else model
     model = v.section(model, ("model",), _MODEL)
     _resolve_import(v, model["factory"], ("model", "factory"), "model factory")
@@ -238,59 +249,59 @@ def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
         if not model["checkpoint"].is_file():
             raise v.error(("model", "checkpoint"), f"file {str(model['checkpoint'])!r} does "
                                                    "not exist")
+    return model
 
-    evaluator = top["evaluator"]
-    evaluator = {"class": evaluator} if isinstance(evaluator, str) else evaluator
-    evaluator = v.section(evaluator, ("evaluator",), _EVALUATOR)
-    _resolve_import(v, evaluator["class"], ("evaluator", "class"), "evaluator")
 
-    inputs = top["example_inputs"]
+def _validate_inputs(v: _Validator, inputs: Any) -> Any:
     if isinstance(inputs, str):  # a bare import path: the factory, without kwargs
         inputs = {"factory": inputs}
     if isinstance(inputs, dict):
         inputs = v.section(inputs, ("example_inputs",), _INPUTS_FACTORY)
         _resolve_import(v, inputs["factory"], ("example_inputs", "factory"),
                         "example_inputs factory")
-    elif isinstance(inputs, list):
-        checked = []
-        for i, spec in enumerate(inputs):
-            spec = v.section(spec, ("example_inputs", i), _TENSOR)
-            for j, dim in enumerate(spec["shape"]):
-                if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-                    raise v.error(("example_inputs", i, "shape", j),
-                                  f"must be a positive integer, got {_describe(dim)}")
-            if spec["dtype"] not in DTYPES:
-                raise v.error(("example_inputs", i, "dtype"),
-                              f"unknown dtype {spec['dtype']!r}; valid: {', '.join(DTYPES)}")
-            checked.append(spec)
-        inputs = checked
+        return inputs
+    if not isinstance(inputs, list):
+        return inputs
+    checked = []
+    for i, spec in enumerate(inputs):
+        spec = v.section(spec, ("example_inputs", i), _TENSOR)
+        for j, dim in enumerate(spec["shape"]):
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise v.error(("example_inputs", i, "shape", j),
+                              f"must be a positive integer, got {_describe(dim)}")
+        if spec["dtype"] not in DTYPES:
+            raise v.error(("example_inputs", i, "dtype"),
+                          f"unknown dtype {spec['dtype']!r}; valid: {', '.join(DTYPES)}")
+        checked.append(spec)
+    return checked
 
-    quant = top["quant"]
+
+def _validate_quant(v: _Validator, quant: Any, base: Path) -> Any:
+    from autoquant.config import QuantConfig
+
     if isinstance(quant, str):
-        quant = _resolve_path(base, quant)
-    elif isinstance(quant, dict):
+        return _resolve_path(base, quant)
+    if isinstance(quant, dict):
         try:
             QuantConfig.from_dict(quant)
         except ConfigError as err:
             raise v.error(("quant",), str(err)) from None
+    return quant
 
-    search = _validate_search(v, top["search"])
-    export = None
-    if top["export"] is not None:
-        export = v.section(top["export"], ("export",), _EXPORT)
-        for key in ("input_names", "output_names"):
-            for i, name in enumerate(export[key] or []):
-                v.check_type(name, (str,), ("export", key, i))
-        if export["dynamic_axes"] is not None:
-            try:
-                export["dynamic_axes"] = dynamic_axes_from_data(export["dynamic_axes"])
-            except ConfigError as err:
-                raise v.error(("export", "dynamic_axes"), str(err)) from None
-    return JobConfig(
-        path=path, model=model, evaluator=evaluator, search=search,
-        output_dir=_resolve_path(base, top["output_dir"]), example_inputs=inputs, quant=quant,
-        export=export, python_path=python_path, seed=top["seed"], version=top["version"],
-    )
+
+def _validate_export(v: _Validator, export: Any) -> dict[str, Any] | None:
+    if export is None:
+        return None
+    export = v.section(export, ("export",), _EXPORT)
+    for key in ("input_names", "output_names"):
+        for i, name in enumerate(export[key] or []):
+            v.check_type(name, (str,), ("export", key, i))
+    if export["dynamic_axes"] is not None:
+        try:
+            export["dynamic_axes"] = dynamic_axes_from_data(export["dynamic_axes"])
+        except ConfigError as err:
+            raise v.error(("export", "dynamic_axes"), str(err)) from None
+    return export
 
 
 def _validate_search(v: _Validator, data: Any) -> dict[str, Any]:

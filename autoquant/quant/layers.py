@@ -41,49 +41,20 @@ from torch.func import functional_call
 from autoquant.config import LayerConfig
 from autoquant.errors import ModelError
 from autoquant.plan import FLOAT, parse_scheme
+from autoquant.quant.integer import (
+    CONV_KINDS,
+    INTEGER_KERNEL_KINDS,
+    bias_ints,
+    runs_torch_forward,
+)
 from autoquant.quant.qmath import dynamic_fake_quantize, fake_quantize, qrange
 from autoquant.quant.quantizer import ActivationObserver, weight_qparams
 from autoquant.quant.target import deploy_weight_bits, host_target
 
-__all__ = [
-    "QuantState",
-    "QuantLayer",
-    "INTEGER_KERNEL_KINDS",
-    "register_layer_kind",
-    "layer_kinds",
-    "weight_axis_of",
-    "wrapper_class_of",
-    "bias_ints",
-]
+__all__ = ["QuantState", "QuantLayer", "forward_attribute", "no_fast_path"]
 
 # kinds whose quantized form onnxruntime's CPU provider runs as an integer kernel (QGemm,
 # QLinearConv); its ConvTranspose has no QDQ fusion and runs on dequantized weights
-INTEGER_KERNEL_KINDS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_INT32 = (-(2**31), 2**31 - 1)
-
-
-def bias_ints(bias: torch.Tensor, act_scale: torch.Tensor, weight_scale: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int32 bias, its float32 scale ``act_scale * weight_scale``) as an integer kernel
-    adds it to its int32 accumulator; ``q.float() * scale`` is the bias it computes with.
-
-    Runtimes fuse a bias into QLinearConv/QGemm only at exactly this scale (zero point 0)."""
-    scale = (act_scale.detach().float().reshape(()) * weight_scale.detach().float()).reshape(-1)
-    scale = scale.to(bias.device)
-    q = torch.round(bias.detach().double() / scale.double()).clamp(*_INT32)
-    return q.to(torch.int32), scale
-
-
-def _runs_torch_forward(module: nn.Module) -> bool:
-    """True for a module of an `INTEGER_KERNEL_KINDS` type that runs torch's own forward
-    (a subclass with its own forward may do anything after the bias)."""
-    for base in INTEGER_KERNEL_KINDS:
-        if isinstance(module, base):
-            return type(module).forward is base.forward
-    return False
-
-
 def forward_attribute(wrapper: nn.Module, name: str) -> Any:
     """`name` read from the module `wrapper` wraps (its ``module`` child).
 
@@ -111,56 +82,6 @@ class QuantState(enum.Enum):
     CALIBRATE = "calibrate"
     QUANTIZE = "quantize"
     COMPARE = "compare"
-
-
-# module type -> output-channel axis of its weight (per-channel quantization axis)
-_LAYER_KINDS: dict[type[nn.Module], int] = {
-    nn.Linear: 0,
-    nn.Conv1d: 0,
-    nn.Conv2d: 0,
-    nn.Conv3d: 0,
-    nn.ConvTranspose1d: 1,
-    nn.ConvTranspose2d: 1,
-}
-
-
-# module type -> wrapper class, for kinds that need more than `QuantLayer`
-# (see autoquant.quant.kinds)
-_WRAPPERS: dict[type[nn.Module], type[QuantLayer]] = {}
-
-
-def register_layer_kind(
-    module_type: type[nn.Module], weight_axis: int, wrapper: type[QuantLayer] | None = None
-) -> None:
-    """Make `module_type` (and its subclasses) quantizable; its ``weight`` has
-    output channels on `weight_axis`. `wrapper` is the `QuantLayer` subclass that wraps it
-    (default: `QuantLayer` itself)."""
-    _LAYER_KINDS[module_type] = weight_axis
-    if wrapper is not None:
-        _WRAPPERS[module_type] = wrapper
-    else:
-        _WRAPPERS.pop(module_type, None)
-
-
-def wrapper_class_of(module: nn.Module) -> type[QuantLayer]:
-    """The wrapper class registered for `module`'s kind (most specific type first)."""
-    for kind in type(module).__mro__:
-        if kind in _WRAPPERS:
-            return _WRAPPERS[kind]
-    return QuantLayer
-
-
-def layer_kinds() -> dict[type[nn.Module], int]:
-    """A copy of the registered quantizable module types and their weight axes."""
-    return dict(_LAYER_KINDS)
-
-
-def weight_axis_of(module: nn.Module) -> int | None:
-    """The weight's output-channel axis if `module` is a quantizable kind, else None."""
-    for kind, axis in _LAYER_KINDS.items():
-        if isinstance(module, kind):
-            return axis
-    return None
 
 
 class QuantLayer(nn.Module):
@@ -291,9 +212,9 @@ class QuantLayer(nn.Module):
         act = self._act_q
         self.integer_kernel = bool(
             self.config.mode == "static" and act is not None and act[2] is None
-            and a_bits <= 8 and w_bits <= 8 and _runs_torch_forward(self.module))
+            and a_bits <= 8 and w_bits <= 8 and runs_torch_forward(self.module))
         self._out_q = None
-        if not (self.integer_kernel and isinstance(self.module, _CONV_KINDS)):
+        if not (self.integer_kernel and isinstance(self.module, CONV_KINDS)):
             return
         dev = self.module.weight.device
         if self.out_observer.has_data:
@@ -309,7 +230,7 @@ class QuantLayer(nn.Module):
         module, mode = self.module, self.config.mode
         if self._weight_q is None:
             return "float"
-        if not _runs_torch_forward(module):
+        if not runs_torch_forward(module):
             if isinstance(module, INTEGER_KERNEL_KINDS):
                 return (f"{type(module).__name__} subclass with its own forward(): exported "
                         "on dequantized weights")
@@ -436,8 +357,8 @@ class QuantLayer(nn.Module):
 
     def _observe_output(self, y: Any) -> None:
         # a convolution's output range, for the output quantizer `requant` switches on
-        if isinstance(y, torch.Tensor) and isinstance(self.module, _CONV_KINDS) and \
-                _runs_torch_forward(self.module):
+        if isinstance(y, torch.Tensor) and isinstance(self.module, CONV_KINDS) and \
+                runs_torch_forward(self.module):
             self.out_observer.update(torch.relu(y) if self.out_relu else y)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -26,14 +26,9 @@ from autoquant.quant.copying import (
 )
 from autoquant.quant.dataflow import OutputUse, output_uses
 from autoquant.quant.fold import fold_conv_bn
+from autoquant.quant.kind_registry import layer_kinds, weight_axis_of, wrapper_class_of
 from autoquant.quant.kinds import QuantEmbedding  # noqa: F401 - registers the extra layer kinds
-from autoquant.quant.layers import (
-    QuantLayer,
-    QuantState,
-    layer_kinds,
-    weight_axis_of,
-    wrapper_class_of,
-)
+from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.shared import layers_sharing_parameters, module_aliases
 from autoquant.quant.target import resolve_target
 
@@ -84,6 +79,23 @@ def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]
             )
 
 
+def _working_copy(model: nn.Module) -> nn.Module:
+    """Our eval-mode copy of the user's model, reparametrizations baked (see
+    `autoquant.quant.copying`); TorchScript and data-less models are refused."""
+    model = uncompiled(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit."
+            "script or torch.jit.trace), whose layers cannot be swapped for quantized "
+            "ones; pass the Python nn.Module it was made from"
+        )
+    work = copy_model(model)
+    check_model_devices(work)
+    work.eval()
+    bake_weight_reparametrizations(work)
+    return work
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -108,17 +120,7 @@ class QuantModel:
                 f"config must be an autoquant.QuantConfig, got {type(config).__name__}; "
                 "build one with QuantConfig.from_dict(...) or QuantConfig.load(path)"
             )
-        model = uncompiled(model)
-        if isinstance(model, torch.jit.ScriptModule):
-            raise ModelError(
-                f"the model is a TorchScript module ({type(model).__name__}, from torch.jit."
-                "script or torch.jit.trace), whose layers cannot be swapped for quantized "
-                "ones; pass the Python nn.Module it was made from"
-            )
-        self.model = copy_model(model)
-        check_model_devices(self.model)
-        self.model.eval()
-        bake_weight_reparametrizations(self.model)
+        self.model = _working_copy(model)
         self.config = config
         names = find_quantizable_layers(self.model)
         if not names:
@@ -139,18 +141,8 @@ class QuantModel:
         }
         self.calls_per_forward: dict[str, float] = {}
         self.target = resolve_target(config.target)
-        self.layers: dict[str, QuantLayer] = {}
         self.skipped: list[str] = [n for n in names if n in skipped]
-        for name in names:
-            if name in skipped:
-                continue
-            module = self.model.get_submodule(name)
-            wrapper = wrapper_class_of(module)
-            layer = wrapper(module, name, config.layer_config(name), weight_axis_of(module))
-            layer.target = self.target
-            for where in (name, *self.aliases.get(name, ())):
-                _set_submodule(self.model, where, layer)  # one wrapper at every alias
-            self.layers[name] = layer
+        self.layers: dict[str, QuantLayer] = self._wrap([n for n in names if n not in skipped])
         for name, others in self.aliases.items():
             logger.info("layer %s is shared (also %s): one wrapper, one scheme", name,
                         ", ".join(others))
@@ -166,6 +158,20 @@ class QuantModel:
             self.layers[name].out_relu = use.through_relu
         if example_inputs is not None:
             self.check_runs(example_inputs)
+
+    def _wrap(self, names: list[str]) -> dict[str, QuantLayer]:
+        """Swap each of `names` for its kind's wrapper, one wrapper at every alias."""
+        layers: dict[str, QuantLayer] = {}
+        for name in names:
+            module = self.model.get_submodule(name)
+            wrapper = wrapper_class_of(module)
+            layer = wrapper(module, name, self.config.layer_config(name),
+                            weight_axis_of(module))
+            layer.target = self.target
+            for where in (name, *self.aliases.get(name, ())):
+                _set_submodule(self.model, where, layer)
+            layers[name] = layer
+        return layers
 
     # -- state -----------------------------------------------------------------------------
     def set_state(self, state: QuantState) -> None:

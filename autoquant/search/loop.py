@@ -246,7 +246,12 @@ def run_search(
             visited.append(record)
             strategy.tell(plan, record)
     strategy.finish()
-    quant = context.quant_schemes
+    return _outcome(runner, visited, status, context.quant_schemes, float_record)
+
+
+def _outcome(runner: TrialRunner, visited: list[TrialRecord], status: SearchStatus | None,
+             quant: Mapping[str, str], float_record: TrialRecord) -> SearchOutcome:
+    """The status, the chosen record and the reason, from the records the strategy saw."""
     quantized = [r for r in visited if any(s != FLOAT for s in r.plan.values())]
     full = next((r for r in visited if not runner.fallback_layers(r.plan)), None)
     passing = [r for r in visited if r.passed]

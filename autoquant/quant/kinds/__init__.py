@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from autoquant.quant.kind_registry import register_layer_kind
 from autoquant.quant.kinds.attention import QuantMatMul, QuantMatMulLayer, QuantMultiheadAttention
 from autoquant.quant.kinds.base import MultiQuantLayer, primary_tensor
 from autoquant.quant.kinds.embedding import QuantEmbedding
 from autoquant.quant.kinds.fx_matmul import convert_matmuls
 from autoquant.quant.kinds.rnn import QuantRNN
-from autoquant.quant.layers import register_layer_kind
 
 __all__ = [
     "MultiQuantLayer",

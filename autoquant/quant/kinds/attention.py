@@ -91,12 +91,13 @@ class QuantMultiheadAttention(MultiQuantLayer):
             self.weight_blocks = {"in_proj_weight": 3}
 
     def compute(self, args: tuple, kwargs: dict) -> Any:
+        # module-level steps taking the layer: the export runs this with its QDQ module as
+        # `self` (autoquant.export.qdq.QDQMultiLayer), which has qw/qa but not our methods
         m = self.module
         a = _MHA_SIG.bind(*args, **kwargs)
         a.apply_defaults()
         query, key, value = a.arguments["query"], a.arguments["key"], a.arguments["value"]
         key_padding_mask = a.arguments["key_padding_mask"]
-        attn_mask = a.arguments["attn_mask"]
         batched = query.dim() == 3
         same_kv, same_qk = key is value, query is key
         if m.batch_first and batched:
@@ -105,76 +106,19 @@ class QuantMultiheadAttention(MultiQuantLayer):
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
+        q, k, v = _project(self, query, key, value, same_qk, same_kv)
         tgt_len, bsz, embed = query.shape
-        heads = m.num_heads
-        head_dim = embed // heads
-        dtype = query.dtype
-
-        # in-projection; the same tensor fed twice is quantized (and observed) once per point
-        q_in = self.qa("query", query)
-        if self._phase == "quant":
-            k_in = q_in if same_qk else self.qa("key", key)
-            v_in = k_in if same_kv else self.qa("value", value)
-        else:  # observe every point, so each has its own statistics
-            k_in, v_in = self.qa("key", key), self.qa("value", value)
-        # each projection is its own matmul on its rows of a packed weight, so the runtime
-        # sees three constant integer weights (three QGemm), not one split after dequantize
-        biases: tuple[Any, ...] = (None, None, None)
-        if m.in_proj_bias is not None:
-            biases = m.in_proj_bias.chunk(3)
-        projected = []
-        for i, x_in in enumerate((q_in, k_in, v_in)):
-            if m._qkv_same_embed_dim:
-                w = self.qw_rows("in_proj_weight", i * embed, (i + 1) * embed)
-            else:
-                w = self.qw(("q_proj_weight", "k_proj_weight", "v_proj_weight")[i])
-            projected.append(F.linear(x_in, w, biases[i]))
-        q, k, v = projected
-
-        attn_mask = _additive(attn_mask, dtype)
-        key_padding_mask = _additive(key_padding_mask, dtype)
+        attn_mask = _additive(a.arguments["attn_mask"], query.dtype)
+        key_padding_mask = _additive(key_padding_mask, query.dtype)
         if a.arguments["is_causal"] and attn_mask is None:
             attn_mask = torch.triu(torch.full((tgt_len, key.shape[0]), float("-inf"),
-                                              dtype=dtype, device=query.device), diagonal=1)
-        if attn_mask is not None and attn_mask.dim() == 2:
-            attn_mask = attn_mask.unsqueeze(0)
-        if m.bias_k is not None:
-            k = torch.cat([k, m.bias_k.repeat(1, bsz, 1)])
-            v = torch.cat([v, m.bias_v.repeat(1, bsz, 1)])
-            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask,
-                                                                           (0, 1))
-        q = q.view(tgt_len, bsz * heads, head_dim).transpose(0, 1)
-        k = k.view(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        v = v.view(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        if m.add_zero_attn:
-            zeros = torch.zeros((bsz * heads, 1, head_dim), dtype=k.dtype, device=k.device)
-            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
-            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask,
-                                                                           (0, 1))
-        src_len = k.shape[1]
-        if key_padding_mask is not None:
-            kpm = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1)
-            kpm = kpm.reshape(bsz * heads, 1, src_len)
-            attn_mask = kpm if attn_mask is None else attn_mask + kpm
-
-        # the two matmuls between activations
-        q_scaled = q * math.sqrt(1.0 / float(head_dim))
-        scores = torch.bmm(self.qa("q", q_scaled), self.qa("k", k).transpose(-2, -1))
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        probs = torch.softmax(scores, dim=-1)
-        if m.dropout > 0.0 and m.training:
-            probs = F.dropout(probs, p=m.dropout)
-        context = torch.bmm(self.qa("attn", probs), self.qa("v", v))
-        context = context.transpose(0, 1).contiguous().view(tgt_len * bsz, embed)
-        out = F.linear(self.qa("context", context), self.qw("out_proj.weight"), m.out_proj.bias)
-        out = out.view(tgt_len, bsz, embed)
-
+                                              dtype=query.dtype, device=query.device),
+                                   diagonal=1)
+        q, k, v, attn_mask = _split_heads(m, q, k, v, attn_mask, key_padding_mask, bsz)
+        out, probs = _attend(self, q, k, v, attn_mask, (tgt_len, bsz, embed))
         weights = None
         if a.arguments["need_weights"]:
-            weights = probs.view(bsz, heads, tgt_len, src_len)
+            weights = probs.view(bsz, m.num_heads, tgt_len, k.shape[1])
             if a.arguments["average_attn_weights"]:
                 weights = weights.mean(dim=1)
             if not batched:
@@ -184,3 +128,83 @@ class QuantMultiheadAttention(MultiQuantLayer):
         elif m.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+
+def _project(layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             same_qk: bool, same_kv: bool) -> list[torch.Tensor]:
+    """The q/k/v in-projections of (sequence-first) inputs, their inputs fake-quantized."""
+    m = layer.module
+    embed = query.shape[-1]
+    # the same tensor fed twice is quantized (and observed) once per point
+    q_in = layer.qa("query", query)
+    if layer._phase == "quant":
+        k_in = q_in if same_qk else layer.qa("key", key)
+        v_in = k_in if same_kv else layer.qa("value", value)
+    else:  # observe every point, so each has its own statistics
+        k_in, v_in = layer.qa("key", key), layer.qa("value", value)
+    # each projection is its own matmul on its rows of a packed weight, so the runtime sees
+    # three constant integer weights (three QGemm), not one split after dequantize
+    biases: tuple[Any, ...] = (None, None, None)
+    if m.in_proj_bias is not None:
+        biases = m.in_proj_bias.chunk(3)
+    projected = []
+    for i, x_in in enumerate((q_in, k_in, v_in)):
+        if m._qkv_same_embed_dim:
+            w = layer.qw_rows("in_proj_weight", i * embed, (i + 1) * embed)
+        else:
+            w = layer.qw(("q_proj_weight", "k_proj_weight", "v_proj_weight")[i])
+        projected.append(F.linear(x_in, w, biases[i]))
+    return projected
+
+
+def _split_heads(m: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                 bsz: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor | None]:
+    """(batch * heads, length, head_dim) q, k, v with bias_k/v and zero attention added,
+    and the one additive mask of both masks, as `nn.MultiheadAttention` builds them."""
+    heads = m.num_heads
+    head_dim = q.shape[-1] // heads
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    if m.bias_k is not None:
+        k = torch.cat([k, m.bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, m.bias_v.repeat(1, bsz, 1)])
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask,
+                                                                       (0, 1))
+    q = q.view(q.shape[0], bsz * heads, head_dim).transpose(0, 1)
+    k = k.view(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
+    v = v.view(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
+    if m.add_zero_attn:
+        zeros = torch.zeros((bsz * heads, 1, head_dim), dtype=k.dtype, device=k.device)
+        k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask,
+                                                                       (0, 1))
+    if key_padding_mask is not None:
+        src_len = k.shape[1]
+        kpm = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1)
+        kpm = kpm.reshape(bsz * heads, 1, src_len)
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    return q, k, v, attn_mask
+
+
+def _attend(layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            attn_mask: torch.Tensor | None, shape: tuple[int, int, int]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two matmuls between activations (operands fake-quantized), the softmax and the
+    out-projection; the (sequence-first) output and the attention probabilities."""
+    m = layer.module
+    tgt_len, bsz, embed = shape
+    q_scaled = q * math.sqrt(1.0 / float(q.shape[-1]))
+    scores = torch.bmm(layer.qa("q", q_scaled), layer.qa("k", k).transpose(-2, -1))
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if m.dropout > 0.0 and m.training:
+        probs = F.dropout(probs, p=m.dropout)
+    context = torch.bmm(layer.qa("attn", probs), layer.qa("v", v))
+    context = context.transpose(0, 1).contiguous().view(tgt_len * bsz, embed)
+    out = F.linear(layer.qa("context", context), layer.qw("out_proj.weight"), m.out_proj.bias)
+    return out.view(tgt_len, bsz, embed), probs

@@ -1,0 +1,34 @@
+"""What the deploy runtime runs as an integer kernel: the layer kinds onnxruntime's CPU
+provider fuses into QGemm / QLinearConv, and the int32 bias such a kernel adds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["INTEGER_KERNEL_KINDS", "CONV_KINDS", "bias_ints", "runs_torch_forward"]
+
+INTEGER_KERNEL_KINDS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def bias_ints(bias: torch.Tensor, act_scale: torch.Tensor, weight_scale: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 bias, its float32 scale ``act_scale * weight_scale``) as an integer kernel
+    adds it to its int32 accumulator; ``q.float() * scale`` is the bias it computes with.
+
+    Runtimes fuse a bias into QLinearConv/QGemm only at exactly this scale (zero point 0)."""
+    scale = (act_scale.detach().float().reshape(()) * weight_scale.detach().float()).reshape(-1)
+    scale = scale.to(bias.device)
+    q = torch.round(bias.detach().double() / scale.double()).clamp(*_INT32)
+    return q.to(torch.int32), scale
+
+
+def runs_torch_forward(module: nn.Module) -> bool:
+    """True for a module of an `INTEGER_KERNEL_KINDS` type that runs torch's own forward
+    (a subclass with its own forward may do anything after the bias)."""
+    for base in INTEGER_KERNEL_KINDS:
+        if isinstance(module, base):
+            return type(module).forward is base.forward
+    return False
