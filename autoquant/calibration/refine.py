@@ -36,6 +36,7 @@ from autoquant.plan import FLOAT, parse_scheme
 from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.qmodel import Calibrate, QuantModel
 from autoquant.quant.quantizer import fake_quantize
+from autoquant.sensitivity.metrics import SQNR
 
 __all__ = [
     "CANDIDATES",
@@ -65,29 +66,6 @@ _BIAS_KINDS = (nn.Linear, nn.modules.conv._ConvNd)
 def candidate_label(algorithm: str, percentile: float) -> str:
     """A short name of a calibration, e.g. ``"minmax"`` or ``"percentile:99.9"``."""
     return f"percentile:{percentile:g}" if algorithm == "percentile" else algorithm
-
-
-class SQNR:
-    """Signal-to-quantization-noise ratio in dB, accumulated over calls:
-    ``10 log10(sum y^2 / sum (y - y_q)^2)`` (infinite when the outputs are identical)."""
-
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
-
-    def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
-        """Fold one call's outputs into the running sums."""
-        y = y_float.detach().double()
-        self.signal += float((y**2).sum())
-        self.noise += float(((y - y_quant.detach().double()) ** 2).sum())
-
-    def score(self) -> float:
-        """The SQNR in dB (higher = closer to float)."""
-        if self.noise == 0.0:
-            return math.inf
-        if self.signal == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.signal / self.noise)
 
 
 def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:

@@ -30,7 +30,7 @@ def export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str,
         if not isinstance(module, QuantLayer):
             continue
         active = (quantized and module.state is QuantState.QUANTIZE
-                  and module._weight_q is not None)
+                  and module.active)
         new: nn.Module = module.module
         if active:
             new = QDQMultiLayer(module) if isinstance(module, MultiQuantLayer) \
@@ -66,7 +66,7 @@ def kernel_notes(model: nn.Module) -> dict[str, str | None]:
     notes: dict[str, str | None] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if isinstance(module, QuantLayer) and module._weight_q is not None and \
+        if isinstance(module, QuantLayer) and module.active and \
                 id(module) not in seen:
             seen.add(id(module))
             notes[name] = module.kernel_note()

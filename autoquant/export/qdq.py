@@ -63,14 +63,14 @@ class QDQLayer(_WrapsModule):
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
-        if layer._weight_q is None:
+        if not layer.active:
             raise InternalError(f"layer {layer.layer_name!r} has no active scheme to export")
         self.layer_name = layer.layer_name
         self.kind = type(layer).__name__
         self.module = layer.module
         self.mode = layer.config.mode
         self.act_cfg = layer.config.activation
-        w_qmin, w_qmax, self.weight_axis = layer._weight_q
+        w_qmin, w_qmax, self.weight_axis = layer.weight_range
         self.weight_dtype = layer.module.weight.dtype
         weight_int, w_scale, w_zp = weight_ints(
             self.layer_name, layer.quantized_weight(), layer.weight_scale,
@@ -81,8 +81,8 @@ class QDQLayer(_WrapsModule):
         sizes = [storage_type(w_qmin, w_qmax)[0].itemsize]
         self.act_range: tuple[int, int] | None = None
         self.act_spec: tuple | None = None
-        if layer._act_q is not None:
-            a_qmin, a_qmax, act_axis = layer._act_q
+        if layer.act_range is not None:
+            a_qmin, a_qmax, act_axis = layer.act_range
             sizes.append(storage_type(a_qmin, a_qmax)[0].itemsize)
             self.act_range = (a_qmin, a_qmax)
             if self.mode != "dynamic":
@@ -117,10 +117,10 @@ class QDQLayer(_WrapsModule):
             self.register_buffer("bias_int", q)
             self.register_buffer("bias_scale", scale)
             self.register_buffer("bias_zero_point", torch.zeros_like(scale, dtype=torch.int32))
-        if layer.requant and layer._out_q is not None:
+        if layer.requant and layer.out_range is not None:
             self.out_spec = static_act(
                 self, ("out_scale", "out_zero_point", "out_low", "out_high"),
-                layer.out_scale, layer.out_zero_point, *layer._out_q, None)
+                layer.out_scale, layer.out_zero_point, *layer.out_range, None)
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
@@ -205,12 +205,13 @@ class QDQMultiLayer(_WrapsModule):
     replace the fake-quant ones, so the exported graph is the wrapper's forward op for op
     (an LSTM/GRU is traced through ``torch.func.functional_call`` with dequantized
     weights). A subclass's ``compute`` may use ``self.module``, ``self.weight_names``,
-    ``self.act_points``, ``self.config``, ``self._phase``, ``self.qw`` and ``self.qa``.
+    ``self.act_points``, ``self.config``, ``self.quantizing``, ``self.qw``, ``self.qw_rows``
+    and ``self.qa``.
     """
 
     def __init__(self, layer: Any) -> None:
         super().__init__()
-        if layer._weight_q is None:
+        if not layer.active:
             raise InternalError(f"layer {layer.layer_name!r} has no active scheme to export")
         self.layer_name = layer.layer_name
         self.module = layer.module
@@ -219,37 +220,33 @@ class QDQMultiLayer(_WrapsModule):
         self.act_points = tuple(layer.act_points)
         self.kind = type(layer).__name__
         self._compute = type(layer).compute  # a plain function, called with self below
-        self._phase = "quant"
+        self.quantizing = True  # compute() reads it: the export is the quantized forward
         self.mode = layer.config.mode
         sizes = [1]
         self._weights: dict[str, tuple[str, str, str, torch.dtype, int | None]] = {}
-        layer._phase = "quant"
-        try:
-            for name in self.weight_names:
-                qmin, qmax, axis = layer._wq[name]
-                key = name.replace(".", "_")
-                ints, scale, zp = weight_ints(
-                    f"{self.layer_name}:{name}", layer.qw(name),
-                    getattr(layer, f"wscale_{key}"), getattr(layer, f"wzp_{key}"),
-                    qmin, qmax, axis)
-                dtype = self.module.get_parameter(name).dtype
-                blocks = layer.weight_blocks.get(name, 1)
-                rows = ints.shape[0] // blocks
-                for i in range(blocks):  # a packed weight: one integer weight per block
-                    tag = key if blocks == 1 else f"{key}_{i}"
-                    part = slice(i * rows, (i + 1) * rows)
-                    names = (f"wint_{tag}", f"wscale_{tag}", f"wzp_{tag}")
-                    values = (ints, scale, zp) if blocks == 1 else (
-                        ints[part], *((t[part] if axis is not None else t) for t in (scale, zp)))
-                    for buf, value in zip(names, values, strict=True):
-                        self.register_buffer(buf, value.clone())
-                    self._weights[name if blocks == 1 else f"{name}[{i * rows}:{(i + 1) * rows}]"] \
-                        = (*names, dtype, axis)
-                sizes.append(storage_type(qmin, qmax)[0].itemsize)
-        finally:
-            layer._phase = "float"
+        ranges = layer.weight_ranges
+        for name in self.weight_names:
+            qmin, qmax, axis = ranges[name]
+            key = name.replace(".", "_")
+            ints, scale, zp = weight_ints(
+                f"{self.layer_name}:{name}", layer.quantized_weight_of(name),
+                getattr(layer, f"wscale_{key}"), getattr(layer, f"wzp_{key}"), qmin, qmax, axis)
+            dtype = self.module.get_parameter(name).dtype
+            blocks = layer.weight_blocks.get(name, 1)
+            rows = ints.shape[0] // blocks
+            for i in range(blocks):  # a packed weight: one integer weight per block
+                tag = key if blocks == 1 else f"{key}_{i}"
+                part = slice(i * rows, (i + 1) * rows)
+                names = (f"wint_{tag}", f"wscale_{tag}", f"wzp_{tag}")
+                values = (ints, scale, zp) if blocks == 1 else (
+                    ints[part], *((t[part] if axis is not None else t) for t in (scale, zp)))
+                for buf, value in zip(names, values, strict=True):
+                    self.register_buffer(buf, value.clone())
+                block = name if blocks == 1 else f"{name}[{i * rows}:{(i + 1) * rows}]"
+                self._weights[block] = (*names, dtype, axis)
+            sizes.append(storage_type(qmin, qmax)[0].itemsize)
         self._acts: dict[str, tuple] = {}
-        self._act_ranges: dict[str, tuple[int, int]] = dict(layer._act_q or {})
+        self._act_ranges: dict[str, tuple[int, int]] = dict(layer.act_range or {})
         for point, (qmin, qmax) in self._act_ranges.items():
             sizes.append(storage_type(qmin, qmax)[0].itemsize)
             if self.mode == "static":

@@ -170,7 +170,7 @@ def _layer_outputs(model: nn.Module, batches: Iterable[Any], every: bool = False
     seen: dict[str, list[torch.Tensor]] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, QuantLayer) and (every or module._weight_q is not None) and \
+        if isinstance(module, QuantLayer) and (every or module.active) and \
                 name not in seen:
             seen[name] = []
 

@@ -151,6 +151,29 @@ class QuantLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.layer_name!r}, scheme={self.scheme!r}, state={self.state.value}"
 
+    # -- read-only views of the active scheme's quantizers (for the export and the engine) --
+    @property
+    def active(self) -> bool:
+        """True while a quantized (non-float) scheme is set."""
+        return self._weight_q is not None
+
+    @property
+    def weight_range(self) -> Any:
+        """The weight quantizer's ``(qmin, qmax, axis)`` (multi-weight kinds: per weight in
+        `weight_ranges`), None in float."""
+        return self._weight_q
+
+    @property
+    def act_range(self) -> Any:
+        """The input quantizer's ``(qmin, qmax, axis)`` (multi-point kinds: ``{point: (qmin,
+        qmax)}``), None when the input stays float."""
+        return self._act_q
+
+    @property
+    def out_range(self) -> tuple[int, int] | None:
+        """The output quantizer's ``(qmin, qmax)``, None without one."""
+        return self._out_q
+
     # -- schemes and qparams ---------------------------------------------------------------
     def set_scheme(self, scheme: str) -> None:
         """Switch to `scheme` (``"float"`` or ``"w<b>a<b>"``), refreshing the qparam buffers."""

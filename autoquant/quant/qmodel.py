@@ -287,7 +287,7 @@ class QuantModel:
             return f"its reader {use.consumers[0]} is not quantized"
         if not _quantizes_input_exactly(reader):
             return f"its reader {reader.layer_name} has no static 8-bit input quantizer"
-        if use.through_relu and int(reader.act_zero_point.reshape(-1)[0]) != reader._act_q[0]:
+        if use.through_relu and int(reader.act_zero_point.reshape(-1)[0]) != reader.act_range[0]:
             # onnxruntime drops a ReLU before a Q only when the zero point is the range start
             return f"the ReLU before {reader.layer_name} cannot be folded into its quantizer"
         return None
@@ -296,7 +296,7 @@ class QuantModel:
         for name, layer in self.layers.items():
             layer.requant = False
             layer.requant_note = None
-            if not (layer.integer_kernel and layer._out_q is not None):
+            if not (layer.integer_kernel and layer.out_range is not None):
                 continue
             if self.output_uses is None:
                 layer.requant_note = ("its output is not requantized (torch.fx cannot trace "
@@ -338,8 +338,8 @@ class QuantModel:
 def _quantizes_input_exactly(layer: QuantLayer) -> bool:
     """True when `layer`'s input quantizer is a plain 8-bit per-tensor QuantizeLinear (no
     narrowing Clip before it), the Q a runtime fuses into the op producing that input."""
-    act = layer._act_q
-    if layer._weight_q is None or not isinstance(act, tuple) or \
+    act = layer.act_range
+    if not layer.active or not isinstance(act, tuple) or \
             layer.config.mode != "static" or act[2] is not None:
         return False
     return (act[1] - act[0]) == 255

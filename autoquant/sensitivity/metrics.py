@@ -12,9 +12,32 @@ import torch
 
 from autoquant.sensitivity.ranking import SensitivityMetric
 
-__all__ = ["SQNRMetric", "KLMetric", "MAX_SQNR_DB"]
+__all__ = ["SQNR", "SQNRMetric", "KLMetric", "MAX_SQNR_DB"]
 
 MAX_SQNR_DB = 200.0  # the score of an exact match (no noise), kept finite for JSON reports
+
+
+class SQNR:
+    """Signal-to-quantization-noise ratio in dB, accumulated over calls:
+    ``10 log10(sum y^2 / sum (y - y_q)^2)`` (infinite when the outputs are identical)."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
+        """Fold one call's outputs into the running sums."""
+        y = y_float.detach().double()
+        self.signal += float((y**2).sum())
+        self.noise += float(((y - y_quant.detach().double()) ** 2).sum())
+
+    def score(self) -> float:
+        """The SQNR in dB (higher = closer to float)."""
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
 
 
 class SQNRMetric(SensitivityMetric):
@@ -29,21 +52,13 @@ class SQNRMetric(SensitivityMetric):
     name = "mse"
 
     def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
+        self.sqnr = SQNR()
 
     def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
-        a = y_float.double()
-        self.signal += float(torch.sum(a * a))
-        self.noise += float(torch.sum((a - y_quant.double()) ** 2))
+        self.sqnr.update(y_float, y_quant)
 
     def score(self) -> float:
-        if self.noise == 0:
-            return MAX_SQNR_DB
-        if self.signal == 0:
-            return -MAX_SQNR_DB
-        db = 10 * math.log10(self.signal / self.noise)
-        return max(-MAX_SQNR_DB, min(MAX_SQNR_DB, db))
+        return max(-MAX_SQNR_DB, min(MAX_SQNR_DB, self.sqnr.score()))
 
 
 class KLMetric(SensitivityMetric):

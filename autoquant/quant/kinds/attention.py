@@ -137,7 +137,7 @@ def _project(layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Te
     embed = query.shape[-1]
     # the same tensor fed twice is quantized (and observed) once per point
     q_in = layer.qa("query", query)
-    if layer._phase == "quant":
+    if layer.quantizing:
         k_in = q_in if same_qk else layer.qa("key", key)
         v_in = k_in if same_kv else layer.qa("value", value)
     else:  # observe every point, so each has its own statistics

@@ -154,6 +154,24 @@ class MultiQuantLayer(QuantLayer):
                 )
 
     # -- the hooks compute() uses ------------------------------------------------------------
+    @property
+    def quantizing(self) -> bool:
+        """True inside `compute` while it runs the quantized forward."""
+        return self._phase == "quant"
+
+    @property
+    def weight_ranges(self) -> dict[str, tuple[int, int, int | None]]:
+        """Each weight's ``(qmin, qmax, axis)`` under the active scheme."""
+        return dict(self._wq)
+
+    def quantized_weight_of(self, name: str) -> torch.Tensor:
+        """The fake-quantized weight `name` under the active scheme (whatever the phase)."""
+        self._phase = "quant"
+        try:
+            return self.qw(name)
+        finally:
+            self._phase = "float"
+
     def qw(self, name: str) -> torch.Tensor:
         """Parameter `name` of the module: fake-quantized while quantizing, else as is."""
         param = self.module.get_parameter(name)

@@ -45,7 +45,7 @@ class QuantRNN(MultiQuantLayer):
             x = x._replace(data=self.qa("input", x.data))
         else:
             x = self.qa("input", x)
-        if self._phase != "quant":
+        if not self.quantizing:
             return self.module(x, *rest, **kwargs)
         params = {n: self.qw(n) for n in self.weight_names}
         with warnings.catch_warnings():
