@@ -16,7 +16,7 @@ import autoquant.report.build
 from autoquant.evaluators import Evaluator, FidelityEvaluator
 from autoquant.quant.layers import QuantLayer
 from autoquant.report.build import REPORT_SCHEMA_VERSION
-from tests.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
+from tests.helpers.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 

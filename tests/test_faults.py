@@ -33,9 +33,9 @@ from autoquant.jobs.cli import build_parser
 from autoquant.jobs.job import load_job
 from autoquant.jobs.journal import JOURNAL_FILE, Journal, JournalMismatchError
 from autoquant.search.strategy import TrialRecord
-from tests.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
+from tests.helpers.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent / "helpers"  # the job files' modules
 sys.path.insert(0, str(TESTS))
 import faulthelpers  # noqa: E402
 import jobhelpers  # noqa: E402

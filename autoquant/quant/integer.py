@@ -3,10 +3,15 @@ provider fuses into QGemm / QLinearConv, and the int32 bias such a kernel adds."
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["INTEGER_KERNEL_KINDS", "CONV_KINDS", "bias_ints", "runs_torch_forward"]
+from autoquant.plan import parse_scheme
+
+__all__ = ["INTEGER_KERNEL_KINDS", "CONV_KINDS", "bias_ints", "runs_torch_forward",
+           "kernel_note_of"]
 
 INTEGER_KERNEL_KINDS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -32,3 +37,30 @@ def runs_torch_forward(module: nn.Module) -> bool:
         if isinstance(module, base):
             return type(module).forward is base.forward
     return False
+
+
+def kernel_note_of(layer: Any) -> str | None:
+    """None when onnxruntime's CPU provider is expected to run the active `QuantLayer` `layer`
+    as an integer kernel; else the reason it runs in float on dequantized weights."""
+    module, mode = layer.module, layer.config.mode
+    if not layer.active:
+        return "float"
+    if not runs_torch_forward(module):
+        if isinstance(module, INTEGER_KERNEL_KINDS):
+            return (f"{type(module).__name__} subclass with its own forward(): exported "
+                    "on dequantized weights")
+        return (f"onnxruntime's CPU provider has no integer {type(module).__name__} "
+                "kernel: it runs on dequantized weights")
+    if mode == "weight_only":
+        return "weight-only: the input stays float, the op runs on dequantized weights"
+    if mode == "dynamic":
+        return ("dynamic: the input qparams are computed in the graph, which onnxruntime "
+                "does not fuse into an integer kernel")
+    bits = parse_scheme(layer.scheme)
+    if bits is not None and max(bits) > 8:
+        return f"{layer.scheme}: onnxruntime's CPU provider has no 16-bit integer kernel"
+    if layer.act_range is not None and layer.act_range[2] is not None:
+        return "per-channel input scales: QGemm/QLinearConv take one input scale"
+    if not layer.requant and layer.requant_note:
+        return layer.requant_note
+    return None

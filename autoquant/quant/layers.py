@@ -41,12 +41,7 @@ from torch.func import functional_call
 from autoquant.config import LayerConfig
 from autoquant.errors import ModelError
 from autoquant.plan import FLOAT, parse_scheme
-from autoquant.quant.integer import (
-    CONV_KINDS,
-    INTEGER_KERNEL_KINDS,
-    bias_ints,
-    runs_torch_forward,
-)
+from autoquant.quant.integer import CONV_KINDS, bias_ints, kernel_note_of, runs_torch_forward
 from autoquant.quant.qmath import dynamic_fake_quantize, fake_quantize, qrange
 from autoquant.quant.quantizer import ActivationObserver, weight_qparams
 from autoquant.quant.target import deploy_weight_bits, host_target
@@ -249,29 +244,8 @@ class QuantLayer(nn.Module):
 
     def kernel_note(self) -> str | None:
         """None when onnxruntime's CPU provider is expected to run this (active) layer as an
-        integer kernel; else the reason it runs in float on dequantized weights."""
-        module, mode = self.module, self.config.mode
-        if self._weight_q is None:
-            return "float"
-        if not runs_torch_forward(module):
-            if isinstance(module, INTEGER_KERNEL_KINDS):
-                return (f"{type(module).__name__} subclass with its own forward(): exported "
-                        "on dequantized weights")
-            return (f"onnxruntime's CPU provider has no integer {type(module).__name__} "
-                    "kernel: it runs on dequantized weights")
-        if mode == "weight_only":
-            return "weight-only: the input stays float, the op runs on dequantized weights"
-        if mode == "dynamic":
-            return ("dynamic: the input qparams are computed in the graph, which onnxruntime "
-                    "does not fuse into an integer kernel")
-        bits = parse_scheme(self.scheme)
-        if bits is not None and max(bits) > 8:
-            return f"{self.scheme}: onnxruntime's CPU provider has no 16-bit integer kernel"
-        if self._act_q is not None and self._act_q[2] is not None:
-            return "per-channel input scales: QGemm/QLinearConv take one input scale"
-        if not self.requant and self.requant_note:
-            return self.requant_note
-        return None
+        integer kernel; else the reason it runs in float (`autoquant.quant.integer`)."""
+        return kernel_note_of(self)
 
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias an integer kernel adds (bias correction folded in, rounded to int32 at

@@ -11,7 +11,7 @@ import torch
 from autoquant.errors import ConfigError
 from autoquant.jobs.job import load_job
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1] / "helpers"  # the job files' modules
 
 GOOD = f"""\
 python_path: [{TESTS}]
@@ -186,10 +186,10 @@ def test_model_factory_returning_a_non_module_is_a_model_error(tmp_path):
 
 
 def test_the_digits_example_job_file_validates():
-    job = load_job(TESTS.parent / "examples" / "digits" / "job.yaml")
+    job = load_job(TESTS.parents[1] / "examples" / "digits" / "job.yaml")
     assert job.config.model["factory"] == "examples.digits.batch:trained_model"
     assert job.quant_config().default.weight.bits == 3
-    assert job.config.output_dir == TESTS.parent / "examples" / "digits" / "out" / "job"
+    assert job.config.output_dir == TESTS.parents[1] / "examples" / "digits" / "out" / "job"
 
 
 def test_job_quant_config_may_name_sequential_children_by_number(tmp_path):

@@ -10,7 +10,7 @@ import autoquant as aq
 from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.qmodel import QuantModel, find_quantizable_layers
 from autoquant.quant.shared import module_aliases
-from tests._fq import fq_affine, fq_rows
+from tests.helpers.fq import fq_affine, fq_rows
 
 
 class _Eval:

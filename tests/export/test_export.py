@@ -27,14 +27,14 @@ from autoquant.export.prepare import export_copy as _export_copy
 from autoquant.export.qdq import QDQLayer
 from autoquant.export.qdq_ops import dequantize_linear
 from autoquant.quant.layers import QuantLayer
-from tests.synthetic import BatchCalibrator
+from tests.helpers.synthetic import BatchCalibrator
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnx.numpy_helper")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from tests.onnxcheck import (  # noqa: E402
+from tests.helpers.onnxcheck import (  # noqa: E402
     check_parity,
     check_parity_catches_a_scale_error,
     ort_run,
@@ -330,7 +330,7 @@ import logging, sys, torch
 from torch import nn
 import autoquant as aq
 from autoquant.export import export_onnx
-from tests.synthetic import BatchCalibrator
+from tests.helpers.synthetic import BatchCalibrator
 logging.basicConfig(level=logging.WARNING)
 registry = logging.getLogger("torch.onnx._internal.exporter._registration")
 registry.setLevel(logging.INFO)
@@ -349,7 +349,7 @@ def test_export_keeps_torch_exporter_noise_off_the_console(tmp_path) -> None:
 
     # a fresh process: torch logs its registry notes on the first export of a process only
     proc = subprocess.run([sys.executable, "-W", "default", "-c", QUIET_EXPORT,
-                           str(tmp_path / "m.onnx")], cwd=Path(__file__).resolve().parents[1],
+                           str(tmp_path / "m.onnx")], cwd=Path(__file__).resolve().parents[2],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "exported" in proc.stdout, proc.stderr[-2000:]
     assert "torchvision is not installed" not in proc.stderr

@@ -22,7 +22,7 @@ from autoquant.jobs.journal import (
 from autoquant.search.strategy import TrialRecord
 from autoquant.sensitivity.ranking import LayerSensitivity
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 import jobhelpers  # noqa: E402
 
 PARTS = {"model": "m1", "quant": "q1", "search": "s1"}

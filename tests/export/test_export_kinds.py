@@ -16,13 +16,13 @@ from autoquant.errors import ExportError
 from autoquant.export import export_onnx
 from autoquant.export.prepare import export_copy as _export_copy
 from autoquant.quant.layers import QuantLayer
-from tests.synthetic import BatchCalibrator, DropEvaluator, mlp
+from tests.helpers.synthetic import BatchCalibrator, DropEvaluator, mlp
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from tests.onnxcheck import (  # noqa: E402
+from tests.helpers.onnxcheck import (  # noqa: E402
     check_parity,
     check_parity_catches_a_scale_error,
     ort_run,

@@ -12,7 +12,7 @@ from autoquant.quant.integer import INTEGER_KERNEL_KINDS
 from autoquant.quant.kind_registry import weight_axis_of
 from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.quantizer import fake_quantize
-from tests._fq import weight_bits
+from tests.helpers.fq import weight_bits
 
 CASES = [
     (lambda: nn.Linear(6, 4), (5, 6)),

@@ -31,7 +31,7 @@ def test_corpus_is_fixed_text_with_known_characters() -> None:
 def test_corpus_is_identical_in_a_fresh_interpreter() -> None:
     code = ("import hashlib; from examples.lstm_lm.data import collect_docstrings; "
             "print(hashlib.sha256(collect_docstrings().encode()).hexdigest())")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                          text=True, check=True, env={"PYTHONPATH": str(root),
                                                      "PYTHONHASHSEED": "123"})

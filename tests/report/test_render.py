@@ -16,7 +16,7 @@ from autoquant.jobs.progress import ProgressBars, bars_enabled
 from autoquant.report.build import report_from_journal, report_schema
 from autoquant.report.render import render_report, summary_lines, threshold_metric
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 import jobhelpers  # noqa: E402
 
 CONFIG = {"default": {"weight": {"bits": 6}, "activation": {"bits": 6}}}

@@ -25,7 +25,7 @@ from autoquant.strategies.optuna_search import OptunaStrategy  # noqa: E402
 N = 8
 DROPS = {str(i): ((3 * i) % N + 1) / 1024 for i in range(N)}  # 1..8 / 1024
 BUDGET = 12 / 1024
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -19,10 +19,10 @@ from autoquant.jobs.job import load_job
 from autoquant.jobs.journal import JOURNAL_FILE, Journal, read_journal
 from autoquant.report.render import render_report
 from autoquant.search.strategy import TrialRecord
-from tests.synthetic import DropEvaluator, linear_names, mlp
+from tests.helpers.synthetic import DropEvaluator, linear_names, mlp
 from tests.test_faults import job_file
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1] / "helpers"  # the job files' modules
 sys.path.insert(0, str(TESTS))
 import faulthelpers  # noqa: E402
 import jobhelpers  # noqa: E402

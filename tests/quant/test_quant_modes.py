@@ -9,7 +9,7 @@ from torch import nn
 import autoquant as aq
 from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.qmodel import QuantModel
-from tests._fq import affine_scale, fq_affine, fq_batch, fq_rows, int32_bias, row_scales
+from tests.helpers.fq import affine_scale, fq_affine, fq_batch, fq_rows, int32_bias, row_scales
 
 
 class _Calib:

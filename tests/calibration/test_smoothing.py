@@ -13,7 +13,7 @@ from autoquant.calibration.smoothing import find_smoothable, smooth_model, smoot
 from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.layers import QuantState
 from autoquant.quant.qmodel import QuantModel
-from tests.synthetic import BatchCalibrator
+from tests.helpers.synthetic import BatchCalibrator
 
 
 class Block(nn.Module):

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrizations, parametrize, prune
 import autoquant as aq
 from autoquant.evaluators import FidelityEvaluator
 from autoquant.quant.layers import QuantLayer
-from tests.synthetic import BatchCalibrator
+from tests.helpers.synthetic import BatchCalibrator
 
 W4 = {"default": {"weight": {"bits": 4}}}
 
@@ -89,7 +89,7 @@ def test_save_reload_and_onnx_export_reproduce_the_searched_model(kind, tmp_path
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), qmodel(x))
-    from tests.onnxcheck import ort_run
+    from tests.helpers.onnxcheck import ort_run
 
     path = export_onnx(qmodel, tmp_path / "m.onnx", (DATA[0],))
     with torch.no_grad():

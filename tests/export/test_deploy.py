@@ -22,7 +22,7 @@ from autoquant.export import export_checked, export_float_onnx, export_onnx
 from autoquant.quant.layers import QuantLayer
 from autoquant.quant.quantizer import fake_quantize
 from autoquant.quant.target import deploy_weight_bits, host_target, runs_exactly_on
-from tests.synthetic import BatchCalibrator
+from tests.helpers.synthetic import BatchCalibrator
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -18,8 +18,8 @@ from autoquant.jobs.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_MET, EXIT_
 from autoquant.jobs.journal import JOURNAL_FILE, read_journal
 from autoquant.report.build import report_schema
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = ROOT / "tests"
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = ROOT / "tests" / "helpers"  # the job files' modules
 
 
 def write_job(folder: Path, *, max_loss: float = 0.03, budget: int | None = None,

@@ -9,7 +9,7 @@ import pytest
 
 import autoquant as aq
 from autoquant.sensitivity.ranking import LayerSensitivity
-from tests.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
+from tests.helpers.synthetic import DropEvaluator, ListEvaluator, linear_names, mlp
 
 N = 13
 

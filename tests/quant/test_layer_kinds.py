@@ -14,7 +14,7 @@ from autoquant.evaluation.adapter import calibration_of
 from autoquant.quant.kinds import QuantEmbedding, QuantMultiheadAttention, QuantRNN
 from autoquant.quant.layers import QuantState
 from autoquant.quant.qmodel import QuantModel
-from tests._fq import fq_affine, fq_rows
+from tests.helpers.fq import fq_affine, fq_rows
 
 
 class _Calib:
