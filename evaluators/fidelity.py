@@ -6,7 +6,7 @@ closely the quantized model reproduces the float model's outputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,18 +14,25 @@ from torch import nn
 
 from autoquant.batches import call_model, first_tensor, model_device, to_device
 from autoquant.errors import ConfigError, ModelError
+from autoquant.evaluation.functional import calibration_inputs
 from autoquant.evaluators.base import Evaluator
 
 __all__ = ["FidelityEvaluator"]
 
 
 def _check_batches(batches: Any, name: str) -> list[Any]:
-    """Return `batches` as a list, or raise ConfigError if it is not a non-empty list of batches."""
-    if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Sequence):
+    """`batches` (a list, or a ``DataLoader``: read once, so a shuffling loader still gives
+    every evaluation the same batches) as a list, or ConfigError if it holds no batch.
+
+    A list batch is what a ``DataLoader`` yields for ``(inputs, target)`` samples: its first
+    element is the input (`autoquant.evaluation.functional.calibration_inputs`)."""
+    if isinstance(batches, (torch.Tensor, str, bytes, Mapping, Iterator)) or \
+            not isinstance(batches, Iterable):
         raise ConfigError(
-            f"{name} must be a list of batches (each a tensor, a tuple or a dict of tensors), got "
-            f"{type(batches).__name__}; wrap a single batch as [x]."
+            f"{name} must be a list of batches (each a tensor, a tuple or a dict of tensors) or "
+            f"a DataLoader, got {type(batches).__name__}; wrap a single batch as [x]."
         )
+    batches = [calibration_inputs(b) if isinstance(b, list) else b for b in batches]
     if len(batches) == 0:
         raise ConfigError(f"{name} is empty; pass at least one batch, e.g. [x].")
     for index, batch in enumerate(batches):
@@ -71,8 +78,9 @@ class FidelityEvaluator(Evaluator):
 
     Args:
         reference_model: the float model whose outputs are the target.
-        inputs: a list of batches, each a tensor, a tuple of tensors (``model(*batch)``) or
-            a dict of keyword inputs (``model(**batch)``).
+        inputs: a list of batches (or a DataLoader, read once), each a tensor, a tuple of
+            tensors (``model(*batch)``) or a dict of keyword inputs (``model(**batch)``); a
+            list batch (a DataLoader's ``[inputs, target]``) gives its first element.
         calibration_inputs: batches `calibration` runs; default: `inputs`.
 
     Raises:

@@ -268,3 +268,39 @@ def test_a_torch_compile_wrapper_is_searched_as_the_module_it_compiles(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(data[0]), result.model(data[0]))
 
+
+
+def test_a_users_own_evaluators_and_strategies_folders_cannot_shadow_autoquants(tmp_path):
+    import subprocess
+    import sys
+
+    for name in ("evaluators", "strategies"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("MINE = True\n")
+    code = (
+        "import torch, autoquant as aq\n"
+        "from torch import nn\n"
+        "import evaluators, strategies\n"
+        "assert evaluators.MINE and strategies.MINE  # the user's own folders import\n"
+        "m = nn.Sequential(nn.Linear(4, 4)).eval()\n"
+        "x = torch.randn(4, 4)\n"
+        "ev = aq.FidelityEvaluator(m, [x])\n"
+        "assert isinstance(ev, aq.Evaluator)\n"
+        "r = aq.auto_quantize(m, ev, strategy='binary', max_loss=0.5)\n"
+        "print(r.status)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "met"
+
+
+def test_the_old_top_level_imports_are_a_clear_error_in_a_checkout():
+    import subprocess
+    import sys
+
+    for name in ("evaluators", "strategies"):
+        out = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert out.returncode != 0
+        assert f"import autoquant.{name}" in out.stderr

@@ -299,3 +299,30 @@ def test_ctrl_c_exits_130_and_report_then_describes_the_interrupted_run_not_an_o
     assert main(["report", str(tmp_path / "out"), "-q"]) == EXIT_OK
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["status"] == "interrupted" and report["counts"]["evaluations"] == 2
+
+
+def test_version_and_help_answer_without_importing_torch():
+    for flag in ("--version", "--help"):
+        code = (f"import sys, runpy; sys.argv = ['autoquant', {flag!r}]\n"
+                "try:\n    runpy.run_module('autoquant', run_name='__main__')\n"
+                "except SystemExit:\n    pass\n"
+                "print('torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=ROOT, check=True).stdout
+        assert out.strip().endswith("False"), out
+        if flag == "--version":
+            assert "autoquant 0.1.0" in out
+
+
+def test_verbose_shows_autoquant_debug_lines_not_other_libraries(tmp_path, capsys):
+    import logging
+
+    from autoquant.jobs.cli import _setup_logging as setup
+    from autoquant.jobs.cli import build_parser
+
+    args = build_parser().parse_args(["report", str(tmp_path), "-v"])
+    setup(args)
+    logging.getLogger("matplotlib.font_manager").debug("font noise")
+    logging.getLogger("autoquant.search").debug("our detail")
+    err = capsys.readouterr().err
+    assert "our detail" in err and "font noise" not in err

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import autoquant as aq
 from autoquant.errors import ConfigError
 from autoquant.jobs.job import load_job
 
@@ -199,3 +200,20 @@ def test_job_quant_config_may_name_sequential_children_by_number(tmp_path):
     config = job.quant_config()
     assert config.layer_config("0").weight.bits == 4 and config.skip_layers == ["4"]
     config.check_layers(["0", "2", "4"])
+
+
+def test_strategy_options_are_checked_against_the_strategy_at_load_time(tmp_path):
+    text = GOOD.replace("  max_loss: 0.03", "  max_loss: 0.03\n  strategy_options:\n"
+                                            "    refin: 2")
+    with pytest.raises(ConfigError) as info:
+        load_job(write(tmp_path, text))
+    message = str(info.value)
+    assert "job.yaml:16:" in message and "search.strategy_options.refin" in message
+    assert "did you mean 'refine'?" in message
+
+
+def test_the_search_section_is_the_search_settings_key_for_key(tmp_path):
+    text = GOOD.replace("  max_loss: 0.03", "  max_loss: 0.03\n  workers: 1\n  audit: 1\n"
+                                            "  verify_deploy: false")
+    settings = load_job(write(tmp_path, text)).settings()
+    assert settings == aq.SearchSettings(max_loss=0.03, audit=1)
