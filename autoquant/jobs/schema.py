@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.errors import ConfigError
+from autoquant.io.names import ONNX_FILE
 from autoquant.io.yamlsafe import LineMap
 
 __all__ = ["JobConfig", "validate_job", "dynamic_axes_from_data", "JOB_VERSION", "DTYPES"]
@@ -57,7 +58,7 @@ _TENSOR = {
     "dtype": ((str,), False, "float32"),
 }
 _EXPORT = {
-    "path": ((str,), False, "model_qdq.onnx"),
+    "path": ((str,), False, ONNX_FILE),
     "opset": ((int, type(None)), False, None),
     "input_names": ((list, type(None)), False, None),
     "output_names": ((list, type(None)), False, None),

@@ -24,14 +24,11 @@ import os
 import platform
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from autoquant.plan import FLOAT, effective_bits, parse_scheme
-
-if TYPE_CHECKING:
-    from autoquant.result import SearchResult
 
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "environment", "model_sizes",
            "report_from_journal", "report_schema"]
@@ -81,12 +78,13 @@ def model_sizes(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str,
     return {"float_weight_bytes": float_bytes, "quantized_weight_bytes": quant_bytes}
 
 
-def build_report(result: SearchResult, *, job: Mapping[str, Any] | None = None,
+def build_report(result: Any, *, job: Mapping[str, Any] | None = None,
                  run: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The report of `result` as JSON-ready data.
 
     Args:
-        result: the search result.
+        result: the `autoquant.result.SearchResult` (typed loosely: the result's module
+            calls this one, so importing it here would close a cycle).
         job: the resolved job file (the CLI passes it), or None.
         run: facts about this run (the CLI passes resumed / reused_evaluations /
             new_evaluations / journal), or None.

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from autoquant.io.atomic import atomic_write_bytes, atomic_write_text
+from autoquant.io.names import PLOT_DIR, REPORT_HTML, REPORT_MD
 
 __all__ = ["render_report", "plot_sensitivity", "plot_trajectory", "summary_lines",
            "threshold_metric"]
 
 logger = logging.getLogger(__name__)
 
-PLOT_DIR = "plots"
 _STATUS = {"met": "MET", "not_met": "NOT MET", "budget_exhausted": "BUDGET EXHAUSTED",
            "interrupted": "INTERRUPTED"}
 
@@ -314,7 +314,7 @@ def render_report(report: dict[str, Any], directory: str | Path) -> list[Path]:
         path = atomic_write_bytes(out / PLOT_DIR / f"{name}.png", png)
         written.append(path)
         links[name] = f"{PLOT_DIR}/{name}.png"
-    written.append(atomic_write_text(out / "report.md", _markdown(report, links)))
-    written.append(atomic_write_text(out / "report.html", _html(report, images)))
+    written.append(atomic_write_text(out / REPORT_MD, _markdown(report, links)))
+    written.append(atomic_write_text(out / REPORT_HTML, _html(report, images)))
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written

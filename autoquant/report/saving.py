@@ -7,23 +7,21 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from autoquant.errors import ConfigError
 from autoquant.io.atomic import atomic_torch_save, atomic_write_text
 from autoquant.io.names import CONFIG_FILE, REPORT_FILE, STATE_FILE
 from autoquant.report.build import build_report
 
-if TYPE_CHECKING:
-    from autoquant.result import SearchResult
-
 __all__ = ["save_result", "record_deployment"]
 
 logger = logging.getLogger(__name__)
 
 
-def save_result(result: SearchResult, directory: str | Path) -> Path:
-    """Write `result`'s config, state dict and ``report.json`` into `directory`.
+def save_result(result: Any, directory: str | Path) -> Path:
+    """Write `result`'s (an `autoquant.result.SearchResult`) config, state dict and
+    ``report.json`` into `directory`.
 
     Example:
         >>> save_result(result, "out/search")
