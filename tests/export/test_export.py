@@ -1,6 +1,6 @@
 """ONNX QDQ export: the deployed graph computes what the fake-quant model computes.
 
-Parity tolerance (stated in docs/readme-issue5.md), with ``m = 1 + max|y|`` over the torch
+Parity tolerance (stated in docs/deployment.md), with ``m = 1 + max|y|`` over the torch
 fake-quant outputs ``y``: at least 90% of the onnxruntime outputs are within ``1e-4 * m`` of
 torch, and all within ``5e-2 * m`` (on the digits data, 100% match within 2e-6). The graph
 reproduces the quantizers (run eagerly in torch it matches the fake-quant model to float
