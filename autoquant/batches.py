@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from autoquant.errors import ModelError
 
-__all__ = ["call_model", "to_device", "model_device", "first_tensor"]
+__all__ = ["call_model", "to_device", "model_device", "first_tensor", "primary_tensor"]
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -79,3 +80,16 @@ def first_tensor(output: Any) -> torch.Tensor:
             "used first). Wrap the model so it returns the output tensor."
         )
     return found
+
+
+def primary_tensor(output: Any) -> torch.Tensor:
+    """The tensor a sensitivity metric compares: `output` itself or its first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, PackedSequence):
+        return output.data
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, (torch.Tensor, PackedSequence)):
+                return primary_tensor(item)
+    raise ModelError(f"cannot compare a layer output of type {type(output).__name__}")

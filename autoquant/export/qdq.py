@@ -28,7 +28,8 @@ from autoquant.export.qdq_ops import (
     weight_ints,
 )
 from autoquant.quant.integer import bias_ints
-from autoquant.quant.layers import QuantLayer, forward_attribute, no_fast_path
+from autoquant.quant.layers import QuantLayer
+from autoquant.quant.wrapping import call_with_module_hooks, forward_attribute, no_fast_path
 
 __all__ = ["QDQLayer", "QDQMultiLayer"]
 
@@ -150,8 +151,8 @@ class QDQLayer(_WrapsModule):
         return static_qdq(self, self.act_spec, x)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.integer:
-            return self._integer_forward(x)
+        if self.integer:  # computed without calling the module: run its hooks around us
+            return call_with_module_hooks(self.module, self._integer_forward, x)
         x = self._input(x)
         w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
                               self.weight_axis).to(self.weight_dtype)

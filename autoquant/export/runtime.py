@@ -164,7 +164,7 @@ def _layer_outputs(model: nn.Module, batches: Iterable[Any], every: bool = False
                    ) -> dict[str, list[torch.Tensor]]:
     """The output of every active quantized layer of `model` (`every`: of every wrapped
     layer) on `batches`, by layer name."""
-    from autoquant.quant.kinds.base import primary_tensor
+    from autoquant.batches import primary_tensor
     from autoquant.quant.layers import QuantLayer
 
     seen: dict[str, list[torch.Tensor]] = {}

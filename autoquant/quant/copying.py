@@ -31,13 +31,30 @@ def copy_model(model: nn.Module) -> nn.Module:
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     try:
-        return copy.deepcopy(model, memo)
+        work = copy.deepcopy(model, memo)
     except Exception as err:
         raise ModelError(
             f"cannot deep-copy the model ({type(err).__name__}: {err}); autoquant works "
             "on a copy so your model is never changed. Make the model deep-copyable "
             "(no open file handles, generators or locks as attributes)."
         ) from err
+    _refuse_shared(model, work)
+    return work
+
+
+def _refuse_shared(model: nn.Module, work: nn.Module) -> None:
+    """A copy that still holds one of the original's modules or parameters (a custom
+    ``__deepcopy__`` returning ``self``) would let autoquant change the user's model."""
+    originals = {id(m): n for n, m in model.named_modules()}
+    originals.update({id(p): n for n, p in model.named_parameters()})
+    for name, obj in (*work.named_modules(), *work.named_parameters()):
+        if id(obj) in originals:
+            shown = name or type(model).__name__
+            raise ModelError(
+                f"copying the model kept {shown!r} ({type(obj).__name__}) as the very same "
+                "object as in your model (its __deepcopy__ returns itself?), so quantizing "
+                "the copy would change your model. Make copy.deepcopy return a new object "
+                "for it, or remove its __deepcopy__")
 
 
 def bake_weight_reparametrizations(model: nn.Module) -> None:

@@ -45,31 +45,18 @@ from autoquant.quant.integer import CONV_KINDS, bias_ints, kernel_note_of, runs_
 from autoquant.quant.qmath import dynamic_fake_quantize, fake_quantize, qrange
 from autoquant.quant.quantizer import ActivationObserver, weight_qparams
 from autoquant.quant.target import deploy_weight_bits, host_target
+from autoquant.quant.wrapping import (
+    DIRECT_KINDS,
+    call_with_module_hooks,
+    compare,
+    forward_attribute,
+    no_fast_path,
+)
 
-__all__ = ["QuantState", "QuantLayer", "forward_attribute", "no_fast_path"]
+__all__ = ["QuantState", "QuantLayer"]
 
 # kinds whose quantized form onnxruntime's CPU provider runs as an integer kernel (QGemm,
 # QLinearConv); its ConvTranspose has no QDQ fusion and runs on dequantized weights
-def forward_attribute(wrapper: nn.Module, name: str) -> Any:
-    """`name` read from the module `wrapper` wraps (its ``module`` child).
-
-    Dunder names are never forwarded: ``copy.deepcopy`` looks up ``__deepcopy__``, and a
-    parametrized module (weight_norm, spectral_norm) defines one, which would copy the
-    wrapped float module in place of the wrapper."""
-    inner = wrapper.__dict__.get("_modules", {}).get("module")
-    if inner is None or (name.startswith("__") and name.endswith("__")):
-        raise AttributeError(f"{type(wrapper).__name__!r} object has no attribute {name!r}")
-    return getattr(inner, name)
-
-
-def no_fast_path(module: nn.Module, args: Any) -> None:
-    """A no-op forward pre-hook; its presence disables torch's fused encoder fast path.
-
-    Why: ``nn.TransformerEncoderLayer`` in eval mode may call a fused kernel that reads its
-    children's raw float weights, skipping the quantized wrappers (search and export)."""
-    return None
-
-
 class QuantState(enum.Enum):
     """What every `QuantLayer` does in a forward pass; set by the engine only."""
 
@@ -100,6 +87,7 @@ class QuantLayer(nn.Module):
             raise ModelError(f"layer {name!r} ({type(module).__name__}) has no weight tensor")
         self._init_state(module, name, config, weight_axis)
         self.observer = ActivationObserver(config.activation)
+        self.observer.owner = name
         # the output quantizer a convolution needs when no quantizing layer reads its output
         out_cfg = dataclasses.replace(
             config.activation, bits=8, per_channel=False,
@@ -132,6 +120,7 @@ class QuantLayer(nn.Module):
         self._out_q: tuple[int, int] | None = None  # the output quantizer's qmin, qmax
         self.requant = False  # quantize the output (set per plan by the engine)
         self.requant_note: str | None = None  # why a convolution's output stays float
+        self.nonfinite = False  # the sensitivity pass saw NaN/inf in the quantized output
         self.out_relu = False  # every reader rectifies the output first (autoquant.quant.dataflow)
         self.register_forward_pre_hook(no_fast_path)
 
@@ -350,7 +339,14 @@ class QuantLayer(nn.Module):
     def _quant_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         if self._weight_q is None:
             return self.module(x, *args, **kwargs)
-        return self._run(self.quantize_input(x), self.quantized_weight(), args, kwargs)
+
+        def compute(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return self._run(self.quantize_input(x), self.quantized_weight(), args, kwargs)
+
+        if self.integer_kernel or (not args and not kwargs and type(self.module) in DIRECT_KINDS):
+            # computed without calling the module: run the user's hooks on it around us
+            return call_with_module_hooks(self.module, compute, x, *args, **kwargs)
+        return compute(x, *args, **kwargs)  # through functional_call: its hooks run there
 
     def _observe_output(self, y: Any) -> None:
         # a convolution's output range, for the output quantizer `requant` switches on
@@ -379,7 +375,7 @@ class QuantLayer(nn.Module):
         y = self.module(x, *args, **kwargs)
         if self.comparator is not None and self._weight_q is not None:
             y_q = self._quant_forward(x, args, kwargs)
-            self.comparator.update(y.detach(), y_q.detach())
+            compare(self, y, y_q)
         return y
 
     def _dump(self, x: torch.Tensor) -> None:

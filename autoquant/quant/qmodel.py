@@ -64,6 +64,10 @@ def find_quantizable_layers(model: nn.Module) -> list[str]:
             if isinstance(child, QuantLayer):
                 names.append(full)
             elif weight_axis_of(child) is not None:
+                if any(p.numel() == 0 for p in child.parameters(recurse=False)):
+                    logger.info("layer %s has an empty weight (a zero-size dimension): it "
+                                "stays float", full)
+                    continue
                 names.append(full)
     return names
 
@@ -77,6 +81,17 @@ def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]
                 f"the quant config names {name!r}, which is the same module object as "
                 f"{canonical[name]!r} (a shared module is one unit); use {canonical[name]!r}"
             )
+
+
+def _check_finite_weights(name: str, module: nn.Module) -> None:
+    """NaN or inf in a weight makes every scale NaN and every quantized output NaN."""
+    for pname, param in module.named_parameters():
+        bad = int((~torch.isfinite(param.detach())).sum())
+        if bad:
+            raise ModelError(
+                f"layer {name!r}: its parameter {pname!r} holds {bad} NaN or inf value(s), "
+                "so its quantization scales and outputs would be NaN; fix the weights (the "
+                "float model computes garbage with them too), or skip the layer")
 
 
 def _working_copy(model: nn.Module) -> nn.Module:
@@ -164,6 +179,7 @@ class QuantModel:
         layers: dict[str, QuantLayer] = {}
         for name in names:
             module = self.model.get_submodule(name)
+            _check_finite_weights(name, module)
             wrapper = wrapper_class_of(module)
             layer = wrapper(module, name, self.config.layer_config(name),
                             weight_axis_of(module))
@@ -314,7 +330,7 @@ class QuantModel:
                 original = self.layers.pop(name).module
                 for where in (name, *self.aliases.get(name, ())):
                     _set_submodule(self.model, where, original)
-        return self.model
+        return self.model.eval()  # an evaluator may have left it in train mode
 
     def layer_rows(self) -> list[dict[str, Any]]:
         """Name, type, parameter count, mode, aliases and calls per forward pass of every
@@ -327,12 +343,27 @@ class QuantModel:
                 "name": name,
                 "type": type(inner).__name__,
                 "parameters": sum(p.numel() for p in inner.parameters()),
+                "weight_elements": _weight_elements(module, inner),
                 "mode": module.config.mode if isinstance(module, QuantLayer) else None,
                 "aliases": list(self.aliases.get(name, ())),
                 "calls_per_forward": self.calls_per_forward.get(name),
                 "shares_parameters_with": list(self.tied.get(name, ())),
             })
         return rows
+
+
+def _weight_elements(module: nn.Module, inner: nn.Module) -> int:
+    """How many parameter elements of a layer its scheme quantizes (the rest, e.g. a bias,
+    stays float): the report's stored sizes count these at their storage width."""
+    names = getattr(module, "weight_names", None) or ("weight",)
+    total = 0
+    for name in names:
+        value: Any = inner
+        for part in name.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, torch.Tensor):
+            total += value.numel()
+    return total
 
 
 def _quantizes_input_exactly(layer: QuantLayer) -> bool:

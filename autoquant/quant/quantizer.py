@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from autoquant.config import QuantizerConfig
-from autoquant.errors import InternalError
+from autoquant.errors import InternalError, ModelError
 from autoquant.quant.clipping import entropy_range, mse_weight_range
 from autoquant.quant.qmath import QParams, compute_qparams, fake_quantize, qrange
 
@@ -78,6 +78,7 @@ class ActivationObserver:
         self._generator = torch.Generator().manual_seed(seed)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int, int, int | None]] = {}
         self.choice: tuple[str, float] | None = None  # (algorithm, percentile) for "auto"
+        self.owner = ""  # the layer it observes, for messages
         self._sorted_cache: tuple[bool, torch.Tensor] | None = None  # cleared by update
 
     @property
@@ -97,8 +98,15 @@ class ActivationObserver:
             lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
         else:
             lo, hi = x.min().float().reshape(1), x.max().float().reshape(1)
-        if self.min_val is None or self.min_val.shape != lo.shape:
+        if self.min_val is None:
             self.min_val, self.max_val = lo, hi
+        elif self.min_val.shape != lo.shape:  # would silently restart the statistics
+            owner = f" of layer {self.owner!r}" if self.owner else ""
+            raise ModelError(
+                f"the per-channel activation statistics{owner} need the same size of axis 1 "
+                f"in every calibration batch, got {self.min_val.numel()} then {lo.numel()}; "
+                "set activation per_channel: false for this layer (or calibrate on batches "
+                "of one shape)")
         else:
             self.min_val = torch.minimum(self.min_val, lo)
             self.max_val = torch.maximum(self.max_val, hi)

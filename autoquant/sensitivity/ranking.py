@@ -11,6 +11,7 @@ Metrics are plug-ins: subclass `SensitivityMetric` and register it by name
 from __future__ import annotations
 
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+NONFINITE_SCORE = -1e30  # below every metric's range: a layer whose quantized output broke
 
 
 class SensitivityMetric(ABC):
@@ -128,6 +131,13 @@ class LayerSensitivity:
         return asdict(self)
 
 
+def _file_name(layer: str) -> str:
+    """`layer` as one safe path component: separators, ``..`` and leading dots escaped (a
+    top-level layer named ``/etc`` must not write outside the dump folder)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", lambda m: f"%{ord(m.group()):02X}", layer)
+    return name if name.strip(".") and not name.startswith(".") else f"%2E{name}"
+
+
 def compute_sensitivity(
     qmodel: QuantModel,
     calibrate: Calibrate,
@@ -138,7 +148,8 @@ def compute_sensitivity(
 
     Runs the calibration batches (`calibrate`) once more with layers in ``COMPARE`` state.
     `dump_dir`, if given, receives each layer's input activations, one file per call
-    (``<dump_dir>/<layer>/input_00000.pt``), for inspection.
+    (``<dump_dir>/<layer>/input_00000.pt``, the layer name made a safe file name: a name
+    never becomes a path outside `dump_dir`), for inspection.
     """
     metric_cls = SENSITIVITY_METRICS.resolve(metric) if isinstance(metric, str) else metric
     if not (isinstance(metric_cls, type) and issubclass(metric_cls, SensitivityMetric)):
@@ -151,7 +162,7 @@ def compute_sensitivity(
         layer.calls = 0
         layer.comparator = metric_cls() if name in names else None
         if dump_dir is not None and name in names:
-            layer.dump_dir = Path(dump_dir) / name
+            layer.dump_dir = Path(dump_dir) / _file_name(name)
     start = time.perf_counter()
     try:
         qmodel.calibration_pass(calibrate, QuantState.COMPARE, "(sensitivity pass)")
@@ -161,8 +172,14 @@ def compute_sensitivity(
     rows = []
     for name in names:
         layer = qmodel.layers[name]
-        rows.append((layer.comparator.score(), name, layer.calls))
+        score = layer.comparator.score()
+        if layer.nonfinite:  # NaN/inf quantized outputs: most sensitive, whatever the metric
+            logger.warning("layer %s: its quantized output has NaN or inf on the calibration "
+                           "data (broken ranges or weights); it is ranked most sensitive", name)
+            score = NONFINITE_SCORE
+        rows.append((score, name, layer.calls))
         layer.comparator = None
+        layer.nonfinite = False
     rows.sort(key=lambda r: (r[0], names.index(r[1])))
     logger.info(
         "sensitivity (%s) of %d layers in %.2fs", metric_cls.name or metric_cls.__name__,

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
+from autoquant.batches import primary_tensor
 from autoquant.config import LayerConfig
 from autoquant.errors import ModelError
 from autoquant.plan import parse_scheme
@@ -34,21 +34,9 @@ from autoquant.quant.quantizer import (
     weight_qparams,
 )
 from autoquant.quant.target import deploy_weight_bits
+from autoquant.quant.wrapping import compare
 
 __all__ = ["MultiQuantLayer", "primary_tensor"]
-
-
-def primary_tensor(output: Any) -> torch.Tensor:
-    """The tensor a sensitivity metric compares: `output` itself or its first tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, PackedSequence):
-        return output.data
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, (torch.Tensor, PackedSequence)):
-                return primary_tensor(item)
-    raise ModelError(f"cannot compare a layer output of type {type(output).__name__}")
 
 
 def _key(name: str) -> str:
@@ -255,7 +243,7 @@ class MultiQuantLayer(QuantLayer):
         y = self.module(*args, **kwargs)
         if self.comparator is not None and self._weight_q is not None:
             y_q = self._in_phase("quant", args, kwargs)
-            self.comparator.update(primary_tensor(y).detach(), primary_tensor(y_q).detach())
+            compare(self, y, y_q)
         return y
 
     def extra_repr(self) -> str:
