@@ -14,6 +14,7 @@ import difflib
 import inspect
 import math
 import numbers
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,6 +25,7 @@ from autoquant.evaluation.criterion import AccuracyCriterion, LossType
 __all__ = ["SearchSettings", "SETTINGS_VERSION", "SettingError"]
 
 SETTINGS_VERSION = 1
+_MAX_SECONDS = min(threading.TIMEOUT_MAX, 1e9)
 
 
 class SettingError(ConfigError):
@@ -42,6 +44,10 @@ def _check_seconds(key: str, value: Any) -> float | None:
             not math.isfinite(value) or value <= 0:
         raise SettingError(key, f"must be a number of seconds > 0 or None (no limit), "
                                 f"got {value!r}")
+    if value > _MAX_SECONDS:  # a thread cannot wait that long (OverflowError)
+        raise SettingError(key, f"must be at most {_MAX_SECONDS:.0f} seconds (about "
+                                f"{_MAX_SECONDS / 3.15e7:.0f} years), got {value!r}; use None "
+                                "for no limit")
     return float(value)
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +38,11 @@ def call_user(evaluator: Any, method: str, model: nn.Module, where: str = "") ->
     try:
         with torch.no_grad():
             return func(model)
+    except SystemExit as err:  # would end the run with nothing said
+        raise EvaluatorError(
+            f"{type(evaluator).__name__}.{method}() {where} called sys.exit({err.code!r}); "
+            "return a metric (or raise an exception) instead"
+        ) from err
     except Exception as err:
         suffix = f" {where}" if where else ""
         raise EvaluatorError(
@@ -77,8 +83,12 @@ class EvaluatorAdapter:
             )
         self.evaluator = evaluator
         self.name = type(evaluator).__name__
-        self.criterion = criterion or AccuracyCriterion(
-            higher_is_better=bool(getattr(evaluator, "higher_is_better", True)))
+        direction = getattr(evaluator, "higher_is_better", True)
+        if not isinstance(direction, (bool, np.bool_)):
+            raise EvaluatorError(
+                f"{self.name}.higher_is_better is {type(direction).__name__} {direction!r:.30}; "
+                "it must be True or False (a string such as 'False' is truthy)")
+        self.criterion = criterion or AccuracyCriterion(higher_is_better=bool(direction))
         self.timeout = timeout
 
     # -- calls -------------------------------------------------------------------------------
@@ -117,6 +127,11 @@ class EvaluatorAdapter:
                         "(ok: bool, loss: float)"
                     )
                 ok, loss = out
+                if not isinstance(ok, (bool, np.bool_)):
+                    raise EvaluatorError(
+                        f"{self.name}.metric_eval() returned ok={ok!r:.30} "
+                        f"({type(ok).__name__}); it must be True or False (a string such as "
+                        "'False' is truthy)")
                 return bool(ok), check_metric_value(loss, "metric_eval() (its loss)")
         return self.criterion.check(original, new)
 

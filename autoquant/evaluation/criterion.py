@@ -33,7 +33,10 @@ def check_metric_value(value: Any, where: str) -> float:
             f"{where} returned {type(value).__name__} {value!r:.60}; expected a real number"
             f"{hint}. Make the method return a Python float."
         )
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        out = math.inf
     if not math.isfinite(out):
         raise EvaluatorError(
             f"{where} returned {out}; expected a finite number. Check the evaluator for a "
