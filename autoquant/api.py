@@ -184,7 +184,8 @@ def _result(qmodel: QuantModel, adapter: EvaluatorAdapter, cfg: QuantConfig,
     chosen = calibration_overrides(qmodel)
     qmodel.finalize(plan)
     return SearchResult(
-        status=outcome.status, met=bool(best is not None and best.passed),
+        status=outcome.status,
+        met=bool(best is not None and best.passed and any(s != FLOAT for s in plan.values())),
         reason=outcome.reason, float_metric=outcome.float_record.metric,
         full_quant_metric=None if outcome.full_quant is None else outcome.full_quant.metric,
         quant_metric=None if best is None else best.metric,
@@ -200,6 +201,7 @@ def _result(qmodel: QuantModel, adapter: EvaluatorAdapter, cfg: QuantConfig,
         higher_is_better=adapter.criterion.higher_is_better, target=qmodel.target,
         folded_bn=[list(p) for p in qmodel.folded], checks=checks,
         determinism=runner.determinism, deploy_checks=stage.deploy_checks,
+        closest=outcome.closest,
         example_inputs=example_inputs, check_inputs=list(qmodel.calibration_inputs),
     )
 

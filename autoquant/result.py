@@ -30,10 +30,14 @@ class SearchResult:
     """The outcome of `autoquant.auto_quantize`.
 
     Attributes:
-        status: ``"met"`` (the chosen plan is within the loss budget), ``"not_met"`` (the
-            strategy finished and no plan met it) or ``"budget_exhausted"`` (the evaluation
-            budget ran out first; the plan is the best found so far).
-        met: True when the chosen plan's loss is within the budget.
+        status: ``"met"`` (the chosen plan is within the loss budget), ``"float_only"`` (the
+            strategy finished and only the float model met it: nothing stays quantized),
+            ``"not_met"`` (not even the float model meets the evaluator's criterion) or
+            ``"budget_exhausted"`` (the evaluation budget ran out first; the plan is the
+            best passing one found so far, maybe the float model).
+        met: True when the chosen plan quantizes something and its loss is within the
+            budget (the saved plan always passes: a failing one is only reported as
+            `closest`).
         reason: one sentence on why the status is what it is.
         float_metric: the float model's metric.
         full_quant_metric: the metric with every searchable layer quantized (None if not
@@ -64,6 +68,8 @@ class SearchResult:
             among the prefix plans evaluated); a key is absent when its check did not run.
         determinism: the evaluator determinism check (``check_determinism=True``): the two
             float metrics, their difference and whether they agree; None if not checked.
+        closest: when no quantized plan passed, the one with the lowest loss (reported,
+            not saved).
         deploy_checks: the chosen plans scored in onnxruntime (``verify_deploy=True``), in
             order, as `autoquant.search.deploy_check.DeployCheck`; the last one is the
             returned plan's.
@@ -97,6 +103,7 @@ class SearchResult:
     checks: dict[str, Any] = field(default_factory=dict)
     determinism: dict[str, Any] | None = None
     deploy_checks: list[Any] = field(default_factory=list)
+    closest: TrialRecord | None = None
     example_inputs: Any = field(default=None, repr=False, compare=False)
     check_inputs: list[Any] = field(default_factory=list, repr=False, compare=False)
 
@@ -133,17 +140,16 @@ class SearchResult:
 
     def summary(self) -> str:
         """A few lines a person reads in ten seconds."""
-        n = len(self.quantized_layers) + len(self.fallback_layers) + len(self.skipped_layers)
         lines = [
             f"status: {self.status} ({self.reason})",
             f"float metric: {self.float_metric:.6g}   "
             f"all-quantized: {_fmt(self.full_quant_metric)}   final: {_fmt(self.quant_metric)}",
             f"loss: {_fmt(self.loss)} (budget {self.settings.max_loss} "
             f"{self.settings.loss_type})",
-            f"layers quantized: {len(self.quantized_layers)}/{n}; fell back: "
-            f"{', '.join(self.fallback_layers) or 'none'}",
+            self._layer_line(),
             f"effective bits: weights {self.effective_bits['weights']:.2f}, activations "
             f"{self.effective_bits['activations']:.2f}",
+            self._size_line(),
             f"evaluations: {self.num_evaluations}   time: {self.timings.get('total', 0):.1f}s "
             f"({self.timings.get('evaluator', 0):.1f}s in the evaluator)",
         ]
@@ -163,6 +169,27 @@ class SearchResult:
         if self.checks.get("monotonicity"):
             lines.append(f"monotonicity violations: {len(self.checks['monotonicity'])}")
         return "\n".join(lines)
+
+    def _layer_line(self) -> str:
+        """``layers quantized: k/N (the schemes); fell back: ...`` with every layer counted
+        once: a layer at a higher-bit rung is quantized *and* fell back from its scheme."""
+        schemes = [self.plan.get(row["name"], "float") for row in self.layers]
+        counts = {s: schemes.count(s) for s in dict.fromkeys(schemes) if s != "float"}
+        shown = ", ".join(f"{c} {s.upper()}" for s, c in counts.items())
+        quantized = sum(counts.values())
+        return (f"layers quantized: {quantized}/{len(self.layers)}"
+                + (f" ({shown})" if shown else "")
+                + f"; fell back: {', '.join(self.fallback_layers) or 'none'}")
+
+    def _size_line(self) -> str:
+        """Weight bytes as an export stores them (int8/int16, not bit-packed) vs float32."""
+        from autoquant.report.build import model_sizes
+
+        sizes = model_sizes(self.layers, self.plan)
+        f_b, q_b = sizes["float_weight_bytes"], sizes["quantized_weight_bytes"]
+        ratio = f" ({f_b / q_b:.2f}x smaller)" if f_b and q_b else ""
+        return (f"weights as stored: {q_b:,} bytes quantized (int8/int16) vs {f_b:,} float32"
+                f"{ratio}")
 
     def to_report(self) -> dict[str, Any]:
         """The JSON report (`autoquant.report.build.build_report`)."""

@@ -63,9 +63,9 @@ def test_user_model_is_never_mutated():
 def test_conv_bn_model_search_end_to_end_with_fidelity_metric(tmp_path):
     model = convnet()
     result = aq.auto_quantize(model, fidelity(model), (torch.randn(1, 3, 6, 6),),
-                              max_loss=2e-4, config={"default": {"weight": {"bits": 4}}})
+                              max_loss=3e-4, config={"default": {"weight": {"bits": 4}}})
     assert result.folded_bn == [["conv", "bn"]]
-    assert result.status == "met" and result.loss <= 2e-4
+    assert result.status == "met" and result.loss <= 3e-4 and result.quantized_layers
     assert [r.name for r in result.sensitivity] and result.sensitivity[0].rank == 0
     assert result.num_evaluations <= math.ceil(math.log2(3 + 1)) + 2
     # the fake-quant model reproduces the accepted metric

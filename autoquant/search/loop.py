@@ -7,23 +7,26 @@ evaluator returns and the trial history live here, in one place, for every strat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from autoquant.errors import EvaluatorError
 from autoquant.evaluation.adapter import EvaluatorAdapter
 from autoquant.evaluation.guard import determinism_record
 from autoquant.plan import FLOAT, QuantPlan, plan_key
 from autoquant.quant.qmodel import QuantModel
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
 
-__all__ = ["TrialRunner", "SearchOutcome", "run_search", "SearchStatus"]
+__all__ = ["TrialRunner", "SearchOutcome", "run_search", "SearchStatus", "trial_label"]
 
 logger = logging.getLogger(__name__)
 
-SearchStatus = Literal["met", "not_met", "budget_exhausted"]
+SearchStatus = Literal["met", "float_only", "not_met", "budget_exhausted"]
 
 
 class BudgetExhausted(Exception):
@@ -57,6 +60,7 @@ class TrialRunner:
     _prefetched: dict[str, tuple[Any, float]] = field(default_factory=dict)
 
     extra_evaluations: int = 0  # evaluations outside the trial history (deploy checks)
+    resume_check: dict[str, Any] | None = None
 
     @property
     def num_evaluations(self) -> int:
@@ -152,6 +156,26 @@ class TrialRunner:
         self.evaluator_seconds += seconds
         return metric, seconds
 
+    def recheck_baseline(self, record: TrialRecord) -> None:
+        """On resume, evaluate the float model again and compare with the journal's score.
+
+        The live call re-establishes any state the evaluator takes from the first model it
+        sees; a different score means the reused records would be judged against another
+        reference, so the resume is refused (EvaluatorError) instead of changing the answer.
+        The call is outside the trial budget, so a resumed run makes the same decisions.
+        """
+        metric, seconds = self.measure(record.plan, "in the resume check (the float model)")
+        same = math.isclose(record.metric, metric, rel_tol=1e-9, abs_tol=1e-12)
+        self.resume_check = {"checked": True, "same": same, "journal": record.metric,
+                             "now": metric, "extra_evaluations": 1, "seconds": seconds}
+        if not same:
+            raise EvaluatorError(
+                f"cannot resume: the float model scored {record.metric!r} in the journal and "
+                f"{metric!r} now, so the journal's trials were judged against another "
+                "reference; make the evaluator reproducible across runs (seed it, fix its "
+                "data, do not keep state between runs) or start a fresh run without --resume"
+            )
+
     def _run(self, plan: QuantPlan, label: str) -> TrialRecord:
         index = self.num_evaluations
         metric, seconds = self.measure(plan, f"in trial {index} ({label})")
@@ -179,6 +203,7 @@ class SearchOutcome:
     float_record: TrialRecord
     full_quant: TrialRecord | None
     reason: str
+    closest: TrialRecord | None = None  # the lowest-loss failing plan, when none passed
 
 
 def _compression_key(record: TrialRecord, quant: Mapping[str, str]) -> tuple:
@@ -186,6 +211,15 @@ def _compression_key(record: TrialRecord, quant: Mapping[str, str]) -> tuple:
     at_quant = sum(record.plan[n] == quant[n] for n in record.plan)
     non_float = sum(s != FLOAT for s in record.plan.values())
     return (at_quant, non_float, -record.loss)
+
+
+def trial_label(plan: QuantPlan, fallback: list[str]) -> str:
+    """``all quantized``, or ``fallback k [id]`` with a short id of the plan, so two plans
+    with as many fallbacks (a float layer, or one at a 16-bit rung) are told apart."""
+    if not fallback:
+        return "all quantized"
+    digest = hashlib.sha1(plan_key(plan).encode()).hexdigest()[:6]
+    return f"fallback {len(fallback)} [{digest}]"
 
 
 def run_search(
@@ -225,6 +259,8 @@ def run_search(
         strategy.name or type(strategy).__name__, len(context.ranking), bound, budget,
     )
     float_record = evaluate(float_plan, "float")
+    if plan_key(float_plan) in runner.preloaded and runner.resume_check is None:
+        runner.recheck_baseline(float_record)
     if runner.check_determinism:  # one extra evaluation, outside the trial budget
         metric, seconds = runner.measure(float_plan, "in the determinism check (float again)")
         runner.determinism = determinism_record(float_record.metric, metric, seconds)
@@ -236,8 +272,7 @@ def run_search(
             break
         runner.prefetch(plans)
         for plan in plans:
-            k = len(runner.fallback_layers(plan))
-            label = "all quantized" if k == 0 else f"fallback {k}"
+            label = trial_label(plan, runner.fallback_layers(plan))
             try:
                 record = evaluate(plan, label)
             except BudgetExhausted:
@@ -251,32 +286,43 @@ def run_search(
 
 def _outcome(runner: TrialRunner, visited: list[TrialRecord], status: SearchStatus | None,
              quant: Mapping[str, str], float_record: TrialRecord) -> SearchOutcome:
-    """The status, the chosen record and the reason, from the records the strategy saw."""
+    """The status, the chosen record and the reason, from the records the strategy saw.
+
+    The chosen record always passes: a passing quantized plan (the most compressed), else
+    the float baseline (status ``float_only``, or ``budget_exhausted`` when the budget cut
+    the search short), else none (``not_met``: even the float model fails the criterion).
+    The lowest-loss failing quantized plan is reported as `closest`, never saved.
+    """
     quantized = [r for r in visited if any(s != FLOAT for s in r.plan.values())]
     full = next((r for r in visited if not runner.fallback_layers(r.plan)), None)
-    passing = [r for r in visited if r.passed]
+    passing = [r for r in quantized if r.passed]
+    failing = [r for r in quantized if not r.passed]
+    closest = min(failing, key=lambda r: r.loss) if failing and not passing else None
     if passing:
-        best = max(passing, key=lambda r: _compression_key(r, quant))
-    elif quantized:
-        best = min(quantized, key=lambda r: r.loss)
+        best: TrialRecord | None = max(passing, key=lambda r: _compression_key(r, quant))
+        status = status or "met"
+    elif float_record.passed:
+        best = float_record
+        status = status or "float_only"
     else:
         best = None
-    if status is None:
-        status = "met" if passing else "not_met"
+        status = status or "not_met"
+    return SearchOutcome(status, best, float_record, full, _reason(runner, status), closest)
+
+
+def _reason(runner: TrialRunner, status: SearchStatus) -> str:
     if status == "met":
-        reason = "the loss is within the budget"
-        if best is not None and not any(s != FLOAT for s in best.plan.values()):
-            reason = ("only the all-float plan met the loss budget: no layer could stay "
-                      "quantized under this threshold")
-            logger.warning(reason)
-    elif status == "not_met":
-        reason = ("no evaluated plan met the loss budget, not even with every searchable layer "
-                  "fallen back; the evaluator may be non-deterministic, or the threshold below "
-                  "its noise")
-    elif runner.stopped_by == "time":
-        reason = ("the wall-time budget (max_seconds) ran out before the strategy finished; "
-                  "the result is the best plan found so far")
-    else:
-        reason = (f"the evaluation budget ({runner.max_evaluations}) ran out before the "
-                  "strategy finished; the result is the best plan found so far")
-    return SearchOutcome(status, best, float_record, full, reason)
+        return "the loss is within the budget"
+    if status == "float_only":
+        reason = ("only the all-float plan met the loss budget: no layer could stay quantized "
+                  "under this threshold (the result is the float model)")
+        logger.warning(reason)
+        return reason
+    if status == "not_met":
+        return ("no evaluated plan met the loss budget, not even the float model judged "
+                "against itself (check the evaluator's metric_eval)")
+    if runner.stopped_by == "time":
+        return ("the wall-time budget (max_seconds) ran out before the strategy finished; the "
+                "result is the best passing plan found so far")
+    return (f"the evaluation budget ({runner.max_evaluations}) ran out before the strategy "
+            "finished; the result is the best passing plan found so far")

@@ -102,6 +102,8 @@ def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
         outcome, deployed = search_until_deployed(
             runner, new_strategy, context, qmodel.float_plan(), deploy, progress)
         checks["monotonicity"] = monotonicity_violations(runner.history, context)
+        if runner.resume_check is not None:
+            checks["resume"] = runner.resume_check
         if settings.audit:
             checks["audit"] = ranking_audit(runner, context, settings.audit)
     finally:

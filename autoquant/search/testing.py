@@ -179,7 +179,7 @@ class StrategyTestCase:
 
     def test_falls_back_everything_when_nothing_else_passes(self) -> None:
         result, _ = self.search(self.drops(), 0.0)
-        assert result.met and result.loss == 0.0
+        assert result.status == "float_only" and not result.met and result.loss == 0.0
         assert result.quantized_layers == []
 
     def test_never_evaluates_a_plan_twice(self) -> None:

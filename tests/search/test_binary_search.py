@@ -32,7 +32,8 @@ def test_binary_finds_the_exact_k_within_the_log_bound(k_star):
     names = linear_names(N)
     ev = DropEvaluator(drops_for_exact_k(names, k_star))
     result = aq.auto_quantize(mlp(N), ev, max_loss=0.1, ranking=fixed_ranking(names))
-    assert result.status == "met" and result.met
+    # every layer falling back is the float model: its own status, not "met"
+    assert (result.status, result.met) == (("met", True) if k_star < N else ("float_only", False))
     assert result.fallback_layers == names[:k_star]
     assert len(result.quantized_layers) == N - k_star
     bound = math.ceil(math.log2(N + 1)) + 2
@@ -66,9 +67,12 @@ def test_budget_exhausted_returns_the_best_plan_so_far():
     result = aq.auto_quantize(mlp(N), ev, max_loss=0.1, ranking=fixed_ranking(names),
                               max_evaluations=3)
     assert result.status == "budget_exhausted" and ev.calls == 3
-    # float, all-quantized (fail), k=7 (fail): nothing passed, best loss is returned
-    assert not result.met and result.plan
-    assert result.loss == min(r.loss for r in result.history[1:])
+    # float, all-quantized (fail), k=7 (fail): only the float plan passed, so the saved
+    # result is the float plan; the lowest-loss failing plan is reported, never saved
+    assert not result.met and result.loss == 0.0 and result.quantized_layers == []
+    assert [r.passed for r in result.history if r.plan == result.plan] == [True]
+    assert result.closest is not None and not result.closest.passed
+    assert result.closest.loss == min(r.loss for r in result.history[1:])
     assert "budget" in result.reason
 
 
@@ -81,22 +85,34 @@ def test_budget_exhausted_after_a_pass_keeps_the_passing_plan():
     assert result.fallback_layers == names[:7]  # the first split point, k=7, passed
 
 
-def test_all_fallback_failing_is_not_met_without_crash():
+def test_all_fallback_failing_returns_the_float_model_as_float_only():
     # a drifting evaluator: every call after the float baseline scores lower, so even the
     # all-fallback plan (16-bit here: a real evaluation, not the cached baseline) fails
     ev = ListEvaluator([1.0, 0.5, 0.4, 0.3, 0.2, 0.1])
     result = aq.auto_quantize(mlp(4), ev, max_loss=0.01,
                               config={"default": {"fallback": 16}})
-    assert result.status == "not_met" and not result.met
-    assert "no evaluated plan met" in result.reason
+    assert result.status == "float_only" and not result.met
+    assert result.quantized_layers == [] and result.loss == 0.0
     assert result.model is not None and result.plan
+
+
+def test_float_model_failing_its_own_criterion_is_not_met():
+    class Never(DropEvaluator):
+        def metric_eval(self, original, new):
+            return False, 1.0
+
+    names = linear_names(3)
+    result = aq.auto_quantize(mlp(3), Never(dict.fromkeys(names, 0.0)), max_loss=0.01)
+    assert result.status == "not_met" and not result.met
+    assert not any(r.passed for r in result.history)
+    assert "no evaluated plan met" in result.reason
 
 
 def test_all_float_plan_is_reused_from_the_baseline_not_re_evaluated():
     names = linear_names(3)
     ev = DropEvaluator(dict.fromkeys(names, 1.0))
     result = aq.auto_quantize(mlp(3), ev, max_loss=0.01, ranking=fixed_ranking(names))
-    assert result.met and result.quantized_layers == []
+    assert result.status == "float_only" and result.quantized_layers == []
     assert ev.calls == result.num_evaluations == len({frozenset(s) for s in ev.seen})
     assert "only the all-float plan" in result.reason
 

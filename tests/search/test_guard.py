@@ -59,9 +59,12 @@ def test_evaluator_crash_in_trial_k_keeps_trials_before_k_and_resume_repeats_non
     flag.unlink()  # the flaky service is back
     assert main(["run", str(job), "-q", "--resume"]) == EXIT_OK
     plans = logged_plans(log)
-    assert len(plans) == len(set(plans)) == expected["counts"]["evaluations"]  # zero repeats
+    # no trial repeats; only the float baseline is scored once more, to re-check it
+    assert plans[k] == plans[0] and len(set(plans)) == expected["counts"]["evaluations"]
+    assert len(plans) == expected["counts"]["evaluations"] + 1
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["run"]["reused_evaluations"] == k
+    assert report["checks"]["resume"]["same"] is True
     assert report["plan"] == expected["plan"] and report["status"] == expected["status"]
 
 
@@ -86,8 +89,10 @@ def test_hung_evaluation_times_out_keeps_the_journal_and_resume_finishes(tmp_pat
     assert len(read_journal(tmp_path / JOURNAL_FILE).records) == 3
     fresh = jobhelpers.TinyEvaluator(depth=6, log=str(tmp_path / "evals.log"))
     resumed = search_with_journal(tmp_path, fresh, eval_timeout=30)
-    assert len(logged_plans(tmp_path / "evals.log")) == reference.num_evaluations - 3
+    # the trials after the third, plus the float baseline once to re-check it
+    assert len(logged_plans(tmp_path / "evals.log")) == reference.num_evaluations - 3 + 1
     assert resumed.plan == reference.plan and resumed.status == reference.status
+    assert resumed.checks["resume"]["same"] is True
 
 
 def test_eval_timeout_does_not_change_the_result_of_a_fast_evaluator():

@@ -85,7 +85,7 @@ def test_refinement_is_never_worse_than_binary(drops, order_seed, budget) -> Non
     plain, _ = run("binary", named, budget / 1024, named_ranking(order))
     refined, _ = run("binary", named, budget / 1024, named_ranking(order),
                      strategy_options={"refine": True})
-    assert refined.met == plain.met
+    assert refined.met >= plain.met  # refinement only ever adds passing plans
     if plain.met:
         assert refined.loss <= budget / 1024
         assert set(refined.fallback_layers) <= set(plain.fallback_layers)
