@@ -3,7 +3,7 @@
 Schema (version 2, JSON Schema in ``autoquant/report/schema.json``): ``schema_version``,
 ``environment`` (autoquant, python, torch, numpy, platform, device, cpu_count),
 ``job`` (the resolved job file, or null outside the CLI), ``run`` (resumed, reused and new
-evaluations, journal path; or null), ``settings``, ``status`` (met, not_met,
+evaluations, journal path; or null), ``settings``, ``status`` (met, float_only, not_met,
 budget_exhausted, interrupted) / ``met`` / ``reason``, ``metrics`` (float, full_quant,
 final, loss), ``counts`` (layers, quantized, fallback, skipped, evaluations), ``timings``
 (seconds: total, calibration, sensitivity, search, evaluator), ``sizes`` (float and
@@ -30,7 +30,7 @@ import torch
 
 from autoquant.plan import FLOAT, effective_bits, parse_scheme
 
-__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "environment", "model_sizes",
+__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "environment", "model_sizes", "storage_bytes",
            "report_from_journal", "report_schema"]
 
 REPORT_SCHEMA_VERSION = 2
@@ -67,15 +67,29 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     }
 
 
-def model_sizes(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str, int]:
-    """Weight bytes of the quantizable layers: float32 vs as quantized by `plan`."""
-    float_bytes = sum(row["parameters"] * 4 for row in layers)
-    quant_bytes = 0
+def storage_bytes(bits: int) -> int:
+    """Bytes per element of the integer type an export stores a `bits`-bit weight in:
+    int8 up to 8 bits, int16 up to 16 (ONNX has no packed 2..7-bit types)."""
+    return 1 if bits <= 8 else 2
+
+
+def model_sizes(layers: list[dict[str, Any]], plan: dict[str, str]) -> dict[str, Any]:
+    """Bytes of the quantizable layers' parameters as stored: float32, against the plan's
+    quantized weights at their storage width (`storage_bytes`, what the exported file
+    holds; not bit-packed) with the rest (biases) float32; and layers per scheme."""
+    float_bytes = quant_bytes = 0
+    schemes: dict[str, int] = {}
     for row in layers:
-        bits = parse_scheme(plan.get(row["name"], FLOAT))
-        quant_bytes += row["parameters"] * 4 if bits is None else -(-row["parameters"] * bits[0]
-                                                                     // 8)
-    return {"float_weight_bytes": float_bytes, "quantized_weight_bytes": quant_bytes}
+        params = row["parameters"] or 0
+        scheme = plan.get(row["name"], FLOAT)
+        schemes[scheme] = schemes.get(scheme, 0) + 1
+        bits = parse_scheme(scheme)
+        float_bytes += params * 4
+        weights = min(row.get("weight_elements", params), params)
+        quant_bytes += params * 4 if bits is None else (
+            weights * storage_bytes(bits[0]) + (params - weights) * 4)
+    return {"float_weight_bytes": float_bytes, "quantized_weight_bytes": quant_bytes,
+            "schemes": dict(sorted(schemes.items()))}
 
 
 def build_report(result: Any, *, job: Mapping[str, Any] | None = None,

@@ -5,6 +5,12 @@ or not, loss vs budget, layers quantized k/N, evaluations, time), a bar chart of
 sensitivity with fallback layers marked, the search trajectory (metric against the number of
 fallback layers, with the threshold line), and the per-layer table. Plots use matplotlib's
 Agg backend (the ``report`` extra); without matplotlib the reports have no plots.
+
+Every string of the report (layer names, labels, the reason, the environment) is text, never
+markup: HTML-escaped in ``report.html``, escaped for Markdown in ``report.md``, and with
+``$`` escaped in plot labels (matplotlib would otherwise parse ``cost$\\foo$`` as mathtext
+and fail). ``autoquant report`` checks a ``report.json`` from disk against the schema
+before it gets here (`autoquant.report.validate`).
 """
 
 from __future__ import annotations
@@ -21,12 +27,12 @@ from autoquant.io.atomic import atomic_write_bytes, atomic_write_text
 from autoquant.io.names import PLOT_DIR, REPORT_HTML, REPORT_MD
 
 __all__ = ["render_report", "plot_sensitivity", "plot_trajectory", "summary_lines",
-           "threshold_metric"]
+           "threshold_metric", "plot_text", "markdown_text"]
 
 logger = logging.getLogger(__name__)
 
-_STATUS = {"met": "MET", "not_met": "NOT MET", "budget_exhausted": "BUDGET EXHAUSTED",
-           "interrupted": "INTERRUPTED"}
+_STATUS = {"met": "MET", "float_only": "FLOAT ONLY", "not_met": "NOT MET",
+           "budget_exhausted": "BUDGET EXHAUSTED", "interrupted": "INTERRUPTED"}
 
 
 def _fmt(value: Any, spec: str = ".6g") -> str:
@@ -35,6 +41,18 @@ def _fmt(value: Any, spec: str = ".6g") -> str:
     if isinstance(value, float):
         return format(value, spec)
     return str(value)
+
+
+def plot_text(text: Any) -> str:
+    """`text` as a matplotlib label that is shown as written: ``$`` escaped, so a layer
+    named ``cost$\\foo$`` is not parsed as (invalid) mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def markdown_text(text: Any) -> str:
+    """`text` for a Markdown page or table cell: HTML special characters escaped (Markdown
+    passes raw HTML through) and ``|`` escaped (it would split a table cell)."""
+    return html.escape(str(text), quote=False).replace("|", "\\|")
 
 
 def _bytes(n: int | None) -> str:
@@ -86,7 +104,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if sizes:
         f_b, q_b = sizes.get("float_weight_bytes"), sizes.get("quantized_weight_bytes")
         ratio = f" ({f_b / q_b:.1f}x smaller)" if f_b and q_b else ""
-        lines.append(f"Weights: {_bytes(f_b)} float, {_bytes(q_b)} quantized{ratio}")
+        lines.append(f"Weights: {_bytes(f_b)} float, {_bytes(q_b)} as stored quantized "
+                     f"(int8/int16, not bit-packed){ratio}")
+        schemes = sizes.get("schemes")
+        if schemes:
+            lines.append("Schemes: " + ", ".join(f"{n} {s.upper() if s != 'float' else s}"
+                                                 for s, n in schemes.items()))
     return lines + deployment_lines(report)
 
 
@@ -106,7 +129,8 @@ def deployment_lines(report: dict[str, Any]) -> list[str]:
     kernels = figures.get("integer_kernels")
     if kernels:
         floats = kernels.get("float") or {}
-        lines.append(kernels["summary"] + (f" (float: {', '.join(floats)})" if floats else ""))
+        lines.append(str(kernels.get("summary", "")) + (f" (float: {', '.join(floats)})"
+                                                        if floats else ""))
     if figures.get("latency_ratio") is not None:
         lines.append(f"Exported file: {_bytes(figures.get('file_bytes'))} "
                      f"({_fmt(figures.get('size_ratio'), '.2f')}x float), latency "
@@ -144,7 +168,7 @@ def _pyplot() -> Any:
 def plot_sensitivity(report: dict[str, Any]) -> bytes | None:
     """PNG: one bar per ranked layer, ``1 - score`` on a log axis, fallback layers red."""
     rows = [r for r in report["layers"] if r.get("rank") is not None and r.get("score")
-            is not None]
+            is not None and math.isfinite(r["score"])]
     plt = _pyplot()
     if plt is None or not rows:
         return None
@@ -156,12 +180,13 @@ def plot_sensitivity(report: dict[str, Any]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(8, min(height, 40)))
     y = list(range(len(rows)))
     ax.barh(y, values, color=colors)
-    ax.set_yticks(y, [r["name"] for r in rows], fontsize=8 if len(rows) < 40 else 6)
+    ax.set_yticks(y, [plot_text(r["name"]) for r in rows],
+                  fontsize=8 if len(rows) < 40 else 6)
     ax.invert_yaxis()
     if max(values) / min(values) > 20:
         ax.set_xscale("log")
     metric = (report.get("settings") or {}).get("sensitivity", "score")
-    ax.set_xlabel(f"1 - {metric} score (longer = more sensitive)")
+    ax.set_xlabel(plot_text(f"1 - {metric} score (longer = more sensitive)"))
     ax.set_title("Per-layer sensitivity (most sensitive first)")
     from matplotlib.patches import Patch
 
@@ -234,24 +259,33 @@ def _table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+_TRIAL_HEAD = ["#", "label", "fallback", "metric", "loss", "pass", "seconds"]
+
+
+def _trial_cells(t: dict[str, Any]) -> list[str]:
+    """One trial as plain-text cells (escape them for the page they go to)."""
+    return [_fmt(t["index"]), str(t["label"]), str(len(t["fallback_layers"])),
+            _fmt(float(t["metric"])), _fmt(float(t["loss"])), "yes" if t["passed"] else "no",
+            _fmt(float(t["seconds"]), ".2f")]
+
+
 def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    md = markdown_text
     out = ["# autoquant search report", ""]
-    out += [f"- {line}" for line in summary_lines(report)] + [""]
+    out += [f"- {md(line)}" for line in summary_lines(report)] + [""]
     for title, name in (("Sensitivity", "sensitivity"), ("Search trajectory", "trajectory")):
         if name in plots:
             out += [f"## {title}", "", f"![{title}]({plots[name]})", ""]
     head, rows = _table(report)
     out += ["## Layers", "", "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    out += ["", "## Trials", "", "| # | label | fallback | metric | loss | pass | seconds |",
-            "|---|---|---|---|---|---|---|"]
-    for t in report.get("trials", []):
-        out.append(f"| {t['index']} | {t['label']} | {len(t['fallback_layers'])} | "
-                   f"{t['metric']:.6g} | {t['loss']:.6g} | {'yes' if t['passed'] else 'no'} | "
-                   f"{t['seconds']:.2f} |")
+    out += ["| " + " | ".join(md(cell) for cell in row) + " |" for row in rows]
+    out += ["", "## Trials", "", "| " + " | ".join(_TRIAL_HEAD) + " |",
+            "|" + "---|" * len(_TRIAL_HEAD)]
+    out += ["| " + " | ".join(md(c) for c in _trial_cells(t)) + " |"
+            for t in report.get("trials", [])]
     env = report.get("environment") or {}
-    out += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    out += ["", "Environment: " + md(", ".join(f"{k} {v}" for k, v in env.items())), ""]
     return "\n".join(out)
 
 
@@ -263,7 +297,7 @@ th{background:#f3f3f3}.met{color:#2ca02c}.fail{color:#d62728}img{max-width:100%}
 
 def _html(report: dict[str, Any], images: dict[str, bytes]) -> str:
     e = html.escape
-    status_cls = "met" if report["status"] == "met" else "fail"
+    status_cls = "met" if report["status"] == "met" else "fail"  # a class name, not text
     items = []
     for line in summary_lines(report):
         text = e(line)
@@ -283,13 +317,10 @@ def _html(report: dict[str, Any], images: dict[str, bytes]) -> str:
     parts.append("<h2>Layers</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head)
                  + "</tr>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row)
                                      + "</tr>" for row in rows) + "</table>")
-    parts.append("<h2>Trials</h2><table><tr><th>#</th><th>label</th><th>fallback</th>"
-                 "<th>metric</th><th>loss</th><th>pass</th><th>seconds</th></tr>")
-    for t in report.get("trials", []):
-        parts.append(f"<tr><td>{t['index']}</td><td>{e(t['label'])}</td>"
-                     f"<td>{len(t['fallback_layers'])}</td><td>{t['metric']:.6g}</td>"
-                     f"<td>{t['loss']:.6g}</td><td>{'yes' if t['passed'] else 'no'}</td>"
-                     f"<td>{t['seconds']:.2f}</td></tr>")
+    parts.append("<h2>Trials</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in _TRIAL_HEAD)
+                 + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in _trial_cells(t)) + "</tr>"
+              for t in report.get("trials", [])]
     env = report.get("environment") or {}
     parts.append("</table><p><small>" + e(", ".join(f"{k} {v}" for k, v in env.items()))
                  + "</small></p></body></html>\n")

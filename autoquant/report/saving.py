@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from autoquant.errors import ConfigError
-from autoquant.io.atomic import atomic_torch_save, atomic_write_text
+from autoquant.io.atomic import atomic_torch_save, atomic_write_text, ensure_directory
 from autoquant.io.names import CONFIG_FILE, REPORT_FILE, STATE_FILE
 from autoquant.report.build import build_report
 
@@ -25,9 +24,12 @@ def save_result(result: Any, directory: str | Path) -> Path:
 
     Example:
         >>> save_result(result, "out/search")
+
+    Raises:
+        OutputError: `directory` is a file, or a file cannot be written (nothing is
+            half-written; see `autoquant.io.atomic`).
     """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_directory(directory, "the folder a result is saved into")
     result.config.save(out / CONFIG_FILE)
     atomic_torch_save(out / STATE_FILE, result.model.state_dict())
     atomic_write_text(out / REPORT_FILE, json.dumps(build_report(result), indent=2) + "\n")
@@ -38,10 +40,9 @@ def save_result(result: Any, directory: str | Path) -> Path:
 def record_deployment(report_path: str | Path, figures: Mapping[str, Any]) -> Path:
     """Write an export's `figures` into ``deployment.export`` of a saved ``report.json``
     (atomically)."""
+    from autoquant.report.validate import read_report
+
     path = Path(report_path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read the report {path}: {err}") from err
+    report = read_report(path)
     report.setdefault("deployment", {})["export"] = dict(figures)
     return atomic_write_text(path, json.dumps(report, indent=2) + "\n")

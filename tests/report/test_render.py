@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -121,3 +122,60 @@ def test_report_json_from_cli_run_round_trips_through_report_command(tmp_path, r
     assert main(["report", str(tmp_path), "-q"]) == 0
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()
     assert json.loads((tmp_path / "report.json").read_text())["status"] == result.status
+
+
+HOSTILE = "<script>alert('x')</script> | cost$\\foo$ & more"
+
+
+def test_hostile_layer_names_and_labels_are_text_in_html_markdown_and_plots(result, tmp_path):
+    report = result.to_report()
+    report["layers"][0]["name"] = HOSTILE
+    report["fallback_layers"] = [HOSTILE]
+    report["trials"][0]["label"] = "<img src=x onerror=alert(1)>"
+    report["reason"] = "<b>bold</b>"
+    written = render_report(report, tmp_path)  # matplotlib would fail on the mathtext
+    assert "sensitivity.png" in {p.name for p in written}
+    html = (tmp_path / "report.html").read_text()
+    md = (tmp_path / "report.md").read_text()
+    for page in (html, md):
+        assert "<script>" not in page and "<img src=x" not in page and "<b>bold" not in page
+    assert "&lt;script&gt;" in html and "&lt;img src=x" in html
+    assert "&lt;script&gt;alert('x')&lt;/script&gt; \\| cost$\\foo$ &amp; more" in md
+
+
+def test_the_built_in_report_check_agrees_with_jsonschema(result):
+    from autoquant.report.validate import schema_problem
+
+    schema = report_schema()
+    good = result.to_report()
+    assert schema_problem(good, schema) is None
+    cases = [("status", "great"), ("met", "yes"), ("counts", {"layers": 1}),
+             ("trials", [{**good["trials"][0], "index": "<script>"}]),
+             ("trials", [{**good["trials"][0], "passed": 1}]),
+             ("metrics", {**good["metrics"], "final": "0.9"}),
+             ("settings", {**good["settings"], "higher_is_better": "no"}),
+             ("layers", [{**good["layers"][0], "rank": 1.5}]), ("schema_version", 3)]
+    for key, value in cases:
+        bad = {**good, key: value}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        assert schema_problem(bad, schema) is not None, key
+    assert schema_problem({**good, "trials": [{**good["trials"][0], "index": 2.0}]},
+                          schema) is None  # 2.0 is an integer to JSON Schema too
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_every_artifact_honours_the_umask(result, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        result.save(tmp_path / "saved")
+        render_report(result.to_report(), tmp_path / "saved")
+        Journal.open(tmp_path / "saved", {"model": "m"}, resume=False)
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "saved").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"quant_config.yaml", "model_state.pt", "report.json",
+                                       "report.md", "report.html", "journal.jsonl",
+                                       "sensitivity.png"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == \
+        {p.name: oct(0o666 & ~umask) for p in files}
