@@ -40,11 +40,54 @@ from autoquant.plan import FLOAT, QuantPlan, parse_scheme, plan_key, scheme_labe
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
 from autoquant.strategies.binary import BinarySearchStrategy
 
-__all__ = ["OptunaStrategy"]
+__all__ = ["OptunaStrategy", "check_storage_url"]
 
 logger = logging.getLogger(__name__)
 
 _FAIL_OFFSET = 33.0  # a failing plan scores above any passing plan's effective bits (<= 32)
+
+
+def check_storage_url(storage: str) -> None:
+    """Check an Optuna storage URL up front, before a run writes anything.
+
+    Parses it as SQLAlchemy does, loads its dialect and database driver, and for a SQLite
+    file checks that its folder exists (SQLite creates the file, never the folder). Without
+    this, a typo surfaces as a SQLAlchemy traceback only once the search starts, after the
+    run has written its journal.
+
+    Raises:
+        ConfigError: naming the URL, what is wrong and the fix.
+    """
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    example = "e.g. 'sqlite:///study.db' (a file) or 'postgresql://user@host/db'"
+    try:
+        url = make_url(storage)
+        dialect = url.get_dialect()
+    except ArgumentError as err:
+        raise ConfigError(f"storage {storage!r} is not a database URL Optuna accepts "
+                          f"({err}); use a URL, {example}") from err
+    load_driver = getattr(dialect, "import_dbapi", None) or getattr(dialect, "dbapi", None)
+    try:
+        if load_driver is not None:
+            load_driver()
+    except ImportError as err:
+        raise ConfigError(f"storage {storage!r}: the database driver for "
+                          f"{url.drivername!r} is not installed ({err}); install it, or use "
+                          "'sqlite:///study.db'") from err
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite" and database not in ("", ":memory:") and \
+            not database.startswith("file:"):
+        folder = Path(database).expanduser().parent
+        if not folder.is_dir():
+            raise ConfigError(f"storage {storage!r}: the folder {str(folder.resolve())!r} of "
+                              "the SQLite file does not exist (SQLite creates the file, not "
+                              "its folder); create it, or point the URL at an existing "
+                              "folder (three slashes: relative to the working directory, "
+                              "four: absolute)")
 
 
 class OptunaStrategy(SearchStrategy):
@@ -77,6 +120,20 @@ class OptunaStrategy(SearchStrategy):
             )
         if storage is not None and study_name is None:
             raise ConfigError("a stored study needs a study_name, e.g. study_name='resnet-int8'")
+        if isinstance(ladder, (str, bytes)) or not isinstance(ladder, Sequence) or not all(
+                isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 16 for b in ladder):
+            raise ConfigError(f"ladder must be a list of bit widths 2..16, e.g. [16], got "
+                              f"{ladder!r:.60}")
+        if study_name is not None and not isinstance(study_name, str):
+            raise ConfigError(f"study_name must be a string or None, got {study_name!r:.60}")
+        if not isinstance(seed_with_binary, bool):
+            raise ConfigError(f"seed_with_binary must be true or false, got "
+                              f"{seed_with_binary!r:.60}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 32:
+            raise ConfigError(f"seed must be an int in [0, 2**32) (numpy seeds Optuna's "
+                              f"samplers), got {seed!r}")
+        if storage is not None:
+            check_storage_url(storage)
         super().__init__(n_trials=n_trials, objectives=objectives, ladder=list(ladder),
                          storage=storage, study_name=study_name, seed=seed,
                          seed_with_binary=seed_with_binary)
@@ -106,7 +163,7 @@ class OptunaStrategy(SearchStrategy):
                 storage=self.storage, sampler=sampler, study_name=self.study_name,
                 load_if_exists=True, **kwargs,
             )
-        except (ValueError, ImportError) as err:
+        except (ValueError, ImportError, self._storage_errors()) as err:
             raise ConfigError(
                 f"cannot open the Optuna study {self.study_name!r} at {self.storage!r}: {err}. "
                 "Use a URL Optuna accepts (e.g. 'sqlite:///study.db') and the same "
@@ -140,6 +197,15 @@ class OptunaStrategy(SearchStrategy):
         self._asked_trials = 0
         logger.info("optuna study %r: %d finished trial(s) already", self.study.study_name,
                     len(done))
+
+    def _storage_errors(self) -> type[Exception]:
+        """The database errors that opening a stored study can raise (a server that went
+        away, a file that became read-only); ValueError when there is no storage."""
+        if self.storage is None:
+            return ValueError
+        from sqlalchemy.exc import SQLAlchemyError
+
+        return SQLAlchemyError
 
     def _ask_best_stored_first(self, done: list[Any]) -> None:
         passing = [t for t in done if t.user_attrs.get("passed")]

@@ -374,6 +374,125 @@ def yaml_bomb_quant_config(tmp, mp):
     return lambda: load_job(job).quant_config()
 
 
+# -- hostile or mistaken input files ---------------------------------------------------------
+
+NESTED = "[" * 200_000
+
+
+def job_file_in_latin_1(tmp, mp):
+    job = job_file(tmp)
+    job.write_bytes(job.read_bytes() + "# r\u00e9sum\u00e9 of the run\n".encode("latin-1"))
+    return cli_run(job)
+
+
+def quant_config_file_in_latin_1(tmp, mp):
+    (tmp / "quant.yaml").write_bytes("# caf\u00e9\ndefault: {weight: {bits: 6}}\n".encode(
+        "latin-1"))
+    return cli_run(job_file(tmp, quant=str(tmp / "quant.yaml")))
+
+
+def job_file_nested_200000_deep(tmp, mp):
+    return cli_run(job_file(tmp, eval_kwargs=NESTED))
+
+
+def quant_config_nested_200000_deep(tmp, mp):
+    (tmp / "quant.yaml").write_text(f"default: {NESTED}\n")
+    return cli_run(job_file(tmp, quant=str(tmp / "quant.yaml")))
+
+
+def example_inputs_of_absurd_size(tmp, mp):
+    job = job_file(tmp)
+    job.write_text(job.read_text().replace("[2, 8]", "[100000, 100000, 100000]"))
+    return cli_run(job)
+
+
+def seed_beyond_64_bits(tmp, mp):
+    job = job_file(tmp)
+    job.write_text(f"seed: {2 ** 70}\n" + job.read_text())
+    return cli_run(job)
+
+
+def optuna(storage: str, label: str):
+    def case(tmp, mp):
+        mp.chdir(tmp)
+        return cli_run(job_file(tmp, extra=f", strategy: optuna, strategy_options: "
+                                            f"{{storage: '{storage}', study_name: s}}"))
+    case.__name__ = f"optuna_storage_{label}"
+    return case
+
+
+def strategy_that_fails_only_when_the_run_builds_it(tmp, mp):
+    from autoquant.settings import SearchSettings
+
+    real, calls = SearchSettings.make_strategy, []
+
+    def flaky(self):  # passes the job file's check, fails when the run builds it
+        calls.append(1)
+        if len(calls) > 1:
+            raise ConfigError("strategy option storage: the database went away")
+        return real(self)
+
+    mp.setattr(SearchSettings, "make_strategy", flaky)
+    return cli_run(job_file(tmp))
+
+
+def journal_jsonl_is_a_folder(tmp, mp, *flags: str):
+    (tmp / "out" / JOURNAL_FILE).mkdir(parents=True)
+    (tmp / "out" / JOURNAL_FILE / "keep").write_text("not a journal\n")
+    return cli_run(job_file(tmp), *flags)
+
+
+def journal_jsonl_is_a_folder_with_resume(tmp, mp):
+    return journal_jsonl_is_a_folder(tmp, mp, "--resume")
+
+
+def saving_a_result_onto_an_existing_file(tmp, mp):
+    result = aq.auto_quantize(mlp(3), DropEvaluator({"0": 0.5}), max_loss=0.1)
+    (tmp / "result").write_text("my notes\n")
+    return lambda: result.save(tmp / "result")
+
+
+def report_json(tmp: Path, edit) -> Path:
+    """A finished run's report.json, copied into `tmp` and changed by `edit(report)`."""
+    report = json.loads((_FINISHED[0] / "out" / "report.json").read_text())
+    edit(report)
+    (tmp / "report.json").write_text(json.dumps(report))
+    return cli_report(tmp)
+
+
+def report_json_with_a_script_as_trial_index(tmp, mp):
+    return report_json(tmp, lambda r: r["trials"][0].update(index="<script>alert(1)</script>"))
+
+
+def report_json_with_a_string_metric(tmp, mp):
+    return report_json(tmp, lambda r: r["metrics"].update(final="0.9"))
+
+
+def report_json_with_a_string_max_loss(tmp, mp):
+    return report_json(tmp, lambda r: r["settings"].update(max_loss="a lot"))
+
+
+def report_json_nested_200000_deep(tmp, mp):
+    (tmp / "report.json").write_text(NESTED)
+    return cli_report(tmp)
+
+
+def tampered_journal(field: str, value, label: str):
+    """Resume a copy of the finished run whose second trial line says ``field: value``."""
+    def case(tmp, mp):
+        run = copy_run(_FINISHED[0], tmp)
+        path = run / "out" / JOURNAL_FILE
+        lines = path.read_text().splitlines()
+        trials = [i for i, line in enumerate(lines) if '"type": "trial"' in line]
+        entry = json.loads(lines[trials[1]])
+        entry["record"][field] = value
+        lines[trials[1]] = json.dumps(entry)
+        path.write_text("\n".join(lines) + "\n")
+        return cli_run(run / "job.yaml", "--resume")
+    case.__name__ = f"journal_record_with_{label}"
+    return case
+
+
 FAULTS = [
     # evaluator faults
     (evaluator_raises_in_trial_2, EvaluatorError,
@@ -433,6 +552,48 @@ FAULTS = [
     (saved_model_state_is_not_a_state_dict, ModelError, r"saved quantized model .*holds a list"),
     (yaml_bomb_job_file, ConfigError, r"bomb\.yaml: line 2: YAML alias \*a is not allowed"),
     (yaml_bomb_quant_config, ConfigError, r"quant\.yaml: line 2: YAML alias \*a"),
+    # hostile or mistaken input files
+    (job_file_in_latin_1, ConfigError,
+     r"job\.yaml: line 8: byte 0xe9 is not UTF-8; .*Re-save it as UTF-8"),
+    (quant_config_file_in_latin_1, ConfigError,
+     r"quant\.yaml: line 1: byte 0xe9 is not UTF-8; a quant config must be UTF-8"),
+    (job_file_nested_200000_deep, ConfigError, r"job\.yaml: line 3: the YAML nests deeper "
+                                               r"than 100 levels"),
+    (quant_config_nested_200000_deep, ConfigError, r"quant\.yaml: line 1: the YAML nests "
+                                                   r"deeper than 100 levels"),
+    (example_inputs_of_absurd_size, ConfigError,
+     r"job\.yaml:4: example_inputs\.0\.shape: \[100000, 100000, 100000\] makes 1e\+15 "
+     r"elements .*use a small batch"),
+    (seed_beyond_64_bits, ConfigError, r"job\.yaml:1: seed: 1180591620717411303424 is out of "
+                                       r"range: torch\.manual_seed takes a 64-bit seed"),
+    (optuna("sqlite:///missing/folder/x.db", "in_a_missing_folder"), ConfigError,
+     r"search\.strategy_options: .*the folder '.*/missing/folder' of the SQLite file does "
+     r"not exist .*create it"),
+    (optuna("study.db", "that_is_not_a_url"), ConfigError,
+     r"search\.strategy_options: .*storage 'study\.db' is not a database URL .*sqlite:///"),
+    (strategy_that_fails_only_when_the_run_builds_it, ConfigError, r"the database went away"),
+    (journal_jsonl_is_a_folder, ConfigError,
+     r"out/journal\.jsonl is a folder .*not a journal; remove or rename it"),
+    (journal_jsonl_is_a_folder_with_resume, ConfigError,
+     r"out/journal\.jsonl is a folder .*not a journal; remove or rename it"),
+    (saving_a_result_onto_an_existing_file, OutputError,
+     r"cannot write into '.*/result': it is a file, but .* must be a folder"),
+    (report_json_with_a_script_as_trial_index, ConfigError,
+     r"report\.json is not an autoquant report: trials\[0\]\.index: expected an integer, "
+     r"got str '<script>"),
+    (report_json_with_a_string_metric, ConfigError,
+     r"metrics\.final: expected a number or null, got str '0\.9'.*rerun `autoquant run`"),
+    (report_json_with_a_string_max_loss, ConfigError, r"settings\.max_loss: expected a number"),
+    (report_json_nested_200000_deep, ConfigError, r"report\.json: report is nested absurdly "
+                                                  r"deep"),
+    (tampered_journal("passed", "false", "passed_as_a_string"), ConfigError,
+     r"journal\.jsonl: line 4 is not a valid trial entry .*passed must be true or false .*"
+     r"got str 'false'"),
+    (tampered_journal("metric", float("nan"), "a_nan_metric"), ConfigError,
+     r"line 4 is not a valid trial entry .*metric must be a finite number, got float nan"),
+    (tampered_journal("plan", {"0": "w99a8", "2": "float", "4": "float"}, "an_unknown_scheme"),
+     ConfigError, r"line 4 is not a valid trial entry .*plan\['0'\]: scheme 'w99a8' has a "
+                  r"bit width outside"),
 ]
 
 _FINISHED: list[Path] = []

@@ -19,12 +19,29 @@ __all__ = [
     "run_with_timeout",
     "check_timeout_setting",
     "determinism_record",
+    "abandoned_evaluations",
 ]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# evaluation threads given up on after their timeout; the CLI must not let the interpreter
+# finalize under them (a thread still inside torch's C++ code then aborts the process)
+_ABANDONED: list[threading.Thread] = []
+_ABANDONED_LOCK = threading.Lock()
+
+
+def abandoned_evaluations() -> int:
+    """How many evaluations abandoned after their ``eval_timeout`` are still running.
+
+    A process that exits normally while one is running can abort in the interpreter's
+    shutdown (``terminate called without an active exception``) when the thread is inside
+    torch's C++ code; ``autoquant`` (the CLI) checks this and exits with ``os._exit``.
+    """
+    with _ABANDONED_LOCK:
+        _ABANDONED[:] = [t for t in _ABANDONED if t.is_alive()]
+        return len(_ABANDONED)
 
 
 def check_timeout_setting(value: Any, name: str) -> float | None:
@@ -73,6 +90,8 @@ def run_with_timeout(func: Callable[[], T], timeout: float | None, what: str) ->
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
+        with _ABANDONED_LOCK:
+            _ABANDONED.append(worker)
         logger.error("%s is still running after %.3gs; abandoning it", what, timeout)
         raise EvaluatorTimeoutError(
             f"{what} did not finish within eval_timeout={timeout:g}s. The search stopped; "

@@ -5,15 +5,23 @@ editable per-layer quant config), ``sensitivity`` (the ranking only), ``report``
 the reports of a finished or interrupted run) and ``export`` (ONNX from a finished run).
 
 Exit codes: 0 success (``run``: the loss budget was met); 2 ``run`` finished without meeting
-it (``not_met`` or ``budget_exhausted``; the best plan found is still saved); 1 an error
+it (``not_met`` or ``budget_exhausted``; the best passing plan is still saved); 3 ``run``
+found that only the float model meets it (``float_only``: nothing stays quantized); 1 an error
 (message on stderr, no traceback unless ``-v``; bad command-line usage too); 130 interrupted
 by SIGINT or SIGTERM (the journal is durable: rerun with ``--resume``).
+
+An evaluation abandoned after its ``eval_timeout`` may still be running torch code when the
+command ends; letting the interpreter finalize under it aborts the process (exit -6 instead
+of 1). So when `main` runs as the program (``argv`` None) and such a thread is alive, it
+flushes its output and ends the process with ``os._exit(code)``: every file is already
+written atomically and the journal is fsync'd, so nothing is lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -25,6 +33,7 @@ from autoquant import __version__
 from autoquant.errors import AutoquantError
 from autoquant.jobs.commands import (
     EXIT_ERROR,
+    EXIT_FLOAT_ONLY,
     EXIT_INTERRUPTED,
     EXIT_NOT_MET,
     EXIT_OK,
@@ -35,7 +44,8 @@ from autoquant.jobs.commands import (
     cmd_sensitivity,
 )
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_NOT_MET", "EXIT_INTERRUPTED"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_NOT_MET",
+           "EXIT_FLOAT_ONLY", "EXIT_INTERRUPTED"]
 
 
 logger = logging.getLogger("autoquant.jobs.cli")
@@ -170,7 +180,35 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``autoquant`` command; return its exit code (see the module docstring)."""
+    """Run the ``autoquant`` command; return its exit code (see the module docstring).
+
+    Called with ``argv=None`` it is the program (the ``autoquant`` script, ``python -m
+    autoquant``): if a timed-out evaluation is still running it ends the process with the
+    exit code at once (`_exit_past_abandoned_threads`). Called with a list, as from Python,
+    it always returns.
+    """
+    code = _main(argv)
+    if argv is None:
+        _exit_past_abandoned_threads(code)
+    return code
+
+
+def _exit_past_abandoned_threads(code: int) -> None:
+    """``os._exit(code)`` after flushing, if an abandoned evaluation thread is alive."""
+    from autoquant.evaluation.guard import abandoned_evaluations
+
+    if abandoned_evaluations():
+        logger.debug("an abandoned evaluation is still running; exiting without waiting")
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed or broken pipe: nothing left to save
+                pass
+        os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)

@@ -16,14 +16,15 @@ from typing import Any
 from autoquant.errors import ConfigError
 from autoquant.io.names import JOB_COPY, REPORT_FILE, SENSITIVITY_FILE
 
-__all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_NOT_MET", "EXIT_INTERRUPTED", "cmd_run",
-           "cmd_init_config", "cmd_sensitivity", "cmd_report", "cmd_export"]
+__all__ = ["EXIT_OK", "EXIT_ERROR", "EXIT_NOT_MET", "EXIT_FLOAT_ONLY", "EXIT_INTERRUPTED",
+           "cmd_run", "cmd_init_config", "cmd_sensitivity", "cmd_report", "cmd_export"]
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_NOT_MET = 2
+EXIT_FLOAT_ONLY = 3  # only the float model met the budget: nothing stays quantized
 EXIT_INTERRUPTED = 130
 
 
@@ -63,6 +64,7 @@ def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
     from autoquant.report.render import render_report
 
     settings, config = job.settings(), job.quant_config()  # fail before anything heavy
+    settings.make_strategy()  # bad strategy options fail before the journal exists
     model = job.build_model()
     evaluator = job.build_evaluator()
     inputs = job.example_inputs()
@@ -106,6 +108,8 @@ def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
     print(result.summary())
     print(f"results in {out} (report.html, report.md, report.json, quant_config.yaml, "
           "model_state.pt)")
+    if result.status == "float_only":
+        return EXIT_FLOAT_ONLY
     return EXIT_OK if result.met else EXIT_NOT_MET
 
 
@@ -188,36 +192,29 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 # -- report / export -------------------------------------------------------------------------
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``autoquant report``: render the reports of a run directory."""
-    import yaml
+    """``autoquant report``: render the reports of a run directory.
 
+    Every file read here may have been edited by hand (or by someone else): report.json is
+    validated against the report schema and the job copy must be a mapping, so a bad field
+    is a ConfigError naming it, never a traceback or unescaped text in report.html.
+    """
     from autoquant.io.atomic import atomic_write_text
     from autoquant.io.names import JOURNAL_FILE
-    from autoquant.io.yamlsafe import safe_load_no_aliases
     from autoquant.jobs.journal import read_journal
     from autoquant.report.build import report_from_journal
     from autoquant.report.render import render_report
+    from autoquant.report.validate import check_report, read_report
 
     directory = args.directory.resolve()
     report_path = directory / REPORT_FILE
     if report_path.is_file():
-        try:
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot read {report_path}: {err}") from err
-        if not isinstance(report, dict) or not {"status", "metrics", "counts"} <= set(report):
-            raise ConfigError(f"{report_path} is not an autoquant report (no status, metrics "
-                              "and counts); rerun `autoquant run`, or delete it to rebuild it "
-                              "from the journal")
+        report = read_report(report_path)
     elif (directory / JOURNAL_FILE).is_file():
-        job = None
-        if (directory / JOB_COPY).is_file():
-            try:
-                job = safe_load_no_aliases((directory / JOB_COPY).read_text(encoding="utf-8"))
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{directory / JOB_COPY} is not valid YAML: {err}") from err
+        job = _read_job_copy(directory / JOB_COPY)
         report = report_from_journal(read_journal(directory / JOURNAL_FILE), job)
         report["run"]["journal"] = str(directory / JOURNAL_FILE)
+        check_report(report, f"the report rebuilt from {directory / JOURNAL_FILE} and "
+                             f"{directory / JOB_COPY}")
         atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
         logger.info("no report.json: rebuilt it from the journal (status 'interrupted')")
     else:
@@ -226,6 +223,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in render_report(report, directory):
         print(f"wrote {path}")
     return EXIT_OK
+
+
+def _read_job_copy(path: Path) -> dict[str, Any] | None:
+    """The job copy of a run directory as data (None if there is none), checked to be a
+    mapping whose ``search`` section, if any, is a mapping."""
+    import yaml
+
+    from autoquant.io.reading import read_text_file
+    from autoquant.io.yamlsafe import MAX_YAML_BYTES, safe_load_no_aliases
+
+    if not path.is_file():
+        return None
+    text = read_text_file(path, "job file", max_bytes=MAX_YAML_BYTES)
+    try:
+        job = safe_load_no_aliases(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if job is None:
+        return None
+    if not isinstance(job, dict) or not isinstance(job.get("search") or {}, dict):
+        raise ConfigError(f"{path} is not an autoquant job (expected a mapping with a "
+                          "`search:` mapping); restore it from the original job file, or "
+                          "delete it to render the report without the job's settings")
+    return job
 
 
 def cmd_export(args: argparse.Namespace) -> int:

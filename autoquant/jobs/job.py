@@ -52,10 +52,20 @@ import yaml
 
 from autoquant.errors import ConfigError, ModelError
 from autoquant.io.atomic import atomic_write_text
-from autoquant.io.yamlsafe import load_yaml_with_lines
-from autoquant.jobs.schema import DTYPES, JOB_VERSION, JobConfig, validate_job
+from autoquant.io.reading import parse_json, read_text_file
+from autoquant.io.yamlsafe import load_yaml_with_lines, safe_load_no_aliases
+from autoquant.jobs.schema import (
+    DTYPES,
+    JOB_VERSION,
+    JobConfig,
+    quant_config_from_data,
+    validate_job,
+)
 
-__all__ = ["Job", "JobConfig", "load_job", "JOB_VERSION", "DTYPES"]
+__all__ = ["Job", "JobConfig", "load_job", "JOB_VERSION", "DTYPES", "MAX_QUANT_BYTES"]
+
+# a per-layer config (`autoquant init-config`) of a 10,000-layer model is a few MiB
+MAX_QUANT_BYTES = 64 << 20
 
 
 class Job:
@@ -157,8 +167,8 @@ class Job:
                     f"{self.path}: quant: file {str(quant)!r} does not exist; create it with "
                     f"`autoquant init-config {self.path}` or put the config inline"
                 )
-            return QuantConfig.load(quant)
-        return QuantConfig.from_dict(quant)
+            return _load_quant_file(quant)
+        return quant_config_from_data(quant)
 
     def settings(self) -> Any:
         """The `SearchSettings` of the ``search:`` section (the deploy check exports with
@@ -187,6 +197,24 @@ class Job:
         text = ("# autoquant job, resolved (absolute paths, quant config inlined)\n"
                 + yaml.safe_dump(self.resolved(), sort_keys=False))
         return atomic_write_text(path, text)
+
+
+def _load_quant_file(path: Path) -> Any:
+    """The `QuantConfig` of the file `path` (JSON by extension, else YAML), read like a job
+    file: size-limited, UTF-8 with a clear error, no aliases, bounded nesting."""
+    text = read_text_file(path, "quant config", max_bytes=MAX_QUANT_BYTES)
+    try:
+        if path.suffix.lower() == ".json":
+            data = parse_json(text, path, "quant config")
+        else:
+            data = safe_load_no_aliases(text)
+        return quant_config_from_data(data)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: quant config is not valid YAML: {err}") from err
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}"
+                          ) from None
 
 
 def load_job(path: str | Path) -> Job:

@@ -11,6 +11,15 @@ point (even ``kill -9`` mid-write) loses at most the line being written. On resu
 last line is dropped with a warning; everything before it is reused. The fingerprint (hashes
 of the model weights, the quant config and the search settings) must match, so records of
 a different run are never mixed in.
+
+What is promised, exactly: an evaluation is *finished* once its line is fsync'd. A kill
+after ``evaluate()`` returned but before that (a window of one write and one fsync) loses
+that evaluation like the one in progress, and ``--resume`` runs it again: at most one
+evaluation per worker is repeated (docs/guarantees.md).
+
+Every line read back is checked (`autoquant.jobs.entries`): types, finite numbers, scheme
+labels. A journal edited into a lie is an error naming the line, never a silently changed
+plan.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +38,8 @@ from typing import Any
 from autoquant.errors import ConfigError
 from autoquant.io.atomic import atomic_write_text, output_error
 from autoquant.io.names import JOURNAL_FILE
+from autoquant.io.reading import read_bytes_file
+from autoquant.jobs.entries import check_header, check_ranking, check_trial
 from autoquant.search.strategy import TrialRecord
 from autoquant.sensitivity.ranking import LayerSensitivity
 
@@ -55,18 +67,79 @@ def _hash_json(data: Any) -> str:
 
 
 def hash_state_dict(model: Any) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of `model`'s state dict."""
+    """SHA-256 over the names, dtypes, shapes and bytes of `model`'s state dict.
+
+    Stable across processes for every entry a state dict can hold: strided tensors by their
+    bytes, sparse and other layouts through their dense form, quantized tensors through
+    their integer values and quantization parameters, and non-tensor entries (a module's
+    ``get_extra_state()``, e.g. a dict) through a canonical encoding (`_feed`) instead of
+    their ``repr``, which can hold memory addresses or set orders that change every run.
+    """
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(f"{name}=".encode())
+        _feed(digest, value)
+        digest.update(b";")
+    return digest.hexdigest()
+
+
+def _feed_tensor(digest: Any, tensor: Any) -> None:
     import torch
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if not isinstance(tensor, torch.Tensor):
-            digest.update(f"{name}={tensor!r};".encode())
-            continue
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    t = tensor.detach().to("cpu")
+    if t.is_quantized:
+        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            digest.update(f"q:{t.q_scale()!r}:{t.q_zero_point()};".encode())
+        else:
+            digest.update(f"q:{t.q_per_channel_axis()};".encode())
+            _feed_tensor(digest, t.q_per_channel_scales())
+            _feed_tensor(digest, t.q_per_channel_zero_points())
+        t = t.int_repr()
+    elif t.layout != torch.strided:
+        digest.update(f"{t.layout}:".encode())
+        t = t.to_dense()
+    t = t.contiguous()
+    digest.update(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _feed(digest: Any, value: Any, depth: int = 0) -> None:
+    """Feed `value` to `digest` in a canonical form: mappings by sorted key, sets sorted,
+    tensors by their bytes, other objects by type and their ``repr`` less addresses."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        digest.update(b"T")
+        _feed_tensor(digest, value)
+    elif depth > 32:  # a self-referencing extra state: stop, the prefix is already hashed
+        digest.update(b"...")
+    elif isinstance(value, Mapping):
+        items = sorted(((_canonical(k), v) for k, v in value.items()), key=lambda kv: kv[0])
+        digest.update(f"{{{len(items)}".encode())
+        for key, item in items:
+            digest.update(key.encode() + b":")
+            _feed(digest, item, depth + 1)
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"[{len(value)}".encode())
+        for item in value:
+            _feed(digest, item, depth + 1)
+        digest.update(b"]")
+    elif isinstance(value, (set, frozenset)):
+        digest.update(f"<{sorted(_canonical(v) for v in value)}>".encode())
+    else:
+        digest.update(_canonical(value).encode())
+
+
+def _canonical(value: Any) -> str:
+    """A text for a scalar, a key or a set member that is the same in every process."""
+    if isinstance(value, (str, int, float, bool, type(None), bytes)):
+        return f"{type(value).__name__}:{value!r}"
+    text = _ADDRESS.sub("", repr(value))
+    return f"{type(value).__module__}.{type(value).__qualname__}:{text}"
 
 
 def fingerprint(model: Any, config: Mapping[str, Any], settings: Mapping[str, Any]
@@ -102,11 +175,12 @@ def read_journal(path: str | Path) -> JournalContents:
     """Parse a journal, tolerating a torn last line (it is reported, not raised).
 
     Raises:
-        ConfigError: a line other than the last is not valid JSON, or the first line is
-            not a header.
+        ConfigError: the file cannot be read (or is a folder), a line other than the last
+            is not valid JSON, the first line is not a header, or an entry fails its check
+            (`autoquant.jobs.entries`); the message names the line.
     """
     path = Path(path)
-    data = path.read_bytes()
+    data = read_bytes_file(path, "journal")
     out = JournalContents()
     offset = 0
     lines = data.split(b"\n")
@@ -120,7 +194,7 @@ def read_journal(path: str | Path) -> JournalContents:
             obj = json.loads(raw)
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             if last or all(rest.strip() == b"" for rest in lines[number:]):
                 out.torn = True
                 logger.warning("%s: line %d is torn (the run was killed while writing it); "
@@ -133,19 +207,31 @@ def read_journal(path: str | Path) -> JournalContents:
             raise ConfigError(f"{path}: the first line is not a journal header; is this an "
                               "autoquant journal?")
         try:
-            if kind == "header":
-                out.header = obj
-            elif kind == "ranking":
-                out.ranking = [LayerSensitivity(**row) for row in obj["ranking"]]
-            elif kind == "trial":
-                out.records.append(TrialRecord.from_dict(obj["record"]))
-        except (KeyError, TypeError, AttributeError) as err:
+            _read_entry(out, kind, obj)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise ConfigError(f"{path}: line {number} is not a valid {kind} entry "
                               f"({type(err).__name__}: {err}); the journal was edited or "
                               "corrupted. Delete it (or pass --overwrite) to start over.") from err
         offset += len(raw) + 1
         out.good_bytes = offset
     return out
+
+
+def _read_entry(out: JournalContents, kind: Any, obj: dict[str, Any]) -> None:
+    """Check one parsed line (`autoquant.jobs.entries`) and add it to `out`."""
+    if kind == "header":
+        if out.header is not None:
+            raise ValueError("a second header (only the first line is one)")
+        check_header(obj, JOURNAL_VERSION)
+        out.header = obj
+    elif kind == "ranking":
+        check_ranking(obj["ranking"])
+        out.ranking = [LayerSensitivity(**row) for row in obj["ranking"]]
+    elif kind == "trial":
+        check_trial(obj["record"])
+        out.records.append(TrialRecord.from_dict(obj["record"]))
+    else:
+        raise ValueError(f"unknown entry type {kind!r} (expected header, ranking or trial)")
 
 
 class Journal:
@@ -182,6 +268,9 @@ class Journal:
             JournalMismatchError: resuming a journal whose fingerprint differs.
         """
         path = Path(directory) / JOURNAL_FILE
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path} is a folder (or another non-file), not a journal; "
+                              "remove or rename it, or choose another --output-dir")
         if path.exists() and resume:
             contents = read_journal(path)
             if contents.header is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from autoquant.errors import ConfigError
 from autoquant.io.names import ONNX_FILE
 from autoquant.io.yamlsafe import LineMap
 
-__all__ = ["JobConfig", "validate_job", "dynamic_axes_from_data", "JOB_VERSION", "DTYPES"]
+__all__ = ["JobConfig", "validate_job", "dynamic_axes_from_data", "quant_config_from_data",
+           "JOB_VERSION", "DTYPES", "SEED_RANGE", "MAX_EXAMPLE_ELEMENTS"]
 
 JOB_VERSION = 1
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
@@ -65,6 +67,12 @@ _EXPORT = {
     "dynamic_axes": ((dict, type(None)), False, None),
     "strict": ((bool,), False, True),
 }
+# torch.manual_seed takes a 64-bit seed, signed or unsigned
+SEED_RANGE = (-(1 << 63), 1 << 64)
+# example inputs only have to run the model once; 2**31 float32 elements are already 8 GiB
+MAX_EXAMPLE_ELEMENTS = 1 << 31
+_NAME = r"[^\W\d]\w*"
+_IMPORT_PATH = re.compile(rf"^{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*$")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
                list: "a list", type(None): "null"}
 
@@ -190,9 +198,9 @@ def _add_to_sys_path(folder: Path) -> None:
 def _resolve_import(v: _Validator, path: str, keys: tuple[Any, ...], what: str) -> Any:
     from autoquant.registry import import_object
 
-    if ":" not in path:
-        raise v.error(keys, f"{what} import path must look like 'package.module:name', got "
-                            f"{path!r}")
+    if not _IMPORT_PATH.match(path):
+        raise v.error(keys, f"{what} import path must look like 'package.module:name' "
+                            f"(Python names around one colon), got {path!r:.80}")
     root = _import_root(v.path.parent, path.partition(":")[0])
     if root is not None:
         _add_to_sys_path(root)
@@ -219,6 +227,11 @@ def validate_job(path: Path, data: Any, lines: LineMap) -> JobConfig:
     if top["version"] != JOB_VERSION:
         raise v.error(("version",), f"job version {top['version']} is not supported; this "
                                     f"autoquant reads version {JOB_VERSION}")
+    low, high = SEED_RANGE
+    if not low <= top["seed"] < high:
+        raise v.error(("seed",), f"{top['seed']} is out of range: torch.manual_seed takes a "
+                                 "64-bit seed (-2**63 <= seed < 2**64); use a smaller seed "
+                                 "such as 0")
     python_path = []
     for i, entry in enumerate(top["python_path"]):
         v.check_type(entry, (str,), ("python_path", i))
@@ -264,12 +277,22 @@ def _validate_inputs(v: _Validator, inputs: Any) -> Any:
     if not isinstance(inputs, list):
         return inputs
     checked = []
+    total = 0
     for i, spec in enumerate(inputs):
         spec = v.section(spec, ("example_inputs", i), _TENSOR)
+        elements = 1
         for j, dim in enumerate(spec["shape"]):
             if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
                 raise v.error(("example_inputs", i, "shape", j),
                               f"must be a positive integer, got {_describe(dim)}")
+            elements *= dim
+        total += elements
+        if total > MAX_EXAMPLE_ELEMENTS:
+            raise v.error(("example_inputs", i, "shape"),
+                          f"{spec['shape']} makes {total:.3g} elements in all, more than the "
+                          f"{MAX_EXAMPLE_ELEMENTS:.3g} example inputs may have (they only "
+                          "check that the model runs and trace the export); use a small "
+                          "batch, e.g. [1, ...] or [2, ...]")
         if spec["dtype"] not in DTYPES:
             raise v.error(("example_inputs", i, "dtype"),
                           f"unknown dtype {spec['dtype']!r}; valid: {', '.join(DTYPES)}")
@@ -277,14 +300,30 @@ def _validate_inputs(v: _Validator, inputs: Any) -> Any:
     return checked
 
 
-def _validate_quant(v: _Validator, quant: Any, base: Path) -> Any:
+def quant_config_from_data(data: Any) -> Any:
+    """`QuantConfig.from_dict(data)` with every failure a `ConfigError`.
+
+    The data comes from a user's file; a value the config's own checks do not expect (a
+    list where a layer name belongs, say) must be an error naming the problem, not a
+    ``TypeError`` from inside the config classes.
+    """
     from autoquant.config import QuantConfig
 
+    try:
+        return QuantConfig.from_dict(data)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        raise ConfigError(f"not a valid quant config ({type(err).__name__}: {err}); see "
+                          "docs/configuration.md for its keys and values") from err
+
+
+def _validate_quant(v: _Validator, quant: Any, base: Path) -> Any:
     if isinstance(quant, str):
         return _resolve_path(base, quant)
     if isinstance(quant, dict):
         try:
-            QuantConfig.from_dict(quant)
+            quant_config_from_data(quant)
         except ConfigError as err:
             raise v.error(("quant",), str(err)) from None
     return quant
@@ -320,6 +359,13 @@ def _validate_search(v: _Validator, data: Any) -> dict[str, Any]:
     if "max_loss" not in data:  # a job states its budget; the API has a default
         raise v.error(("search",), "missing required key 'max_loss' (the accepted loss, e.g. "
                                    "0.01)")
+    try:  # the options' values too (a storage URL, a seed), not just their names
+        settings.make_strategy()
+    except (ConfigError, TypeError, ValueError) as err:
+        key = ("search", "strategy_options") if data.get("strategy_options") else \
+            ("search", "strategy")
+        raise v.error(key, f"strategy {settings.to_dict()['strategy']!r} cannot be built "
+                           f"from these options: {err}") from None
     return settings.to_dict()
 
 

@@ -14,17 +14,27 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from autoquant.jobs.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_MET, EXIT_OK, main
+from autoquant.jobs.cli import (
+    EXIT_ERROR,
+    EXIT_FLOAT_ONLY,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_MET,
+    EXIT_OK,
+    main,
+)
 from autoquant.jobs.journal import JOURNAL_FILE, read_journal
 from autoquant.report.build import report_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests" / "helpers"  # the job files' modules
+sys.path.insert(0, str(TESTS))
+import jobhelpers  # noqa: E402
 
 
 def write_job(folder: Path, *, max_loss: float = 0.03, budget: int | None = None,
               hang_on_call: int | None = None, quant: str | None = None,
-              out: str = "out", export: str | None = None, search: str = "") -> Path:
+              out: str = "out", export: str | None = None, search: str = "",
+              evaluator: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     quant_text = quant or "{default: {weight: {bits: 6}, activation: {bits: 6}}}"
     text = f"""\
@@ -32,7 +42,8 @@ python_path: [{TESTS}]
 model: {{factory: "jobhelpers:build_model", kwargs: {{depth: 6}}}}
 evaluator:
   class: jobhelpers:TinyEvaluator
-  kwargs: {{depth: 6, log: {folder / 'evals.log'}, hang_on_call: {hang_on_call or 'null'}}}
+  kwargs: {{depth: 6, log: {folder / 'evals.log'}, hang_on_call: {hang_on_call or 'null'}\
+{evaluator}}}
 example_inputs: [{{shape: [2, 8]}}]
 quant: {quant_text}
 search: {{max_loss: {max_loss}, max_evaluations: {'null' if budget is None else budget}{search}}}
@@ -52,8 +63,7 @@ def cli(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def evaluations(folder: Path) -> list[dict]:
-    log = folder / "evals.log"
-    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    return jobhelpers.read_log(folder / "evals.log")
 
 
 def plan_key(plan: dict) -> str:
@@ -109,6 +119,16 @@ def test_budget_exhausted_exits_2_and_still_saves_the_best_plan(tmp_path, capsys
     assert (tmp_path / "out" / "model_state.pt").is_file()
 
 
+def test_only_the_float_model_passing_exits_3_float_only_not_0(tmp_path, capsys):
+    job = write_job(tmp_path, max_loss=1e-12,
+                    quant="{default: {weight: {bits: 2}, activation: {bits: 2}}}")
+    assert main(["run", str(job), "-q"]) == EXIT_FLOAT_ONLY
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["status"], report["met"]) == ("float_only", False)
+    assert report["counts"]["quantized"] == 0
+    jsonschema.validate(report, report_schema())
+
+
 def test_malformed_job_exits_1_with_file_line_and_no_traceback(tmp_path):
     job = write_job(tmp_path)
     job.write_text(job.read_text().replace("max_loss", "max_los"))
@@ -149,7 +169,7 @@ def test_kill_9_mid_search_then_resume_repeats_no_evaluation_and_gives_the_same_
     before = len(evaluations(tmp_path / "run"))
 
     assert main(["run", str(job), "--resume", "-q"]) == EXIT_OK
-    new = evaluations(tmp_path / "run")[before:]
+    new = jobhelpers.without_resume_check(evaluations(tmp_path / "run")[before:])
     assert all(plan_key(e["plan"]) not in journaled for e in new)  # zero repeats
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["resumed"] is True
@@ -201,7 +221,7 @@ def test_resume_of_a_finished_run_with_a_torn_last_line_evaluates_nothing(tmp_pa
     with open(tmp_path / "out" / JOURNAL_FILE, "a") as handle:
         handle.write('{"type": "trial", "rec')
     assert main(["run", str(job), "--resume"]) == EXIT_OK
-    assert len(evaluations(tmp_path)) == count
+    assert jobhelpers.without_resume_check(evaluations(tmp_path)[count:]) == []
     assert "torn" in capsys.readouterr().err
 
 
@@ -326,3 +346,67 @@ def test_verbose_shows_autoquant_debug_lines_not_other_libraries(tmp_path, capsy
     logging.getLogger("autoquant.search").debug("our detail")
     err = capsys.readouterr().err
     assert "our detail" in err and "font noise" not in err
+
+
+def test_eval_timeout_in_the_cli_exits_1_cleanly_while_the_abandoned_evaluation_computes(
+        tmp_path):
+    # the second evaluation computes in torch for 60 s; the CLI gives up on it after 0.5 s
+    job = write_job(tmp_path, search=", eval_timeout: 0.5",
+                    evaluator=", spin_on_call: 2, spin_seconds: 60")
+    start = time.monotonic()
+    proc = cli("run", str(job), "-q")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_ERROR, stderr  # not -6 (abort) from the shutdown
+    assert "did not finish within eval_timeout=0.5s" in stderr
+    assert "terminate called" not in stderr and "Traceback" not in stderr
+    assert time.monotonic() - start < 40  # it did not wait for the abandoned call
+    assert journal_trials(tmp_path / "out") == 1  # the float baseline is kept for --resume
+
+
+KILL_BEFORE_JOURNALING = """\
+import os, signal, sys
+from autoquant.jobs.cli import main
+from autoquant.jobs.journal import Journal
+real, seen = Journal.append_record, []
+def append_record(self, record):
+    seen.append(record)
+    if len(seen) == {k}:  # evaluate() returned; its journal line is not written yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, record)
+Journal.append_record = append_record
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_after_evaluate_returns_before_its_journal_line_repeats_only_that_evaluation(
+        tmp_path):
+    assert main(["run", str(write_job(tmp_path / "ref")), "-q"]) == EXIT_OK
+    reference = json.loads((tmp_path / "ref" / "out" / "report.json").read_text())
+    job, folder = write_job(tmp_path / "run"), tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_JOURNALING.format(k=3), "run",
+                           str(job), "-q"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    finished = [plan_key(e["plan"]) for e in evaluations(folder)]
+    assert len(finished) == 3 and journal_trials(folder / "out") == 2  # the 3rd is lost
+
+    assert main(["run", str(job), "--resume", "-q"]) == EXIT_OK
+    new = jobhelpers.without_resume_check(evaluations(folder)[len(finished):])
+    repeated = [plan_key(e["plan"]) for e in new if plan_key(e["plan"]) in finished]
+    assert repeated == [finished[2]]  # exactly the evaluation whose line was not synced
+    report = json.loads((folder / "out" / "report.json").read_text())
+    for key in ("status", "plan", "fallback_layers", "metrics"):
+        assert report[key] == reference[key], key
+
+
+def test_a_layer_named_with_mathtext_and_html_runs_and_is_reported_as_text(tmp_path, capsys):
+    job = write_job(tmp_path, quant="{default: {weight: {bits: 3}}}")
+    job.write_text(job.read_text().replace(
+        '"jobhelpers:build_model", kwargs: {depth: 6}',
+        '"jobhelpers:build_renamed_model", kwargs: {depth: 6, first: "<i>cost$\\\\foo$"}'))
+    assert main(["run", str(job), "-q"]) in (EXIT_OK, EXIT_NOT_MET)  # not an internal error
+    out = tmp_path / "out"
+    assert (out / "plots" / "sensitivity.png").is_file()
+    assert "&lt;i&gt;cost$\\foo$" in (out / "report.html").read_text()
+    assert "<i>" not in (out / "report.html").read_text() + (out / "report.md").read_text()
+    assert main(["report", str(out), "-q"]) == EXIT_OK

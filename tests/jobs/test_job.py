@@ -172,6 +172,12 @@ def test_yaml_alias_bomb_is_refused_without_expanding(tmp_path):
         load_job(path)
 
 
+def test_exponent_numbers_without_a_dot_are_numbers_not_strings(tmp_path):
+    # YAML 1.1 reads `1e-3` as a string; a loss budget written so means the number
+    job = load_job(write(tmp_path, GOOD.replace("max_loss: 0.03", "max_loss: 1e-3")))
+    assert job.settings().max_loss == pytest.approx(1e-3)
+
+
 def test_empty_job_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="is empty"):
         load_job(write(tmp_path, "# nothing\n"))
@@ -217,3 +223,18 @@ def test_the_search_section_is_the_search_settings_key_for_key(tmp_path):
                                             "  verify_deploy: false")
     settings = load_job(write(tmp_path, text)).settings()
     assert settings == aq.SearchSettings(max_loss=0.03, audit=1)
+
+
+def test_strategy_options_are_checked_by_building_the_strategy_when_the_job_loads(tmp_path):
+    text = GOOD.replace("  max_loss: 0.03", "  max_loss: 0.03\n  strategy: optuna\n"
+                                             f"  strategy_options: {{seed: {2 ** 70}}}")
+    with pytest.raises(ConfigError, match=r"job\.yaml:\d+: search\.strategy_options: strategy "
+                                          r"'optuna' cannot be built .*seed must be an int in "
+                                          r"\[0, 2\*\*32\)"):
+        load_job(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("seed", [-(2 ** 63), 0, 2 ** 64 - 1])
+def test_every_seed_torch_takes_is_accepted(tmp_path, seed):
+    job = load_job(write(tmp_path, GOOD.replace("seed: 3", f"seed: {seed}")))
+    assert job.build_model() is not None and job.example_inputs()[0].shape == (2, 8)
