@@ -97,18 +97,27 @@ def _first_line(err: BaseException) -> str:
     return (summary[-1] if summary else (lines[0] if lines else type(err).__name__))[:300]
 
 
+# loggers of the exporter whose warnings no user can act on, silenced during an export
+_QUIET_LOGGERS = (
+    "torch.onnx._internal.exporter._registration",  # "torchvision is not installed ..."
+    "onnxscript.optimizer._constant_folding",  # "Skipping constant folding for op Split ..."
+)
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Any:
     """Silence torch's exporter notes that no user can act on, for this export only.
 
     They are: the registry's "torchvision is not installed. Skipping torchvision::nms"
-    warnings, a pytree ``LeafSpec`` FutureWarning raised inside torch, and the
-    ``_flat_weights`` note of an RNN traced through ``functional_call`` (QDQMultiLayer
+    warnings, onnxscript's "Skipping constant folding for op Split with multiple outputs"
+    (one per attention block), a pytree ``LeafSpec`` FutureWarning raised inside torch, and
+    the ``_flat_weights`` note of an RNN traced through ``functional_call`` (QDQMultiLayer
     swaps in the dequantized weights while tracing and restores them).
     """
-    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry.level
-    registry.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings(
@@ -117,7 +126,8 @@ def _quiet_exporter() -> Any:
                                     category=FutureWarning)
             yield
     finally:
-        registry.setLevel(level)
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
