@@ -13,12 +13,12 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from autoquant.errors import ConfigError, EvaluatorTimeoutError
+from autoquant.errors import EvaluatorTimeoutError
 
 __all__ = [
     "run_with_timeout",
-    "check_timeout_setting",
     "determinism_record",
+    "same_score",
     "abandoned_evaluations",
 ]
 
@@ -42,17 +42,6 @@ def abandoned_evaluations() -> int:
     with _ABANDONED_LOCK:
         _ABANDONED[:] = [t for t in _ABANDONED if t.is_alive()]
         return len(_ABANDONED)
-
-
-def check_timeout_setting(value: Any, name: str) -> float | None:
-    """`value` as seconds > 0, or None (no limit); anything else is a ConfigError."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a number of seconds > 0 or None (no limit), "
-                          f"got {value!r}")
-    return float(value)
 
 
 def run_with_timeout(func: Callable[[], T], timeout: float | None, what: str) -> T:
@@ -105,11 +94,18 @@ def run_with_timeout(func: Callable[[], T], timeout: float | None, what: str) ->
     return box["value"]
 
 
+def same_score(first: float, second: float) -> bool:
+    """Two evaluations of one model agree: `math.isclose` with ``rel_tol=1e-9,
+    abs_tol=1e-12``, so only float rounding is forgiven (the determinism and resume
+    checks)."""
+    return math.isclose(first, second, rel_tol=1e-9, abs_tol=1e-12)
+
+
 def determinism_record(first: float, second: float, seconds: float,
                        max_loss: float | None = None) -> dict[str, Any]:
     """Compare two evaluations of the float model; warn if they differ.
 
-    Equal means `math.isclose` with ``rel_tol=1e-9, abs_tol=1e-12`` (float rounding only).
+    Equal means `same_score` (float rounding only).
 
     Returns:
         ``{"checked", "deterministic", "first", "second", "difference",
@@ -117,7 +113,7 @@ def determinism_record(first: float, second: float, seconds: float,
         ``report.json``.
     """
     difference = abs(second - first)
-    deterministic = math.isclose(first, second, rel_tol=1e-9, abs_tol=1e-12)
+    deterministic = same_score(first, second)
     if not deterministic:
         scale = "" if max_loss is None else f" (max_loss is {max_loss:g})"
         logger.warning(

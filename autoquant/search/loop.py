@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, Literal
 
 from autoquant.errors import EvaluatorError
 from autoquant.evaluation.adapter import EvaluatorAdapter
-from autoquant.evaluation.guard import determinism_record
+from autoquant.evaluation.guard import determinism_record, same_score
 from autoquant.plan import FLOAT, QuantPlan, plan_key
 from autoquant.quant.qmodel import QuantModel
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
@@ -165,7 +164,7 @@ class TrialRunner:
         The call is outside the trial budget, so a resumed run makes the same decisions.
         """
         metric, seconds = self.measure(record.plan, "in the resume check (the float model)")
-        same = math.isclose(record.metric, metric, rel_tol=1e-9, abs_tol=1e-12)
+        same = same_score(record.metric, metric)
         self.resume_check = {"checked": True, "same": same, "journal": record.metric,
                              "now": metric, "extra_evaluations": 1, "seconds": seconds}
         if not same:
