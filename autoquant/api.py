@@ -29,7 +29,8 @@ from autoquant.search.final import final_config
 from autoquant.search.session import StageResult, run_stage
 from autoquant.search.strategy import TrialRecord
 from autoquant.search.trust import holdout_check
-from autoquant.sensitivity.ranking import LayerSensitivity, SensitivityMetric, compute_sensitivity
+from autoquant.sensitivity.output import rank_layers
+from autoquant.sensitivity.ranking import LayerSensitivity, SensitivityMetric
 from autoquant.settings import SearchSettings
 
 __all__ = ["auto_quantize", "quantize", "sensitivity_analysis", "load_quantized",
@@ -142,7 +143,8 @@ def auto_quantize(
     reused = ranking is not None
     if ranking is None:
         notify("sensitivity", "start", model=qmodel.model)
-        ranking = compute_sensitivity(qmodel, adapter.calibrate, settings.sensitivity, dump_dir)
+        ranking = rank_layers(qmodel, adapter.calibrate, settings.sensitivity, dump_dir,
+                              settings.sensitivity_scope)
     notify("sensitivity", "end", ranking=list(ranking), reused=reused)
     timings["sensitivity"] = time.perf_counter() - start
     rows = qmodel.layer_rows()
@@ -225,12 +227,16 @@ def sensitivity_analysis(
     model: nn.Module, evaluator: Any = None, example_inputs: Any = None, *,
     config: ConfigLike = None, sensitivity: str | type[SensitivityMetric] = "cosine",
     dump_dir: str | Path | None = None, calibration_data: Iterable[Any] | None = None,
+    sensitivity_scope: str = "layer",
 ) -> list[LayerSensitivity]:
-    """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation."""
+    """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation.
+
+    `sensitivity_scope` is ``"layer"`` (each layer's own output) or ``"output"`` (the
+    model's output, one layer quantized at a time; `autoquant.sensitivity.output`)."""
     qmodel = QuantModel(model, resolve_config(config), example_inputs)
     calibrate = _calibrate(evaluator, calibration_data)
     calibrate_model(qmodel, calibrate)
-    return compute_sensitivity(qmodel, calibrate, sensitivity, dump_dir)
+    return rank_layers(qmodel, calibrate, sensitivity, dump_dir, sensitivity_scope)
 
 
 def _calibrate(evaluator: Any, calibration_data: Iterable[Any] | None) -> Any:

@@ -70,6 +70,10 @@ class SearchSettings:
             `SearchStrategy` class or instance.
         strategy_options: keyword options of the strategy's constructor.
         sensitivity: a registered sensitivity metric name (``"cosine"``) or class.
+        sensitivity_scope: where the metric compares float and quantized: ``"layer"``
+            (each layer's own output, one calibration pass) or ``"output"`` (the model's
+            output with one layer quantized at a time, N + 1 passes; see
+            `autoquant.sensitivity.output`).
         max_evaluations: a budget on evaluator calls, the float baseline included (>= 2),
             or None.
         max_seconds: wall-time budget of the whole call: no new evaluation starts after it;
@@ -97,6 +101,7 @@ class SearchSettings:
     strategy: Any = "binary"
     strategy_options: dict[str, Any] = field(default_factory=dict)
     sensitivity: Any = "cosine"
+    sensitivity_scope: str = "layer"
     max_evaluations: int | None = None
     max_seconds: float | None = None
     eval_timeout: float | None = None
@@ -178,6 +183,10 @@ class SearchSettings:
                   and issubclass(self.sensitivity, SensitivityMetric)):
             raise SettingError("sensitivity", f"must be a metric name or a SensitivityMetric "
                                               f"class, got {self.sensitivity!r:.60}")
+        if self.sensitivity_scope not in ("layer", "output"):
+            raise SettingError("sensitivity_scope", f"must be 'layer' (each layer's own "
+                                                    f"output) or 'output' (the model's), got "
+                                                    f"{self.sensitivity_scope!r:.40}")
 
     # -- derived -----------------------------------------------------------------------------
     def make_strategy(self) -> Any:

@@ -155,7 +155,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from autoquant.jobs.job import load_job
     from autoquant.jobs.progress import ProgressBars, bars_enabled
     from autoquant.quant.qmodel import QuantModel
-    from autoquant.sensitivity.ranking import compute_sensitivity
+    from autoquant.sensitivity.output import rank_layers
 
     job = load_job(args.job)
     out = (args.output_dir or job.config.output_dir).resolve()
@@ -170,13 +170,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             qmodel.calibrate(adapter.calibrate)
             bars("calibration", "end")
             bars("sensitivity", "start", model=qmodel.model)
-            ranking = compute_sensitivity(qmodel, adapter.calibrate,
-                                          job.config.search["sensitivity"])
+            ranking = rank_layers(qmodel, adapter.calibrate, job.config.search["sensitivity"],
+                                  scope=job.config.search["sensitivity_scope"])
             bars("sensitivity", "end")
     finally:
         bars.close()
     rows = {r["name"]: r for r in qmodel.layer_rows()}
     data = {"sensitivity": job.config.search["sensitivity"],
+            "sensitivity_scope": job.config.search["sensitivity_scope"],
             "seconds": time.perf_counter() - start,
             "ranking": [{**r.to_dict(), "type": rows[r.name]["type"],
                          "parameters": rows[r.name]["parameters"]} for r in ranking]}

@@ -32,6 +32,10 @@ __all__ = [
     "SENSITIVITY_METRICS",
     "register_sensitivity",
     "compute_sensitivity",
+    "resolve_metric",
+    "metric_name",
+    "ranked",
+    "NONFINITE_SCORE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,11 +155,7 @@ def compute_sensitivity(
     (``<dump_dir>/<layer>/input_00000.pt``, the layer name made a safe file name: a name
     never becomes a path outside `dump_dir`), for inspection.
     """
-    metric_cls = SENSITIVITY_METRICS.resolve(metric) if isinstance(metric, str) else metric
-    if not (isinstance(metric_cls, type) and issubclass(metric_cls, SensitivityMetric)):
-        raise ConfigError(
-            f"sensitivity must be a name or a SensitivityMetric class, got {metric!r}"
-        )
+    metric_cls = resolve_metric(metric)
     names = qmodel.searchable
     qmodel.apply_plan(qmodel.quant_plan())
     for name, layer in qmodel.layers.items():
@@ -180,11 +180,36 @@ def compute_sensitivity(
         rows.append((score, name, layer.calls))
         layer.comparator = None
         layer.nonfinite = False
-    rows.sort(key=lambda r: (r[0], names.index(r[1])))
-    logger.info(
-        "sensitivity (%s) of %d layers in %.2fs", metric_cls.name or metric_cls.__name__,
-        len(rows), time.perf_counter() - start,
-    )
+    return ranked(qmodel, rows, f"{metric_name(metric_cls)}, layer outputs", start)
+
+
+def resolve_metric(metric: str | type[SensitivityMetric]) -> type[SensitivityMetric]:
+    """The metric class of a registered name (or the class itself).
+
+    Raises:
+        ConfigError: `metric` is neither a registered name nor a `SensitivityMetric` class.
+    """
+    metric_cls = SENSITIVITY_METRICS.resolve(metric) if isinstance(metric, str) else metric
+    if not (isinstance(metric_cls, type) and issubclass(metric_cls, SensitivityMetric)):
+        raise ConfigError(
+            f"sensitivity must be a name or a SensitivityMetric class, got {metric!r}"
+        )
+    return metric_cls
+
+
+def metric_name(metric_cls: type[SensitivityMetric]) -> str:
+    """The name a metric class is logged and reported under."""
+    return metric_cls.name or metric_cls.__name__
+
+
+def ranked(qmodel: QuantModel, rows: list[tuple[float, str, int]], what: str,
+           start: float) -> list[LayerSensitivity]:
+    """``(score, name, calls)`` rows as the ranking: lowest score (most sensitive) first,
+    ties in the model's layer order; logged with `what` and the time since `start`."""
+    names = qmodel.searchable
+    rows = sorted(rows, key=lambda r: (r[0], names.index(r[1])))
+    logger.info("sensitivity (%s) of %d layers in %.2fs", what, len(rows),
+                time.perf_counter() - start)
     aliases = getattr(qmodel, "aliases", {})
     return [LayerSensitivity(name, score, rank, calls, tuple(aliases.get(name, ())))
             for rank, (score, name, calls) in enumerate(rows)]

@@ -246,6 +246,14 @@ def test_sensitivity_prints_the_ranking_and_saves_it_without_evaluating(tmp_path
     assert evaluations(tmp_path) == []
 
 
+def test_sensitivity_with_the_output_scope_scores_at_the_model_output(tmp_path, capsys):
+    job = write_job(tmp_path, search=", sensitivity_scope: output")
+    assert main(["sensitivity", str(job), "-q"]) == EXIT_OK
+    data = json.loads((tmp_path / "out" / "sensitivity.json").read_text())
+    assert data["sensitivity_scope"] == "output" and len(data["ranking"]) == 6
+    assert evaluations(tmp_path) == []  # calibration passes only, no evaluation
+
+
 def test_export_without_the_export_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "autoquant.export", None)
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == EXIT_ERROR

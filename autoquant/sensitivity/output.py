@@ -1,0 +1,154 @@
+"""Output-level sensitivity: each layer quantized alone, scored at the model's output.
+
+The layer-local pass (`autoquant.sensitivity.ranking`) scores the error a layer adds to its
+own output. The rest of the model may amplify that error or absorb it (a branch scaled down
+before a residual add, a layer whose error a later normalization removes), and the ranking
+then misleads the search. ``scope="output"`` measures where the metric is: the float
+model's outputs on the calibration batches are recorded once; then, for each searchable
+layer, the plan with only that layer quantized (what a single-layer trial evaluates) runs
+the calibration batches, and the metric compares the model's output with the float one,
+call by call.
+
+Cost: N + 1 calibration passes for N layers, and no evaluation. Memory: the float outputs
+of one pass, on their device, whatever N. The calibration must feed the same batches in
+the same order on every pass (no shuffling); a change is a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autoquant.batches import first_tensor
+from autoquant.errors import ConfigError
+from autoquant.quant.layers import QuantState
+from autoquant.quant.qmodel import Calibrate, QuantModel
+from autoquant.sensitivity.ranking import (
+    NONFINITE_SCORE,
+    LayerSensitivity,
+    SensitivityMetric,
+    compute_sensitivity,
+    metric_name,
+    ranked,
+    resolve_metric,
+)
+
+__all__ = ["SCOPES", "rank_layers", "compute_output_sensitivity"]
+
+SCOPES = ("layer", "output")
+
+
+def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
+                metric: str | type[SensitivityMetric] = "cosine",
+                dump_dir: str | Path | None = None, scope: str = "layer"
+                ) -> list[LayerSensitivity]:
+    """The sensitivity ranking of `qmodel`, most sensitive first, in `scope`: ``"layer"``
+    (each layer's own output, one pass) or ``"output"`` (the model's output, N + 1 passes).
+
+    Raises:
+        ConfigError: an unknown scope or metric, or `dump_dir` with the output scope.
+    """
+    if scope == "layer":
+        return compute_sensitivity(qmodel, calibrate, metric, dump_dir)
+    if scope != "output":
+        raise ConfigError(f"sensitivity_scope must be one of {list(SCOPES)}, got {scope!r:.40}")
+    if dump_dir is not None:
+        raise ConfigError("dump_dir writes the inputs the layer-scope pass sees; use it with "
+                          "sensitivity_scope='layer' (the default)")
+    return compute_output_sensitivity(qmodel, calibrate, metric)
+
+
+def _mark(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """A cheap fingerprint of one forward call's inputs: each tensor's shape and sum."""
+    return tuple((tuple(v.shape), float(torch.nan_to_num(v.detach().double()).sum()))
+                 for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+
+
+@dataclass
+class _Pass:
+    """What one calibration pass saw at the model's output (hooks must not raise: the
+    adapter would report the error as the user's calibration failing)."""
+
+    reference: list[torch.Tensor] | None = None  # None: this is the float pass
+    metric: SensitivityMetric | None = None
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    marks: list[tuple] = field(default_factory=list)
+    calls: int = 0
+    nonfinite: bool = False
+    error: Exception | None = None
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        k, self.calls = self.calls, self.calls + 1
+        try:
+            y = first_tensor(output).detach()
+            if self.reference is None:
+                self.outputs.append(y)
+                self.marks.append(_mark(args, kwargs))
+            elif k < len(self.reference) and y.shape == self.reference[k].shape:
+                if not bool(torch.isfinite(y).all()):
+                    self.nonfinite = True
+                elif self.metric is not None:
+                    self.metric.update(self.reference[k], y)
+                self.marks.append(_mark(args, kwargs))
+        except Exception as err:  # raised after the pass
+            self.error = self.error or err
+
+
+def _run(qmodel: QuantModel, calibrate: Calibrate, plan: dict[str, str], record: _Pass,
+         where: str) -> _Pass:
+    qmodel.apply_plan(plan)
+    hook = qmodel.model.register_forward_hook(record, with_kwargs=True)
+    qmodel.calibration_pass(calibrate, QuantState.QUANTIZE, where, [hook])
+    if record.error is not None:
+        raise record.error
+    return record
+
+
+def compute_output_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
+                               metric: str | type[SensitivityMetric] = "cosine"
+                               ) -> list[LayerSensitivity]:
+    """Score every searchable layer by how far quantizing it alone moves the model's output
+    from float on the calibration batches (see the module docstring); worst first.
+
+    Raises:
+        ConfigError: the calibration fed other batches (or another number of them) than on
+            the float pass.
+        ModelError: the model's output holds no tensor.
+    """
+    metric_cls = resolve_metric(metric)
+    start = time.perf_counter()
+    names, quant = qmodel.searchable, qmodel.quant_plan()
+    counts = dict.fromkeys(names, 0)
+    hooks = [qmodel.layers[n].register_forward_pre_hook(
+        lambda *_, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
+    try:
+        base = _run(qmodel, calibrate, qmodel.float_plan(), _Pass(),
+                    "(output sensitivity: the float reference)")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not base.outputs:
+        raise ConfigError("output-level sensitivity needs the calibration to call the model; "
+                          "it made no call")
+    rows = []
+    for name in names:
+        seen = _run(qmodel, calibrate, {name: quant[name]},
+                    _Pass(reference=base.outputs, metric=metric_cls()),
+                    f"(output sensitivity of {name})")
+        if seen.marks != base.marks:
+            raise ConfigError(
+                f"output-level sensitivity needs the calibration to feed the same batches in "
+                f"the same order on every pass, but the pass for layer {name!r} saw other "
+                f"inputs than the float pass ({seen.calls} model call(s), {base.calls} "
+                "before); stop shuffling the calibration data (or use "
+                "sensitivity_scope='layer')")
+        score = NONFINITE_SCORE if seen.nonfinite else seen.metric.score()
+        rows.append((score, name, counts[name]))
+    qmodel.apply_plan(quant)
+    return ranked(qmodel, rows, f"{metric_name(metric_cls)}, model output, "
+                                f"{len(names) + 1} passes", start)

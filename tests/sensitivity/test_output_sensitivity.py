@@ -1,0 +1,104 @@
+"""Output-level sensitivity: each layer quantized alone and scored at the model's output,
+so a layer whose error the model absorbs is not mistaken for a sensitive one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoquant as aq
+from autoquant.errors import ConfigError
+
+# `noisy` is quantized far more coarsely than the rest, but its branch is scaled down
+# before the add: locally it is the worst layer, at the model's output the least harmful
+CONFIG = {"default": {"weight": {"bits": 6}, "activation": {"bits": 6}},
+          "layers": {"noisy": {"weight": {"bits": 2}, "activation": {"bits": 2}}}}
+
+
+class Absorbing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.big, self.noisy, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.big(x) + 1e-3 * self.noisy(x))
+
+
+class Counting(aq.Evaluator):
+    """Calibrates on fixed batches (shuffled on every pass if asked) and counts the passes."""
+
+    def __init__(self, batches: list[torch.Tensor], shuffle: bool = False) -> None:
+        self.batches, self.shuffle, self.passes = batches, shuffle, 0
+        self.order = torch.Generator().manual_seed(0)
+
+    def calibration(self, model: nn.Module) -> None:
+        self.passes += 1
+        order = torch.randperm(len(self.batches), generator=self.order) if self.shuffle \
+            else range(len(self.batches))
+        for i in order:
+            model(self.batches[int(i)])
+
+    def evaluate(self, model: nn.Module) -> float:
+        return 0.0
+
+
+@pytest.fixture
+def model_and_batches() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    return Absorbing().eval(), [torch.randn(32, 16) for _ in range(4)]
+
+
+def test_output_scope_ranks_the_layer_whose_error_reaches_the_output_first(model_and_batches):
+    model, batches = model_and_batches
+    local = aq.sensitivity_analysis(model, calibration_data=batches, config=CONFIG)
+    output = aq.sensitivity_analysis(model, calibration_data=batches, config=CONFIG,
+                                     sensitivity_scope="output")
+    assert local[0].name == "noisy"  # the coarse layer looks worst on its own output
+    assert [r.name for r in output][-1] == "noisy"  # ... and barely moves the model's
+    assert output[0].name == "big" and output[-1].score > 0.99999
+    assert [r.calls for r in output] == [4, 4, 4]  # one call per calibration batch
+
+
+def test_the_search_keeps_the_absorbed_layer_quantized_in_as_many_evaluations(
+        model_and_batches):
+    model, batches = model_and_batches
+    evaluator = aq.FidelityEvaluator(model, batches)
+    local = aq.auto_quantize(model, evaluator, (batches[0],), config=CONFIG, max_loss=1e-3)
+    output = aq.auto_quantize(model, evaluator, (batches[0],), config=CONFIG, max_loss=1e-3,
+                              sensitivity_scope="output")
+    assert local.met and output.met
+    assert sorted(local.quantized_layers) == ["head"]
+    assert sorted(output.quantized_layers) == ["head", "noisy"]
+    assert output.num_evaluations <= local.num_evaluations
+    assert output.settings.sensitivity_scope == "output"
+    assert output.to_report()["settings"]["sensitivity_scope"] == "output"
+
+
+def test_output_scope_costs_one_calibration_pass_per_layer_plus_the_float_one(
+        model_and_batches):
+    model, batches = model_and_batches
+    local, output = Counting(batches), Counting(batches)
+    aq.sensitivity_analysis(model, local, config=CONFIG)
+    aq.sensitivity_analysis(model, output, config=CONFIG, sensitivity_scope="output")
+    assert output.passes - local.passes == 3  # N + 1 passes instead of 1, N = 3 layers
+
+
+def test_a_calibration_that_shuffles_its_batches_is_refused(model_and_batches):
+    model, batches = model_and_batches
+    with pytest.raises(ConfigError, match="same batches in the same order.*shuffling"):
+        aq.sensitivity_analysis(model, Counting(batches, shuffle=True), config=CONFIG,
+                                sensitivity_scope="output")
+
+
+def test_an_unknown_scope_or_dump_dir_with_the_output_scope_is_a_config_error(
+        model_and_batches, tmp_path):
+    model, batches = model_and_batches
+    with pytest.raises(ConfigError, match="sensitivity_scope.*'layer'.*'output'"):
+        aq.auto_quantize(model, aq.FidelityEvaluator(model, batches), (batches[0],),
+                         sensitivity_scope="global")
+    with pytest.raises(ConfigError, match="sensitivity_scope must be one of"):
+        aq.sensitivity_analysis(model, calibration_data=batches, sensitivity_scope="model")
+    with pytest.raises(ConfigError, match="dump_dir"):
+        aq.sensitivity_analysis(model, calibration_data=batches, dump_dir=tmp_path,
+                                sensitivity_scope="output")
