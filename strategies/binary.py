@@ -14,6 +14,12 @@ plan with one more layer quantized, so the result is never worse than plain bina
 If the bisection sees a pass at k and a fail at some k' > k (the ranking is not monotone
 for this evaluator), refinement runs even if it was not asked for: the prefix answer is not
 to be trusted as minimal.
+
+When the bisection would answer "every layer falls back" (only the float model passes),
+it does not say so before it has tried the best single layers: up to ``rescue`` (3)
+refinement evaluations re-quantize the layers one at a time, least sensitive first. The
+bisection only ever tried the least sensitive layer alone, and a misleading ranking can
+put a harmless layer anywhere; a layer that passes alone stays quantized.
 """
 
 from __future__ import annotations
@@ -39,18 +45,24 @@ class BinarySearchStrategy(SearchStrategy):
             most refinement evaluations to spend.
         verify: after the bisection, also evaluate k+1 fallbacks: a fail there exposes a
             non-monotone ranking (which then triggers refinement). One extra evaluation.
+        rescue: the most refinement evaluations spent before answering "all float" when
+            `refine` is off (0: answer at once).
     """
 
     name = "binary"
 
-    def __init__(self, refine: bool | int = False, verify: bool = False) -> None:
+    def __init__(self, refine: bool | int = False, verify: bool = False,
+                 rescue: int = 3) -> None:
         if not isinstance(refine, (bool, int)) or (not isinstance(refine, bool) and refine < 0):
             raise ConfigError(f"refine must be a bool or an int >= 0, got {refine!r}")
         if not isinstance(verify, bool):
             raise ConfigError(f"verify must be a bool, got {verify!r}")
-        super().__init__(refine=refine, verify=verify)
+        if isinstance(rescue, bool) or not isinstance(rescue, int) or rescue < 0:
+            raise ConfigError(f"rescue must be an int >= 0 (evaluations), got {rescue!r}")
+        super().__init__(refine=refine, verify=verify, rescue=rescue)
         self.refine = refine
         self.verify = verify
+        self.rescue = rescue
 
     def setup(self, context: SearchContext) -> None:
         super().setup(context)
@@ -69,8 +81,11 @@ class BinarySearchStrategy(SearchStrategy):
     def estimate(self) -> int:
         width = self.context.workers if self.context else 1
         rounds = math.ceil(math.log(self.n + 1, width + 1)) if self.n else 0
-        extra = (1 if self.verify else 0) + (self.n if self.refine is True else int(self.refine))
-        return 1 + rounds * width + extra
+        if self.refine:
+            extra = self.n if self.refine is True else int(self.refine)
+        else:  # the rescue, when the answer would be "float only"
+            extra = min(self.rescue, max(self.n - 1, 0))
+        return 1 + rounds * width + (1 if self.verify else 0) + extra
 
     def _plan(self, k: int) -> QuantPlan:
         assert self.context is not None
@@ -81,16 +96,22 @@ class BinarySearchStrategy(SearchStrategy):
     def _start_refinement(self) -> None:
         assert self.context is not None and self.best_k is not None
         forced = bool(self.violations) and not self.refine
-        if not self.refine and not forced:
+        rescue = not self.refine and not forced and self.best_k == self.n and self.n > 0 \
+            and self.rescue > 0
+        if not self.refine and not forced and not rescue:
             self.phase = "done"
             return
         self._current = list(self.context.ranking[:self.best_k])
         # most similar to float first: the fallen-back layers in reverse ranking order
         self._todo = list(reversed(self._current))
-        self._refine_left = len(self._todo) if self.refine is True or forced else int(self.refine)
+        self._refine_left = len(self._todo) if self.refine is True or forced else \
+            self.rescue if rescue else int(self.refine)
         if forced:
             logger.warning("non-monotone pass/fail %s: refining the binary result",
                            self.violations)
+        if rescue:
+            logger.info("every layer fell back: trying up to %d layer(s) re-quantized one at "
+                        "a time before answering 'float only'", self.rescue)
         self.phase = "refine"
 
     def ask(self) -> list[QuantPlan]:

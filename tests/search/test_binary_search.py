@@ -27,6 +27,20 @@ def drops_for_exact_k(names, k_star, max_loss=0.1):
     return drops
 
 
+def test_before_answering_float_only_binary_tries_single_layers_the_ranking_misplaced():
+    names = linear_names(4)
+    # the ranking puts the harmless layer 2 among the most sensitive: every prefix fails
+    drops = {names[0]: 0.5, names[1]: 0.5, names[2]: 0.001, names[3]: 0.5}
+    ranking = fixed_ranking([names[0], names[2], names[1], names[3]])
+    result = aq.auto_quantize(mlp(4), DropEvaluator(drops), max_loss=0.1, ranking=ranking)
+    assert (result.status, result.quantized_layers) == ("met", [names[2]])
+    plain = aq.auto_quantize(mlp(4), DropEvaluator(drops), max_loss=0.1, ranking=ranking,
+                             strategy_options={"rescue": 0})
+    assert (plain.status, plain.quantized_layers) == ("float_only", [])
+    # the rescue spent at most 3 evaluations, the least sensitive layer alone was known
+    assert result.num_evaluations - plain.num_evaluations <= 3
+
+
 @pytest.mark.parametrize("k_star", list(range(N + 1)))
 def test_binary_finds_the_exact_k_within_the_log_bound(k_star):
     names = linear_names(N)
@@ -36,7 +50,8 @@ def test_binary_finds_the_exact_k_within_the_log_bound(k_star):
     assert (result.status, result.met) == (("met", True) if k_star < N else ("float_only", False))
     assert result.fallback_layers == names[:k_star]
     assert len(result.quantized_layers) == N - k_star
-    bound = math.ceil(math.log2(N + 1)) + 2
+    # + up to 3 single layers re-quantized before answering "float only" (the rescue)
+    bound = math.ceil(math.log2(N + 1)) + 2 + (3 if k_star == N else 0)
     assert result.num_evaluations <= bound
     assert ev.calls == result.num_evaluations
     assert len(set(ev.seen)) == len(ev.seen)  # never the same plan twice
@@ -58,7 +73,8 @@ def test_cost_estimate_is_logged_before_the_search(caplog):
     with caplog.at_level(logging.INFO, logger="autoquant"):
         aq.auto_quantize(mlp(6), DropEvaluator(drops_for_exact_k(names, 3)), max_loss=0.1,
                          ranking=fixed_ranking(names))
-    assert any("at most 5 evaluations" in r.getMessage() for r in caplog.records)
+    # float + all quantized + 3 bisection rounds, + 3 rescue tries if only float passed
+    assert any("at most 8 evaluations" in r.getMessage() for r in caplog.records)
 
 
 def test_budget_exhausted_returns_the_best_plan_so_far():
