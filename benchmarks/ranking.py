@@ -1,0 +1,168 @@
+"""Benchmark: how well each sensitivity ranking predicts the metric, and what the search keeps.
+
+For each bundled example at a strict budget (the digits CNN at W3A3, the digits transformer
+at W3A3, the character LSTM language model at W4A8):
+
+- every layer is evaluated alone quantized (the ``audit``), which gives each layer's
+  measured single-layer loss; Spearman's rho between a ranking's sensitivity and those
+  losses says how well the ranking predicts the metric (1.0: in the same order);
+- for every sensitivity metric (cosine, mse, kl) and scope (``layer``: each layer's own
+  output; ``output``: the model's output with one layer quantized), the default ``binary``
+  search runs on that ranking: layers kept quantized and evaluations;
+- ``binary`` with ``refine=True`` on the default ranking;
+- the greedy full-evaluation oracle: layers in order of their measured single-layer loss,
+  each kept quantized if the plan still passes (N evaluations after the N single-layer
+  ones).
+
+The audit's evaluations are not counted in "evaluations" (they are the measurement).
+
+Usage::
+
+    python benchmarks/ranking.py                    # all three examples (a few minutes)
+    python benchmarks/ranking.py --models digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import autoquant as aq  # noqa: E402
+from autoquant.plan import QuantPlan  # noqa: E402
+from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord  # noqa: E402
+
+__all__ = ["main", "GreedyOracle", "CASES"]
+
+
+class GreedyOracle(SearchStrategy):
+    """Re-quantize layers one at a time in a given order (best measured first), keeping
+    each move that passes; starts from every layer fallen back."""
+
+    name = "greedy-oracle"
+
+    def __init__(self, order: list[str]) -> None:
+        super().__init__()
+        self.order = list(order)
+
+    def setup(self, context: SearchContext) -> None:
+        super().setup(context)
+        self.fallback = list(context.ranking)
+        self.todo = [n for n in self.order if n in self.fallback]
+        self.candidate: str | None = None
+
+    def estimate(self) -> int:
+        return len(self.todo)
+
+    def ask(self) -> list[QuantPlan]:
+        assert self.context is not None
+        if not self.todo:
+            return []
+        self.candidate = self.todo.pop(0)
+        return [self.context.plan(fallback=[n for n in self.fallback if n != self.candidate])]
+
+    def tell(self, plan: QuantPlan, record: TrialRecord) -> None:
+        if record.passed and self.candidate in self.fallback:
+            self.fallback.remove(self.candidate)
+
+
+def _digits(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
+    from examples.digits.model import make_loaders
+    from examples.digits.train import get_trained_model
+
+    _, val = make_loaders(batch_size=64)
+    evaluator = aq.ClassificationEvaluator(val, calibration_batches=4)
+    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
+    return get_trained_model(), evaluator, (val[0][0],), config, 0.002, "absolute"
+
+
+def _transformer(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
+    from examples.digits.model import make_loaders
+    from examples.transformer.train import get_trained_model
+
+    _, val = make_loaders(batch_size=64)
+    evaluator = aq.ClassificationEvaluator(val, calibration_batches=4)
+    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
+    return get_trained_model(), evaluator, (val[0][0],), config, 0.01, "absolute"
+
+
+def _lstm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
+    from examples.lstm_lm.data import example_inputs
+    from examples.lstm_lm.evaluator import StdlibTextPerplexity
+    from examples.lstm_lm.run_search import make_config
+    from examples.lstm_lm.train import get_trained_model
+
+    config = make_config(bits, 8).to_dict()
+    return (get_trained_model(), StdlibTextPerplexity("val"), example_inputs(), config, 0.02,
+            "relative")
+
+
+CASES = {"digits": (_digits, 3), "transformer": (_transformer, 3), "lstm_lm": (_lstm, 4)}
+
+
+def _run(case: tuple, **options: Any) -> aq.SearchResult:
+    model, evaluator, inputs, config, max_loss, loss_type = case
+    return aq.auto_quantize(model, evaluator, inputs, config=config, max_loss=max_loss,
+                            loss_type=loss_type, **options)
+
+
+def _row(label: str, result: aq.SearchResult, audited: int, seconds: float) -> str:
+    audit = result.checks.get("audit") or {}
+    rho = audit.get("spearman_rho")
+    kept = f"{len(result.quantized_layers)}/{len(result.layers)}"
+    return (f"| {label} | {'-' if rho is None else f'{rho:.2f}'} | {kept} | "
+            f"{result.num_evaluations - audited} | {result.status} | "
+            f"{result.timings.get('sensitivity', 0.0):.2f} | {seconds:.1f} |")
+
+
+def one_model(name: str) -> list[str]:
+    """The table rows of one example."""
+    build, bits = CASES[name]
+    case = build(bits)
+    lines = [f"### {name} (W{bits}, max_loss {case[4]} {case[5]})", "",
+             "| ranking / strategy | rho | layers kept | evaluations | status | "
+             "sensitivity s | wall s |", "|---|---:|---:|---:|---|---:|---:|"]
+    n_layers = None
+    losses: dict[str, float] = {}
+    for scope in ("layer", "output"):
+        for metric in ("cosine", "mse", "kl"):
+            start = time.perf_counter()
+            probe = _run(case, sensitivity=metric, sensitivity_scope=scope, audit=10 ** 6)
+            n_layers = len(probe.checks["audit"]["layers"])
+            losses = {r["layer"]: r["loss"] for r in probe.checks["audit"]["layers"]}
+            lines.append(_row(f"binary, {metric}, {scope}", probe, n_layers,
+                              time.perf_counter() - start))
+    start = time.perf_counter()
+    refined = _run(case, strategy_options={"refine": True}, audit=10 ** 6)
+    lines.append(_row("binary + refine, cosine, layer", refined, n_layers or 0,
+                      time.perf_counter() - start))
+    start = time.perf_counter()
+    order = sorted(losses, key=lambda layer: losses[layer])
+    oracle = _run(case, strategy=GreedyOracle(order))
+    lines.append(_row("greedy oracle (measured single-layer losses)", oracle, 0,
+                      time.perf_counter() - start).replace(
+        f"| {oracle.num_evaluations} |", f"| {oracle.num_evaluations} + {len(order)} |", 1))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    for name in args.models:
+        print("\n".join(one_model(name)) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
