@@ -144,7 +144,7 @@ def auto_quantize(
     if ranking is None:
         notify("sensitivity", "start", model=qmodel.model)
         ranking = rank_layers(qmodel, adapter.calibrate, settings.sensitivity, dump_dir,
-                              settings.sensitivity_scope)
+                              settings.sensitivity_scope, adapter)
     notify("sensitivity", "end", ranking=list(ranking), reused=reused)
     timings["sensitivity"] = time.perf_counter() - start
     rows = qmodel.layer_rows()
@@ -231,12 +231,16 @@ def sensitivity_analysis(
 ) -> list[LayerSensitivity]:
     """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation.
 
-    `sensitivity_scope` is ``"layer"`` (each layer's own output) or ``"output"`` (the
-    model's output, one layer quantized at a time; `autoquant.sensitivity.output`)."""
+    `sensitivity_scope` is ``"layer"`` (each layer's own output), ``"output"`` (the
+    model's output, one layer quantized at a time) or ``"subset"`` (the evaluator's
+    ``evaluate_subset``, one layer quantized at a time); see
+    `autoquant.sensitivity.output`."""
     qmodel = QuantModel(model, resolve_config(config), example_inputs)
     calibrate = _calibrate(evaluator, calibration_data)
     calibrate_model(qmodel, calibrate)
-    return rank_layers(qmodel, calibrate, sensitivity, dump_dir, sensitivity_scope)
+    adapter = EvaluatorAdapter(evaluator) if sensitivity_scope == "subset" and \
+        evaluator is not None else None
+    return rank_layers(qmodel, calibrate, sensitivity, dump_dir, sensitivity_scope, adapter)
 
 
 def _calibrate(evaluator: Any, calibration_data: Iterable[Any] | None) -> Any:

@@ -72,8 +72,9 @@ class SearchSettings:
         sensitivity: a registered sensitivity metric name (``"cosine"``) or class.
         sensitivity_scope: where the metric compares float and quantized: ``"layer"``
             (each layer's own output, one calibration pass) or ``"output"`` (the model's
-            output with one layer quantized at a time, N + 1 passes; see
-            `autoquant.sensitivity.output`).
+            output with one layer quantized at a time, N + 1 passes) or ``"subset"`` (the
+            evaluator's ``evaluate_subset`` on each single-layer plan, N + 1 cheap calls);
+            see `autoquant.sensitivity.output`.
         max_evaluations: a budget on evaluator calls, the float baseline included (>= 2),
             or None.
         max_seconds: wall-time budget of the whole call: no new evaluation starts after it;
@@ -183,9 +184,11 @@ class SearchSettings:
                   and issubclass(self.sensitivity, SensitivityMetric)):
             raise SettingError("sensitivity", f"must be a metric name or a SensitivityMetric "
                                               f"class, got {self.sensitivity!r:.60}")
-        if self.sensitivity_scope not in ("layer", "output"):
+        if self.sensitivity_scope not in ("layer", "output", "subset"):
             raise SettingError("sensitivity_scope", f"must be 'layer' (each layer's own "
-                                                    f"output) or 'output' (the model's), got "
+                                                    f"output), 'output' (the model's) or "
+                                                    f"'subset' (the evaluator's "
+                                                    f"evaluate_subset), got "
                                                     f"{self.sensitivity_scope!r:.40}")
 
     # -- derived -----------------------------------------------------------------------------

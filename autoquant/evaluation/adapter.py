@@ -145,6 +145,20 @@ class EvaluatorAdapter:
         value = call_user(self.evaluator, "evaluate_holdout", model, where)
         return check_metric_value(value, f"{self.name}.evaluate_holdout() {where}")
 
+    @property
+    def has_subset(self) -> bool:
+        """True when the evaluator has ``evaluate_subset(model)`` (a cheap metric for the
+        ``subset`` sensitivity ranking)."""
+        return callable(getattr(self.evaluator, "evaluate_subset", None))
+
+    def measure_subset(self, model: nn.Module, where: str) -> float:
+        """``evaluate_subset(model)`` under the timeout, checked to be a finite number."""
+        what = f"{self.name}.evaluate_subset() {where}"
+        value = run_with_timeout(
+            lambda: call_user(self.evaluator, "evaluate_subset", model, where), self.timeout,
+            what)
+        return check_metric_value(value, what)
+
     # -- worker processes ---------------------------------------------------------------------
     def payload(self) -> tuple[str, Any]:
         """How a worker process gets the evaluator: ``("spec", (factory, kwargs))`` from its

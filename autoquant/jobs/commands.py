@@ -171,7 +171,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             bars("calibration", "end")
             bars("sensitivity", "start", model=qmodel.model)
             ranking = rank_layers(qmodel, adapter.calibrate, job.config.search["sensitivity"],
-                                  scope=job.config.search["sensitivity_scope"])
+                                  scope=job.config.search["sensitivity_scope"],
+                                  evaluator=adapter)
             bars("sensitivity", "end")
     finally:
         bars.close()

@@ -1,4 +1,5 @@
-"""Output-level sensitivity: each layer quantized alone, scored at the model's output.
+"""Sensitivity where the metric is: each layer quantized alone, scored at the model's output
+(``scope="output"``) or by the user's own metric on a cheap subset (``scope="subset"``).
 
 The layer-local pass (`autoquant.sensitivity.ranking`) scores the error a layer adds to its
 own output. The rest of the model may amplify that error or absorb it (a branch scaled down
@@ -12,6 +13,11 @@ call by call.
 Cost: N + 1 calibration passes for N layers, and no evaluation. Memory: the float outputs
 of one pass, on their device, whatever N. The calibration must feed the same batches in
 the same order on every pass (no shuffling); a change is a `ConfigError`.
+
+``scope="subset"`` asks the evaluator itself, as NNCF ranks on a validation subset: its
+``evaluate_subset(model)`` scores the float model and each single-layer plan (N + 1 cheap
+calls, not counted as evaluations), and a layer's score is minus its loss there (the
+evaluator's ``metric_eval`` or the search criterion decides the loss).
 """
 
 from __future__ import annotations
@@ -38,29 +44,72 @@ from autoquant.sensitivity.ranking import (
     resolve_metric,
 )
 
-__all__ = ["SCOPES", "rank_layers", "compute_output_sensitivity"]
+__all__ = ["SCOPES", "rank_layers", "compute_output_sensitivity", "compute_subset_sensitivity"]
 
-SCOPES = ("layer", "output")
+SCOPES = ("layer", "output", "subset")
 
 
 def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                 metric: str | type[SensitivityMetric] = "cosine",
-                dump_dir: str | Path | None = None, scope: str = "layer"
-                ) -> list[LayerSensitivity]:
+                dump_dir: str | Path | None = None, scope: str = "layer",
+                evaluator: Any = None) -> list[LayerSensitivity]:
     """The sensitivity ranking of `qmodel`, most sensitive first, in `scope`: ``"layer"``
-    (each layer's own output, one pass) or ``"output"`` (the model's output, N + 1 passes).
+    (each layer's own output, one pass), ``"output"`` (the model's output, N + 1 passes)
+    or ``"subset"`` (`evaluator`'s ``evaluate_subset``, an `EvaluatorAdapter`; N + 1 calls).
 
     Raises:
-        ConfigError: an unknown scope or metric, or `dump_dir` with the output scope.
+        ConfigError: an unknown scope or metric, `dump_dir` outside the layer scope, or the
+            subset scope without an evaluator that has ``evaluate_subset``.
     """
     if scope == "layer":
         return compute_sensitivity(qmodel, calibrate, metric, dump_dir)
-    if scope != "output":
+    if scope not in SCOPES:
         raise ConfigError(f"sensitivity_scope must be one of {list(SCOPES)}, got {scope!r:.40}")
     if dump_dir is not None:
         raise ConfigError("dump_dir writes the inputs the layer-scope pass sees; use it with "
                           "sensitivity_scope='layer' (the default)")
-    return compute_output_sensitivity(qmodel, calibrate, metric)
+    if scope == "output":
+        return compute_output_sensitivity(qmodel, calibrate, metric)
+    if evaluator is None or not evaluator.has_subset:
+        name = type(getattr(evaluator, "evaluator", evaluator)).__name__
+        raise ConfigError(f"sensitivity_scope='subset' ranks layers with the evaluator's "
+                          f"evaluate_subset(model) -> float, which {name} does not define; "
+                          "add it (the metric on a small, cheap part of the evaluation data) "
+                          "or use sensitivity_scope='layer' or 'output'")
+    return compute_subset_sensitivity(qmodel, evaluator)
+
+
+def _count_calls(qmodel: QuantModel, names: list[str], counts: dict[str, int]) -> list[Any]:
+    """Forward pre-hooks counting each layer's calls into `counts` (remove them after)."""
+    return [qmodel.layers[n].register_forward_pre_hook(
+        lambda *_, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
+
+
+def compute_subset_sensitivity(qmodel: QuantModel, evaluator: Any) -> list[LayerSensitivity]:
+    """Score every searchable layer by minus its loss on the evaluator's
+    ``evaluate_subset`` with only that layer quantized; worst first.
+
+    Args:
+        evaluator: an `autoquant.evaluation.adapter.EvaluatorAdapter` whose evaluator has
+            ``evaluate_subset``.
+    """
+    start = time.perf_counter()
+    names, quant = qmodel.searchable, qmodel.quant_plan()
+    counts = dict.fromkeys(names, 0)
+    qmodel.apply_plan(qmodel.float_plan())
+    hooks = _count_calls(qmodel, names, counts)
+    try:
+        base = evaluator.measure_subset(qmodel.model, "(subset ranking: the float model)")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for name in names:
+        qmodel.apply_plan({name: quant[name]})
+        metric = evaluator.measure_subset(qmodel.model, f"(subset ranking of {name})")
+        rows.append((-evaluator.decide(base, metric)[1], name, counts[name]))
+    qmodel.apply_plan(quant)
+    return ranked(qmodel, rows, f"evaluate_subset, {len(names) + 1} calls", start)
 
 
 def _mark(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
@@ -124,8 +173,7 @@ def compute_output_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
     start = time.perf_counter()
     names, quant = qmodel.searchable, qmodel.quant_plan()
     counts = dict.fromkeys(names, 0)
-    hooks = [qmodel.layers[n].register_forward_pre_hook(
-        lambda *_, n=n: counts.__setitem__(n, counts[n] + 1)) for n in names]
+    hooks = _count_calls(qmodel, names, counts)
     try:
         base = _run(qmodel, calibrate, qmodel.float_plan(), _Pass(),
                     "(output sensitivity: the float reference)")

@@ -102,3 +102,42 @@ def test_an_unknown_scope_or_dump_dir_with_the_output_scope_is_a_config_error(
     with pytest.raises(ConfigError, match="dump_dir"):
         aq.sensitivity_analysis(model, calibration_data=batches, dump_dir=tmp_path,
                                 sensitivity_scope="output")
+
+
+class Subset(aq.FidelityEvaluator):
+    """Fidelity on all batches; `evaluate_subset` on the first one only, counted."""
+
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor]) -> None:
+        super().__init__(model, batches)
+        self.first = aq.FidelityEvaluator(model, batches[:1])
+        self.subset_calls = self.full_calls = 0
+
+    def evaluate(self, model: nn.Module) -> float:
+        self.full_calls += 1
+        return super().evaluate(model)
+
+    def evaluate_subset(self, model: nn.Module) -> float:
+        self.subset_calls += 1
+        return self.first.evaluate(model)
+
+
+def test_subset_scope_ranks_by_the_evaluators_own_metric_on_its_subset(model_and_batches):
+    model, batches = model_and_batches
+    evaluator = Subset(model, batches)
+    result = aq.auto_quantize(model, evaluator, (batches[0],), config=CONFIG, max_loss=1e-3,
+                              sensitivity_scope="subset")
+    assert evaluator.subset_calls == 4  # the float model and each of the 3 layers alone
+    assert evaluator.full_calls == result.num_evaluations  # the ranking costs no evaluation
+    ranking = {row.name: row for row in result.sensitivity}
+    assert ranking["noisy"].rank == 2 and ranking["noisy"].score > -1e-5  # barely a loss
+    assert ranking["big"].rank == 0 and ranking["big"].score < ranking["head"].score <= 0
+    assert sorted(result.quantized_layers) == ["head", "noisy"]
+
+
+def test_subset_scope_without_evaluate_subset_names_the_missing_method(model_and_batches):
+    model, batches = model_and_batches
+    with pytest.raises(ConfigError, match=r"evaluate_subset\(model\).*FidelityEvaluator"):
+        aq.auto_quantize(model, aq.FidelityEvaluator(model, batches), (batches[0],),
+                         config=CONFIG, sensitivity_scope="subset")
+    with pytest.raises(ConfigError, match="evaluate_subset"):
+        aq.sensitivity_analysis(model, calibration_data=batches, sensitivity_scope="subset")
