@@ -29,12 +29,12 @@ from autoquant.export.qdq_ops import (
 )
 from autoquant.quant.integer import bias_ints
 from autoquant.quant.layers import QuantLayer
-from autoquant.quant.wrapping import call_with_module_hooks, forward_attribute, no_fast_path
+from autoquant.quant.wrapping import ForwardsAttributes, call_with_module_hooks, no_fast_path
 
 __all__ = ["QDQLayer", "QDQMultiLayer"]
 
 
-class _WrapsModule(nn.Module):
+class _WrapsModule(ForwardsAttributes, nn.Module):
     """Reads of attributes a QDQ module lacks go to the float module it replaces, as they
     do through the search-time wrappers (a parent's ``self.attn.batch_first``); a no-op
     pre-hook keeps torch's fused encoder fast path (raw float weights) out of the graph."""
@@ -42,12 +42,6 @@ class _WrapsModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_forward_pre_hook(no_fast_path)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return forward_attribute(self, name)
 
 
 class QDQLayer(_WrapsModule):

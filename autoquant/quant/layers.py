@@ -47,9 +47,9 @@ from autoquant.quant.quantizer import ActivationObserver, weight_qparams
 from autoquant.quant.target import deploy_weight_bits, host_target
 from autoquant.quant.wrapping import (
     DIRECT_KINDS,
+    ForwardsAttributes,
     call_with_module_hooks,
     compare,
-    forward_attribute,
     no_fast_path,
 )
 
@@ -66,7 +66,7 @@ class QuantState(enum.Enum):
     COMPARE = "compare"
 
 
-class QuantLayer(nn.Module):
+class QuantLayer(ForwardsAttributes, nn.Module):
     """Fake-quant wrapper around one quantizable module (see the module docstring).
 
     The active qparams live in buffers (``act_scale``, ``act_zero_point``,
@@ -123,14 +123,6 @@ class QuantLayer(nn.Module):
         self.nonfinite = False  # the sensitivity pass saw NaN/inf in the quantized output
         self.out_relu = False  # every reader rectifies the output first (autoquant.quant.dataflow)
         self.register_forward_pre_hook(no_fast_path)
-
-    def __getattr__(self, name: str) -> Any:
-        # Parent modules that read attributes of their child (``self.fc.in_features``,
-        # ``self.proj.weight``) keep working through the wrapper.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return forward_attribute(self, name)
 
     def extra_repr(self) -> str:
         return f"name={self.layer_name!r}, scheme={self.scheme!r}, state={self.state.value}"

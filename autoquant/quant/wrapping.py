@@ -11,8 +11,8 @@ from torch import nn
 
 from autoquant.batches import primary_tensor
 
-__all__ = ["DIRECT_KINDS", "call_with_module_hooks", "compare", "forward_attribute",
-           "no_fast_path"]
+__all__ = ["DIRECT_KINDS", "ForwardsAttributes", "call_with_module_hooks", "compare",
+           "forward_attribute", "no_fast_path"]
 
 DIRECT_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # computed without module.__call__
 
@@ -51,6 +51,18 @@ def forward_attribute(wrapper: nn.Module, name: str) -> Any:
     if inner is None or (name.startswith("__") and name.endswith("__")):
         raise AttributeError(f"{type(wrapper).__name__!r} object has no attribute {name!r}")
     return getattr(inner, name)
+
+
+class ForwardsAttributes:
+    """Mixin (before `nn.Module`) for a module that wraps another as its ``module`` child:
+    attributes it lacks are read from the wrapped module (`forward_attribute`), so parents
+    that read ``self.fc.in_features`` or ``self.attn.batch_first`` keep working."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            return forward_attribute(self, name)  # type: ignore[arg-type]
 
 
 def no_fast_path(module: nn.Module, args: Any) -> None:
