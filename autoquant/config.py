@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, did_you_mean
 from autoquant.io.atomic import atomic_write_text
 from autoquant.io.yamlsafe import safe_load_no_aliases
 from autoquant.plan import FLOAT, scheme_label
@@ -40,8 +40,7 @@ def _check_keys(data: Any, cls: type, where: str) -> dict[str, Any]:
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), valid)
             raise ConfigError(
                 f"unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}"
             )
@@ -293,8 +292,7 @@ class QuantConfig:
                     f"{self.smoothing_alpha}"
                 )
         if self.target not in TARGETS:
-            close = difflib.get_close_matches(str(self.target), TARGETS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(self.target), TARGETS)
             raise ConfigError(
                 f"target must be one of {', '.join(TARGETS)}, got {self.target!r}{hint}; "
                 "'auto' takes this CPU's"

@@ -5,7 +5,11 @@ Every message says what was expected, what came, and how to fix it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
+    "did_you_mean",
     "AutoquantError",
     "UserError",
     "ConfigError",
@@ -55,3 +59,10 @@ class ExportError(UserError):
 
 class InternalError(AutoquantError):
     """A bug in autoquant itself; please report it with the traceback."""
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of `choices` to `word`, or ``""``: the hint
+    an "unknown key / name" message carries."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

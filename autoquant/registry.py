@@ -7,13 +7,12 @@ metric only when a user asks for it by name. Third-party plug-ins register in co
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, did_you_mean
 
 __all__ = ["Registry", "import_object"]
 
@@ -79,8 +78,7 @@ class Registry(Generic[T]):
             if ep.name == key:
                 return ep.load()
         valid = self.names()
-        close = difflib.get_close_matches(str(name), valid, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(str(name), valid)
         raise ConfigError(
             f"unknown {self.kind} {name!r}{hint}; available: {', '.join(valid)}"
         )

@@ -10,16 +10,15 @@ strategy's own constructor, with a did-you-mean.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import math
 import numbers
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, did_you_mean
 from autoquant.evaluation.criterion import AccuracyCriterion, LossType
 
 __all__ = ["SearchSettings", "SETTINGS_VERSION", "SettingError"]
@@ -228,27 +227,23 @@ class SearchSettings:
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"search settings must be a mapping, got {data!r:.60}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in valid:
-                close = difflib.get_close_matches(str(key), valid, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise SettingError(
-                    str(key), f"unknown key{hint}; valid keys: {', '.join(valid)}",
-                    f"unknown search setting {key!r}{hint}; valid: {', '.join(valid)}")
+        _refuse_unknown(data, [f.name for f in dataclasses.fields(cls)])
         return cls(**dict(data))
 
     def replace(self, **overrides: Any) -> SearchSettings:
         """A copy with `overrides` (field names; unknown ones are errors)."""
-        valid = {f.name for f in dataclasses.fields(self)}
-        for key in overrides:
-            if key not in valid:
-                close = difflib.get_close_matches(key, sorted(valid), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise SettingError(
-                    key, f"unknown key{hint}; valid keys: {', '.join(sorted(valid))}",
-                    f"unknown search setting {key!r}{hint}; valid: {', '.join(sorted(valid))}")
+        _refuse_unknown(overrides, sorted(f.name for f in dataclasses.fields(self)))
         return dataclasses.replace(self, **overrides)
+
+
+def _refuse_unknown(keys: Iterable[Any], valid: list[str]) -> None:
+    """A SettingError for the first of `keys` that is not in `valid` (listed in that order)."""
+    for key in keys:
+        if key not in valid:
+            hint = did_you_mean(key, valid)
+            raise SettingError(
+                str(key), f"unknown key{hint}; valid keys: {', '.join(valid)}",
+                f"unknown search setting {key!r}{hint}; valid: {', '.join(valid)}")
 
 
 def _name_of(value: Any) -> Any:
@@ -267,8 +262,7 @@ def _check_options(cls: type, options: Mapping[str, Any]) -> None:
              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in options:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), valid)
             raise SettingError(f"strategy_options.{key}",
                                f"is not an option of {cls.__name__}{hint}; its options: "
                                f"{', '.join(valid) or 'none'}")

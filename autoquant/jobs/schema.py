@@ -10,14 +10,13 @@ puts ``python_path`` folders (and the folder holding each import path's top pack
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, did_you_mean
 from autoquant.io.names import ONNX_FILE
 from autoquant.io.yamlsafe import LineMap
 
@@ -100,8 +99,7 @@ class _Validator:
                                    f"{_describe(data)}")
         for key in data:
             if key not in spec:
-                close = difflib.get_close_matches(str(key), list(spec), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = did_you_mean(str(key), list(spec))
                 raise self.error((*keys, key), f"unknown key{hint}; valid keys: "
                                                f"{', '.join(spec)}")
         out: dict[str, Any] = {}
