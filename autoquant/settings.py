@@ -80,8 +80,12 @@ class SearchSettings:
             the float baseline always runs.
         eval_timeout: seconds one ``evaluate`` may take (None: no limit, and ``evaluate``
             runs in the calling thread).
-        workers: evaluate the independent plans of each strategy step in this many
-            processes (1: in this process).
+        workers: evaluate up to this many independent plans of each strategy step at once
+            (1: in this process, unless `executor` is set).
+        executor: where trials run: None (this process, or ``workers`` local processes),
+            ``"local"``, a Dask scheduler address ``"dask://HOST:PORT"``, or in Python any
+            `concurrent.futures.Executor` or a ``distributed.Client``; see
+            `autoquant.search.engines`.
         holdout: re-check the final plan with ``evaluate_holdout`` (None: if the evaluator
             has it; True: required; False: never).
         audit: evaluate the `audit` worst-ranked layers alone quantized after the search and
@@ -106,6 +110,7 @@ class SearchSettings:
     max_seconds: float | None = None
     eval_timeout: float | None = None
     workers: int = 1
+    executor: Any = None
     holdout: bool | None = None
     audit: int = 0
     check_determinism: bool = False
@@ -115,8 +120,8 @@ class SearchSettings:
     # settings that do not change what a finished trial record means: a resumed run may
     # change them (budgets, guards, parallelism, checks after the search)
     NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (
-        "max_evaluations", "max_seconds", "eval_timeout", "workers", "holdout", "audit",
-        "check_determinism")
+        "max_evaluations", "max_seconds", "eval_timeout", "workers", "executor", "holdout",
+        "audit", "check_determinism")
 
     def __post_init__(self) -> None:
         if self.version != SETTINGS_VERSION:
@@ -137,6 +142,7 @@ class SearchSettings:
         self.max_seconds = _check_seconds("max_seconds", self.max_seconds)
         self.eval_timeout = _check_seconds("eval_timeout", self.eval_timeout)
         _check_int("workers", self.workers, 1, "1 evaluates in this process")
+        self._check_executor()
         _check_int("audit", self.audit, 0, "layers to audit")
         for key in ("check_determinism", "verify_deploy"):
             if not isinstance(getattr(self, key), bool):
@@ -170,6 +176,14 @@ class SearchSettings:
             raise SettingError("strategy", f"must be a strategy name, a SearchStrategy class "
                                            f"or instance, got {self.strategy!r:.60}")
         _check_options(cls, self.strategy_options)
+
+    def _check_executor(self) -> None:
+        from autoquant.search.engines import check_executor
+
+        try:
+            check_executor(self.executor)
+        except ConfigError as err:
+            raise SettingError("executor", str(err).removeprefix("executor ")) from None
 
     def _check_sensitivity(self) -> None:
         from autoquant.sensitivity.ranking import SENSITIVITY_METRICS, SensitivityMetric
@@ -212,6 +226,7 @@ class SearchSettings:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["strategy"] = _name_of(self.strategy)
         out["sensitivity"] = _name_of(self.sensitivity)
+        out["executor"] = None if self.executor is None else _name_of(self.executor)
         out["strategy_options"] = dict(self.strategy_options)
         out["deploy_options"] = dict(self.deploy_options)
         return out

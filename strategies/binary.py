@@ -77,6 +77,10 @@ class BinarySearchStrategy(SearchStrategy):
         self._refine_left = 0
         self._pending = 0
         self._known: dict[str, bool] = {}
+        self._batch: dict[str, str] = {}
+        self._batch_passed: dict[str, bool] = {}
+        self._tried: set[str] = set()
+        self._joint: list[str] = []  # passing layers of a batch whose union is asked next
 
     def estimate(self) -> int:
         width = self.context.workers if self.context else 1
@@ -85,6 +89,7 @@ class BinarySearchStrategy(SearchStrategy):
             extra = self.n if self.refine is True else int(self.refine)
         else:  # the rescue, when the answer would be "float only"
             extra = min(self.rescue, max(self.n - 1, 0))
+        extra *= width  # with workers, a batch's later passes are tried again
         return 1 + rounds * width + (1 if self.verify else 0) + extra
 
     def _plan(self, k: int) -> QuantPlan:
@@ -104,8 +109,10 @@ class BinarySearchStrategy(SearchStrategy):
         self._current = list(self.context.ranking[:self.best_k])
         # most similar to float first: the fallen-back layers in reverse ranking order
         self._todo = list(reversed(self._current))
+        # layers to try (a batch's later passes are tried again for free: workers > 1)
         self._refine_left = len(self._todo) if self.refine is True or forced else \
             self.rescue if rescue else int(self.refine)
+        self._tried: set[str] = set()
         if forced:
             logger.warning("non-monotone pass/fail %s: refining the binary result",
                            self.violations)
@@ -127,19 +134,40 @@ class BinarySearchStrategy(SearchStrategy):
             return [self._plan(k) for k in points]
         if self.phase == "verify":
             return [self._plan(self.best_k + 1)]
+        if self.phase == "refine" and self._joint:
+            return [self.context.plan(
+                fallback=[n for n in self._current if n not in self._joint])]
         if self.phase == "refine":
-            while self._todo and self._refine_left > 0:
-                layer = self._todo.pop(0)
-                plan = self.context.plan(fallback=[n for n in self._current if n != layer])
-                known = self._known.get(plan_key(plan))
-                if known is None:
-                    self._refine_left -= 1
-                    self._candidate = layer
-                    return [plan]
-                if known:  # already evaluated (e.g. a bisection prefix): no budget spent
-                    self._current.remove(layer)
+            batch = self._refine_batch(self.context.workers)
+            if batch:
+                return batch
             self.phase = "done"
         return []
+
+    def _refine_batch(self, width: int) -> list[QuantPlan]:
+        """Up to `width` single-layer re-quantizations of the current plan, each judged
+        against it. Plans already evaluated cost nothing: a pass is taken at once when the
+        batch is empty, else it waits for the batch (taking it would change their base)."""
+        assert self.context is not None
+        self._batch = {}  # plan key -> the layer it re-quantizes, in asked order
+        plans = []
+        while self._todo and len(plans) < width and \
+                (self._refine_left > 0 or self._todo[0] in self._tried):
+            layer = self._todo[0]
+            plan = self.context.plan(fallback=[n for n in self._current if n != layer])
+            known = self._known.get(plan_key(plan))
+            if known and plans:
+                break
+            self._todo.pop(0)
+            if known is None:
+                self._refine_left -= layer not in self._tried
+                self._tried.add(layer)
+                self._batch[plan_key(plan)] = layer
+                plans.append(plan)
+            elif known:
+                self._current.remove(layer)
+        self._batch_passed = {}
+        return plans
 
     def tell(self, plan: QuantPlan, record: TrialRecord) -> None:
         self._known[plan_key(plan)] = record.passed
@@ -150,9 +178,19 @@ class BinarySearchStrategy(SearchStrategy):
                 self.search.update(0, False)
                 self.phase = "bisect"
             return
+        if self.phase == "refine" and self._joint:
+            passed, self._joint = self._joint, []
+            if record.passed:  # every step one worker takes would pass: take them all
+                for layer in passed:
+                    self._current.remove(layer)
+            else:
+                self._current.remove(passed[0])
+                self._todo[:0] = passed[1:]
+            return
         if self.phase == "refine":
-            if record.passed:
-                self._current.remove(self._candidate)
+            self._batch_passed[self._batch[plan_key(plan)]] = record.passed
+            if len(self._batch_passed) == len(self._batch):
+                self._end_refine_batch()
             return
         k = self._asked[plan_key(plan)]
         self.search.update(k, record.passed)
@@ -165,6 +203,20 @@ class BinarySearchStrategy(SearchStrategy):
         self._pending -= 1
         if self._pending == 0 and self.search.done:
             self._finish_bisection()
+
+    def _end_refine_batch(self) -> None:
+        """What one worker, trying the batch's layers in order, would keep.
+
+        Fails are dropped (with fewer layers in float a plan can only get worse). One pass
+        is taken. Several passes were each judged against the plan before the batch, so
+        their union is evaluated next (`_joint`): if it passes, one worker would have taken
+        each in turn; if not, the first is taken and the others are tried again.
+        """
+        passed = [n for n in self._batch.values() if self._batch_passed[n]]
+        if len(passed) == 1:
+            self._current.remove(passed[0])
+        elif passed:
+            self._joint = passed
 
     def _finish_bisection(self) -> None:
         if self.search.hi > self.n:

@@ -101,6 +101,11 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="discard an existing journal in the output directory and start over")
     p.add_argument("--output-dir", type=Path, help="override the job's output_dir")
+    p.add_argument("--executor", metavar="ADDRESS",
+                   help="where trials run, overriding search.executor: 'local' or a Dask "
+                        "scheduler 'dask://HOST:PORT' (may change on --resume)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="trials at once, overriding search.workers (may change on --resume)")
     _verbosity(p)
     p.set_defaults(func=cmd_run)
 

@@ -64,6 +64,9 @@ def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
     from autoquant.report.render import render_report
 
     settings, config = job.settings(), job.quant_config()  # fail before anything heavy
+    overrides = {k: v for k in ("executor", "workers")
+                 if (v := getattr(args, k, None)) is not None}
+    settings = settings.replace(**overrides) if overrides else settings
     settings.make_strategy()  # bad strategy options fail before the journal exists
     model = job.build_model()
     evaluator = job.build_evaluator()

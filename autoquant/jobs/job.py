@@ -28,6 +28,7 @@ the valid choices. Relative paths resolve against the YAML file's folder. The sc
       eval_timeout: null            # seconds one evaluate() may take (null: no limit)
       max_seconds: null             # wall-time budget of the run (null: no limit)
       workers: 1                    # evaluate independent plans in parallel processes
+      executor: null                # or "dask://HOST:PORT": trials on a Dask cluster
       holdout: null                 # re-check the final plan on evaluate_holdout()
       audit: 0                      # audit the ranking on this many layers
       check_determinism: false      # evaluate the float model twice and compare

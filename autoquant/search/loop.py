@@ -49,7 +49,7 @@ class TrialRunner:
     history: list[TrialRecord] = field(default_factory=list)
     evaluator_seconds: float = 0.0
     float_metric: float | None = None
-    pool: Any = None  # an autoquant.search.parallel.WorkerPool when workers > 1
+    pool: Any = None  # an autoquant.search.parallel.TrialExecutor: trials run on workers
     deadline: float | None = None
     check_determinism: bool = False
     determinism: dict[str, Any] | None = None
@@ -91,11 +91,13 @@ class TrialRunner:
         return [n for n in order if n in plan and plan[n] != quant[n]]
 
     def prefetch(self, plans: list[QuantPlan]) -> None:
-        """Evaluate the new plans among `plans` at once in the worker pool (if any).
+        """Evaluate the new plans among `plans` at once on the workers (if any).
 
-        Only the plans `evaluate` would run, in order and within the budget, are sent; their
-        raw outcomes wait until `evaluate` turns them into records in the asked order, so
-        indices, history and the strategy's view are the same as with one worker.
+        Only the plans `evaluate` would run, in order and within the budget, are sent (and
+        none starts after the deadline); their raw outcomes wait until `evaluate` turns them
+        into records in the asked order, so indices, history and the strategy's view are the
+        same whichever worker finishes first. If one fails, the others that finished are
+        recorded (and journaled) before the error propagates, so a resume repeats none.
         """
         if self.pool is None:
             return
@@ -109,8 +111,20 @@ class TrialRunner:
             keys = keys[:max(0, self.max_evaluations - self.num_evaluations)]
         if len(keys) < 2:
             return
-        for key, outcome in zip(keys, self.pool.evaluate([todo[k] for k in keys]), strict=True):
-            self._prefetched[key] = outcome
+        base = self.num_evaluations
+        labels = [trial_label(todo[k], self.fallback_layers(todo[k])) for k in keys]
+        jobs = [(todo[k], f"in trial {base + n} ({labels[n]})") for n, k in enumerate(keys)]
+
+        def done(n: int, value: Any, seconds: float) -> None:
+            self._prefetched[keys[n]] = (value, seconds)
+
+        try:
+            self.pool.evaluate(jobs, done, self.deadline)
+        except BaseException:
+            for n, key in enumerate(keys):
+                if key in self._prefetched and key not in self._cache:
+                    self._keep(self._run(todo[key], labels[n], base + n), key, fresh=True)
+            raise
 
     def evaluate(self, plan: QuantPlan, label: str) -> TrialRecord:
         """The record of `plan`: from the cache, else evaluated (BudgetExhausted if none left)."""
@@ -118,12 +132,13 @@ class TrialRunner:
         if key in self._cache:
             return self._cache[key]
         reused = self.preloaded.get(key)
-        if reused is None and self.max_evaluations is not None and \
+        if reused is None and key not in self._prefetched and self.max_evaluations is not None and \
                 self.num_evaluations >= self.max_evaluations:
             self.stopped_by = "evaluations"
             raise BudgetExhausted
-        if reused is None and self.deadline is not None and self.num_evaluations >= 1 and \
-                time.monotonic() >= self.deadline:  # the float baseline always runs
+        if reused is None and key not in self._prefetched and self.deadline is not None and \
+                self.num_evaluations >= 1 and time.monotonic() >= self.deadline:
+            # the float baseline always runs; a prefetched result started before the deadline
             self.stopped_by = "time"
             raise BudgetExhausted
         if reused is not None:
@@ -133,19 +148,27 @@ class TrialRunner:
             logger.info("trial %d (%s): reused from the journal", record.index, label)
         else:
             record = self._run(plan, label)
+        self._keep(record, key, fresh=reused is None)
+        return record
+
+    def _keep(self, record: TrialRecord, key: str, fresh: bool) -> None:
         self._cache[key] = record
         self.history.append(record)
-        if reused is None and self.on_record is not None:
+        if fresh and self.on_record is not None:
             self.on_record(record)
-        return record
 
     def measure(self, plan: QuantPlan, where: str) -> tuple[float, float]:
         """Evaluate `plan` once, uncached and unrecorded: ``(metric, seconds)``.
 
-        Uses the worker pool's result when the plan was prefetched; otherwise evaluates in
-        this process through the adapter (its ``eval_timeout`` guard and value check).
+        Uses the workers' result when the plan was prefetched, else sends it to the workers
+        alone; without workers it evaluates in this process through the adapter (its
+        ``eval_timeout`` guard). The value is checked the same way on every path.
         """
         done = self._prefetched.pop(plan_key(plan), None)
+        if done is None and self.pool is not None:
+            box: dict[str, tuple[Any, float]] = {}
+            self.pool.evaluate([(plan, where)], lambda _n, v, s: box.update(out=(v, s)))
+            done = box["out"]
         if done is not None:
             value, seconds = done
             metric = self.evaluator.check(value, where)
@@ -175,8 +198,8 @@ class TrialRunner:
                 "data, do not keep state between runs) or start a fresh run without --resume"
             )
 
-    def _run(self, plan: QuantPlan, label: str) -> TrialRecord:
-        index = self.num_evaluations
+    def _run(self, plan: QuantPlan, label: str, index: int | None = None) -> TrialRecord:
+        index = self.num_evaluations if index is None else index
         metric, seconds = self.measure(plan, f"in trial {index} ({label})")
         if self.float_metric is None:
             self.float_metric = metric

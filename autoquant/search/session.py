@@ -16,7 +16,7 @@ from autoquant.plan import plan_key
 from autoquant.quant.qmodel import QuantModel
 from autoquant.search.deploy_check import DeployCheck, evaluate_deployed, search_until_deployed
 from autoquant.search.loop import SearchOutcome, TrialRunner
-from autoquant.search.parallel import WorkerPool
+from autoquant.search.parallel import open_trial_executor
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
 from autoquant.search.trust import monotonicity_violations, ranking_audit
 from autoquant.sensitivity.ranking import LayerSensitivity
@@ -38,8 +38,10 @@ class StageResult:
 
 
 def build_context(qmodel: QuantModel, ranking: Sequence[LayerSensitivity],
-                  settings: SearchSettings, params: dict[str, int]) -> SearchContext:
-    """The read-only view a strategy gets of the searchable layers."""
+                  settings: SearchSettings, params: dict[str, int],
+                  width: int | None = None) -> SearchContext:
+    """The read-only view a strategy gets of the searchable layers (`width`: how many
+    trials the workers run at once; ``settings.workers`` by default)."""
     names = qmodel.searchable
     budget = settings.max_evaluations
     return SearchContext(
@@ -49,7 +51,7 @@ def build_context(qmodel: QuantModel, ranking: Sequence[LayerSensitivity],
         fallback_schemes={n: qmodel.layers[n].config.fallback_scheme for n in names},
         max_evaluations=None if budget is None else budget - 1,
         options=dict(settings.strategy_options),
-        workers=settings.workers,
+        workers=settings.workers if width is None else width,
         params=params,
     )
 
@@ -78,11 +80,13 @@ def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
               preloaded: Sequence[TrialRecord] = (), progress: Any = None) -> StageResult:
     """Run the strategy against `evaluator` on the calibrated `qmodel` (see the module
     docstring); the float baseline first, the budget and deadline of `settings`."""
-    context = build_context(qmodel, ranking, settings, params)
     deadline = None if settings.max_seconds is None else \
         time.monotonic() + settings.max_seconds
     new_strategy = _rounds(settings)
-    pool = WorkerPool(qmodel, evaluator, settings.workers) if settings.workers > 1 else None
+    pool = open_trial_executor(qmodel, evaluator, settings.executor, settings.workers,
+                               settings.eval_timeout)
+    context = build_context(qmodel, ranking, settings, params,
+                            None if pool is None else pool.width)
     runner = TrialRunner(
         qmodel, evaluator, max_evaluations=settings.max_evaluations, on_record=on_record,
         preloaded={plan_key(r.plan): r for r in preloaded}, pool=pool, deadline=deadline,
@@ -106,6 +110,8 @@ def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
             checks["resume"] = runner.resume_check
         if settings.audit:
             checks["audit"] = ranking_audit(runner, context, settings.audit)
+        if pool is not None:
+            checks["parallel"] = pool.summary()
     finally:
         if pool is not None:
             pool.close()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import time
+import types
+
 import pytest
 
 import autoquant as aq
@@ -46,3 +50,121 @@ def test_unpicklable_evaluator_is_a_config_error_naming_the_fix() -> None:
         run("binary", evaluator, 2)
     with pytest.raises(ConfigError, match="workers"):
         run("binary", SyntheticEvaluator(DROPS), 0)
+
+
+# -- faults inside workers: each one used to hang the search ---------------------------------
+BINARY_ORDER = [12, 0, 4, 8, 5, 6]  # float layers of the trials of a 3-ary binary search
+
+
+def faulty(**kwargs):
+    from tests.helpers.workerhelpers import WorkerFaultEvaluator
+
+    return WorkerFaultEvaluator(DROPS, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_mid_trial_is_requeued_once_and_the_answer_is_unchanged(tmp_path):
+    one = run("binary", SyntheticEvaluator(DROPS), 1)
+    two = run("binary", faulty(fault="die", at=4, once=str(tmp_path / "died")), 2)
+    assert (tmp_path / "died").exists()  # the worker really died
+    assert two.plan == one.plan and two.status == "met"
+    assert [len(r.fallback_layers) for r in two.history] == BINARY_ORDER
+    assert two.checks["parallel"]["requeued"] >= 1
+
+
+@pytest.mark.slow
+def test_a_trial_that_kills_every_worker_is_an_error_naming_it_not_a_hang(tmp_path):
+    from autoquant.errors import EvaluatorError
+
+    journal = []
+    start = time.monotonic()
+    with pytest.raises(EvaluatorError, match=r"trial 2 \(fallback 4 .*lost its worker twice"):
+        run("binary", faulty(fault="die", at=4), 2, on_record=journal.append)
+    assert time.monotonic() - start < 60
+    # the trial evaluated beside it finished and was recorded before the error
+    assert [len(r.fallback_layers) for r in journal] == [12, 0, 8]
+
+
+@pytest.mark.slow
+def test_eval_timeout_stops_an_evaluation_that_hangs_in_a_worker() -> None:
+    from autoquant.errors import EvaluatorTimeoutError
+
+    start = time.monotonic()
+    with pytest.raises(EvaluatorTimeoutError, match="eval_timeout=2s"):
+        run("binary", faulty(fault="hang", at=4), 2, eval_timeout=2)
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_an_evaluator_class_workers_cannot_import_is_a_config_error_not_a_respawn_loop():
+    # a class only this process knows, as one defined in `python -c` is to a spawned worker
+    module = types.ModuleType("autoquant_test_nowhere")
+    module.Hidden = type("Hidden", (SyntheticEvaluator,), {"__module__": module.__name__})
+    sys.modules[module.__name__] = module
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match="cannot rebuild the model and the evaluator.*"
+                                              "importable module"):
+            run("binary", module.Hidden(DROPS), 2)
+        assert time.monotonic() - start < 60
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_no_evaluation_starts_after_max_seconds_with_workers(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers.workerhelpers import read_calls
+
+    log = tmp_path / "calls.jsonl"
+    start = time.time()
+    with ThreadPoolExecutor(2) as pool:  # 1 s per call: float, k=0, {4, 8}, then the deadline
+        result = run("binary", faulty(log=str(log), seconds=1.0), 2, max_seconds=2.5,
+                     executor=pool)
+    calls = read_calls(log)
+    assert result.status == "budget_exhausted"
+    assert [c["fallbacks"] for c in calls] in ([12, 0, 4, 8], [12, 0, 8, 4])
+    assert max(c["start"] for c in calls) < start + 2.5  # {5, 6} were never started
+    assert len(result.history) == len(calls)  # every evaluation that ran is a record
+
+
+def test_any_concurrent_futures_executor_runs_the_same_search() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        result = run("binary", SyntheticEvaluator(DROPS), 3, executor=pool)
+    local = run("binary", SyntheticEvaluator(DROPS), 1)
+    assert result.plan == local.plan
+    assert result.checks["parallel"]["width"] == 3
+    assert result.settings.to_dict()["executor"] == "ThreadPoolExecutor"
+    with pytest.raises(ConfigError, match="executor must be"):
+        run("binary", SyntheticEvaluator(DROPS), 2, executor="spark://nowhere")
+
+
+@pytest.mark.parametrize("rescue", [False, True])
+def test_refinement_and_rescue_with_workers_choose_the_plan_one_worker_chooses(rescue):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from autoquant.search.testing import optimal_fallbacks
+
+    if rescue:  # every prefix fails (the last-ranked layer hurts); 3 harmless layers next
+        drops = {str(i): (0 if i in (8, 9, 10) else 12) / 1024 for i in range(N)}
+        budget, options = 1 / 1024, {"rescue": 3}
+    else:  # harmless layers misplaced among the sensitive ones
+        drops = {str(i): (0 if i % 3 else 12) / 1024 for i in range(N)}
+        budget, options = 30 / 1024, {"refine": True}
+    ranking = [aq.LayerSensitivity(str(i), i / N, i, 1) for i in range(N)]
+
+    def search(executor, workers):
+        return aq.auto_quantize(linear_stack(N), SyntheticEvaluator(drops), max_loss=budget,
+                                ranking=ranking, strategy_options=options,
+                                executor=executor, workers=workers)
+
+    one = search(None, 1)
+    with ThreadPoolExecutor(3) as pool:
+        three = search(pool, 3)
+    assert three.plan == one.plan and three.status == one.status == "met"
+    if rescue:
+        assert sorted(three.quantized_layers) == ["10", "8", "9"]
+    else:
+        assert set(three.fallback_layers) == optimal_fallbacks(drops, budget)

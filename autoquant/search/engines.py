@@ -1,0 +1,172 @@
+"""Where trials run: the executor named by ``SearchSettings.executor`` and ``workers``.
+
+Every engine is reached through the one interface they all speak,
+`concurrent.futures.Executor.submit`:
+
+- ``workers=N`` (or ``executor="local"``): N processes on this machine, a
+  `concurrent.futures.ProcessPoolExecutor` with the ``spawn`` start method, owned by the
+  search (rebuilt if a worker dies, stopped at the end);
+- ``executor="dask://HOST:PORT"`` (or ``tcp://``, ``tls://``): a Dask ``distributed``
+  scheduler (``pip install "autoquant[distributed]"``); as wide as its worker threads
+  unless ``workers`` says otherwise;
+- in Python, a `distributed.Client` (the bundle then travels once per worker with
+  ``Client.scatter``) or any `concurrent.futures.Executor` (loky, mpi4py.futures, a Dask
+  ``ClientExecutor``, a thread pool): the user owns it, ``workers`` says how many trials
+  to run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoquant.errors import ConfigError
+from autoquant.search.worker import init_local_worker
+
+__all__ = ["Engine", "open_engine", "check_executor", "executor_name", "DASK_SCHEMES"]
+
+logger = logging.getLogger(__name__)
+
+DASK_SCHEMES = ("dask://", "tcp://", "tls://")
+
+
+def _is_dask_client(value: Any) -> bool:
+    return all(callable(getattr(value, a, None)) for a in ("get_executor", "scatter",
+                                                           "nthreads"))
+
+
+def check_executor(value: Any) -> Any:
+    """`value` if it names or is an executor (see the module docstring), else ConfigError."""
+    if value is None or isinstance(value, Executor) or _is_dask_client(value):
+        return value
+    if isinstance(value, str) and (value == "local" or value.startswith(DASK_SCHEMES)):
+        return value
+    raise ConfigError(
+        f"executor must be 'local', a Dask scheduler address ('dask://HOST:PORT'), or in "
+        f"Python a concurrent.futures.Executor or a distributed.Client, got {value!r:.60}")
+
+
+def executor_name(value: Any) -> str | None:
+    """How the report names `value`: the string itself, else the executor's class name."""
+    return value if value is None or isinstance(value, str) else type(value).__name__
+
+
+@dataclass
+class Engine:
+    """An open executor with its width, how the bundle travels, and how to stop it."""
+
+    executor: Executor
+    width: int
+    name: str
+    owned_pool: bool = False  # a local process pool the search may rebuild and kill
+    share: Callable[[bytes], Any] = lambda bundle: bundle
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    _pids: Any = None  # the local pool's worker pids (a shared array), to stop them
+    _threads: int = 1
+    _stopped: bool = False
+
+    def rebuild(self) -> None:
+        """Replace a local pool whose worker died or is stuck (only for ``owned_pool``)."""
+        self.abort()
+        self.executor = _local_pool(self)
+        self._stopped = False
+
+    def abort(self) -> None:
+        """Stop a local pool now, evaluations in flight included (after a failure)."""
+        if not self.owned_pool:
+            return
+        for pid in list(self._pids or []):
+            if pid > 0:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped = True
+
+    def close(self) -> None:
+        """Stop what the search started (a local pool, a client it connected)."""
+        if self.owned_pool and not self._stopped:  # idle workers exit on their own
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        for close in self.closers:
+            try:
+                close()
+            except Exception as err:  # closing must not hide the search's own outcome
+                logger.warning("closing the %s executor failed: %s", self.name, err)
+
+
+def _local_pool(engine: Engine) -> ProcessPoolExecutor:
+    context = multiprocessing.get_context("spawn")
+    slots = context.Value("i", 0)
+    pids = context.Array("l", engine.width)
+    engine._pids = pids
+    return ProcessPoolExecutor(engine.width, mp_context=context, initializer=_start_local,
+                               initargs=(slots, pids, engine._threads))
+
+
+def _start_local(slots: Any, pids: Any, threads: int) -> None:
+    init_local_worker(slots, threads)
+    with pids.get_lock():
+        for i in range(len(pids)):
+            if pids[i] == 0:
+                pids[i] = os.getpid()
+                break
+
+
+def open_engine(spec: Any, workers: int) -> Engine | None:
+    """The engine for ``executor=spec`` and ``workers`` (None: evaluate in this process)."""
+    check_executor(spec)
+    if spec is None and workers == 1:
+        return None
+    if spec is None or spec == "local":
+        engine = Engine(executor=None, width=workers, name="local", owned_pool=True,  # type: ignore[arg-type]
+                        _threads=max(1, (os.cpu_count() or 1) // workers))
+        engine.executor = _local_pool(engine)
+        logger.info("evaluating in %d local worker processes (%d torch threads each)",
+                    workers, engine._threads)
+        return engine
+    if isinstance(spec, str):
+        client = _connect_dask(spec)
+        engine = _dask_engine(client, workers, spec)
+        engine.closers.append(client.close)
+        return engine
+    if _is_dask_client(spec):
+        return _dask_engine(spec, workers, executor_name(spec) or "Client")
+    logger.info("evaluating on %s, %d trial(s) at a time", type(spec).__name__, workers)
+    return Engine(executor=spec, width=workers, name=type(spec).__name__)
+
+
+def _connect_dask(address: str) -> Any:
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise ConfigError(
+            f"executor {address!r} needs Dask distributed: pip install "
+            "'autoquant[distributed]' (or dask[distributed])") from err
+    target = "tcp://" + address.removeprefix("dask://") if address.startswith("dask://") \
+        else address
+    try:
+        return Client(target, timeout=30)
+    except Exception as err:
+        raise ConfigError(f"cannot connect to the Dask scheduler at {target}: "
+                          f"{type(err).__name__}: {err}; start one (dask scheduler) or fix "
+                          "the address") from err
+
+
+def _dask_engine(client: Any, workers: int, name: str) -> Engine:
+    if workers == 1:
+        try:
+            client.wait_for_workers(1, timeout=60)
+        except Exception as err:
+            raise ConfigError(f"the Dask cluster {name} has no workers after 60 s ({err}); "
+                              "start some (dask worker ADDRESS)") from err
+        workers = max(1, sum(client.nthreads().values()))
+    logger.info("evaluating on Dask (%s), %d trial(s) at a time", name, workers)
+    return Engine(executor=client.get_executor(pure=False), width=workers, name=name,
+                  share=lambda bundle: client.scatter(bundle, broadcast=True, hash=False))
