@@ -66,6 +66,8 @@ class Engine:
     name: str
     owned_pool: bool = False  # a local process pool the search may rebuild and kill
     share: Callable[[bytes], Any] = lambda bundle: bundle
+    # submit(fn, *args) once on every worker, when the engine can address them (Dask)
+    on_each: Callable[..., list[Any]] | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
     _pids: Any = None  # the local pool's worker pids (a shared array), to stop them
     _threads: int = 1
@@ -168,5 +170,10 @@ def _dask_engine(client: Any, workers: int, name: str) -> Engine:
                               "start some (dask worker ADDRESS)") from err
         workers = max(1, sum(client.nthreads().values()))
     logger.info("evaluating on Dask (%s), %d trial(s) at a time", name, workers)
+    def on_each(fn: Callable[..., Any], *args: Any) -> list[Any]:
+        return [client.submit(fn, *args, workers=[address], allow_other_workers=False,
+                              pure=False) for address in client.scheduler_info()["workers"]]
+
     return Engine(executor=client.get_executor(pure=False), width=workers, name=name,
-                  share=lambda bundle: client.scatter(bundle, broadcast=True, hash=False))
+                  share=lambda bundle: client.scatter(bundle, broadcast=True, hash=False),
+                  on_each=on_each)

@@ -96,6 +96,33 @@ class TrialExecutor:
         self._bundle = engine.share(bundle)
         self._holders: set[str] = set()
         self._generation = 0  # bumped when a broken local pool is replaced
+        self._warming: list[Any] = []
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Send every worker the bundle at once, before the first trial: the workers start,
+        import torch and load the model in parallel instead of one at its first trial."""
+        task = Task(self._token, {}, None, self._device_type, "(warm-up)")
+        try:
+            if self.engine.on_each is not None:
+                futures = self.engine.on_each(run_trial, task, self._bundle)
+            else:
+                futures = [self.engine.executor.submit(run_trial, task, self._bundle)
+                           for _ in range(self.width)]
+        except Exception as err:  # the first trial reports it, naming the trial
+            logger.debug("warm-up not sent: %s", err)
+            return
+        self._warming = futures  # a Dask future let go of is a task cancelled
+        for future in futures:
+            future.add_done_callback(self._warmed)
+
+    def _warmed(self, future: Future) -> None:
+        try:
+            outcome = future.result()
+        except Exception:  # a lost worker: its trials are re-queued in `evaluate`
+            return
+        if outcome.kind == "ready":
+            self._holders.add(outcome.worker)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, jobs: Sequence[tuple[QuantPlan, str]], on_result: OnResult,

@@ -34,7 +34,7 @@ __all__ = ["Task", "Outcome", "pack", "run_trial", "init_local_worker", "worker_
 
 logger = logging.getLogger(__name__)
 
-OutcomeKind = Literal["ok", "need", "setup", "error", "timeout"]
+OutcomeKind = Literal["ok", "ready", "need", "setup", "error", "timeout"]
 
 _BUNDLES: dict[str, bytes] = {}  # this process's latest bundle (one search at a time)
 _BUNDLES_LOCK = threading.Lock()
@@ -44,7 +44,8 @@ _SLOT: dict[str, int | None] = {"index": None}  # this local pool worker's index
 
 @dataclass(frozen=True)
 class Task:
-    """One evaluation: which bundle, which plan, the timeout and where it is reported."""
+    """One evaluation: which bundle, which plan, the timeout and where it is reported (an
+    empty plan only loads the bundle: the warm-up sent to every worker at the start)."""
 
     token: str
     plan: dict[str, str]
@@ -140,6 +141,8 @@ def run_trial(task: Task, bundle: bytes | None = None) -> Outcome:
     if live is None:
         return Outcome("need", name)
     qmodel, evaluator, device = live
+    if not task.plan:
+        return Outcome("ready", name, device=str(device))
     qmodel.apply_plan(task.plan)
     what = f"{type(evaluator).__name__}.evaluate() {task.where} on worker {name}"
     start = time.perf_counter()

@@ -168,3 +168,43 @@ def test_refinement_and_rescue_with_workers_choose_the_plan_one_worker_chooses(r
         assert sorted(three.quantized_layers) == ["10", "8", "9"]
     else:
         assert set(three.fallback_layers) == optimal_fallbacks(drops, budget)
+
+
+def test_a_worker_without_the_model_asks_for_it_then_keeps_it(monkeypatch) -> None:
+    from autoquant.evaluation.adapter import EvaluatorAdapter
+    from autoquant.quant.qmodel import QuantModel
+    from autoquant.search import worker
+    from autoquant.settings import SearchSettings
+
+    model = linear_stack(3)
+    qmodel = QuantModel(model, aq.QuantConfig())
+    evaluator = SyntheticEvaluator({str(i): 1 / 1024 for i in range(3)})
+    qmodel.calibrate(lambda m, where: evaluator.calibration(m))
+    adapter = EvaluatorAdapter(evaluator, SearchSettings().criterion(True))
+    bundle = worker.pack(qmodel, adapter.payload())
+    task = worker.Task("token-1", qmodel.quant_plan(), None, "cpu", "in trial 1 (test)")
+    assert worker.run_trial(task).kind == "need"  # a worker that joined late
+    first = worker.run_trial(task, bundle)
+    assert (first.kind, first.value, first.device) == ("ok", 1 - 3 / 1024, "cpu")
+    again = worker.run_trial(worker.Task("token-1", qmodel.float_plan(), None, "cpu", "t2"))
+    assert (again.kind, again.value) == ("ok", 1.0)  # kept: no bundle needed any more
+    broken = worker.run_trial(worker.Task("token-2", {}, None, "cpu", "t3"), b"not a bundle")
+    assert broken.kind == "setup" and "cannot rebuild" in broken.message
+
+
+def test_a_worker_evaluates_on_its_own_device(monkeypatch) -> None:
+    import torch
+
+    from autoquant.search import worker
+
+    assert worker.worker_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():  # a CUDA model's worker without a GPU stays on CPU
+        assert worker.worker_device("cuda") == torch.device("cpu")
+    # local worker K of a machine with G GPUs owns cuda:(K mod G)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setitem(worker._SLOT, "index", 3)
+    assert worker.worker_device("cuda") == torch.device("cuda", 1)
+    assert worker.worker_device("cpu") == torch.device("cpu")  # a CPU search stays on CPU
+    monkeypatch.setenv("AUTOQUANT_DEVICE", "cpu")
+    assert worker.worker_device("cuda") == torch.device("cpu")
