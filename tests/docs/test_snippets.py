@@ -32,6 +32,7 @@ FENCES = ("python", "bash", "yaml", "text", "json")
 NEEDS = {
     "deployment.md": ("onnx", "onnxruntime", "onnxscript"),
     "reports.md": ("jsonschema",),
+    "parallel.md": ("distributed",),
 }
 DIGITS = ("sklearn",)  # the bundled digits example reads scikit-learn's data set
 
