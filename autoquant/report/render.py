@@ -27,6 +27,7 @@ from autoquant.io.atomic import atomic_write_bytes, atomic_write_text
 from autoquant.io.names import PLOT_DIR, REPORT_HTML, REPORT_MD
 
 __all__ = ["render_report", "plot_sensitivity", "plot_trajectory", "summary_lines",
+           "check_lines",
            "threshold_metric", "plot_text", "markdown_text"]
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,40 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if schemes:
             lines.append("Schemes: " + ", ".join(f"{n} {s.upper() if s != 'float' else s}"
                                                  for s, n in schemes.items()))
-    return lines + deployment_lines(report)
+    return lines + check_lines(report) + deployment_lines(report)
+
+
+def check_lines(report: dict[str, Any]) -> list[str]:
+    """The ranking used (metric and scope) with its audit, the held-out and monotonicity
+    checks, and where the trials ran."""
+    s, checks = report.get("settings") or {}, report.get("checks") or {}
+    audit = checks.get("audit")
+    ranking = (f"Ranking: {markdown_text(s.get('sensitivity', 'n/a'))}, "
+               f"{markdown_text(s.get('sensitivity_scope', 'layer'))} scope")
+    if audit:
+        ranking += (f"; audit of {len(audit.get('layers') or [])} layer(s) alone quantized: "
+                    f"Spearman rho {_fmt(audit.get('spearman_rho'), '.2f')} against their "
+                    "measured loss" + ("" if audit.get("complete", True) else
+                                       " (stopped early: budget)"))
+    else:
+        ranking += " (not audited: set audit=K to measure how well it predicts the metric)"
+    lines = [ranking]
+    holdout = checks.get("holdout")
+    if holdout:
+        lines.append(f"Held-out check: float {_fmt(holdout.get('float_metric'))}, final "
+                     f"{_fmt(holdout.get('metric'))}, loss {_fmt(holdout.get('loss'))} "
+                     f"({'pass' if holdout.get('passed') else 'FAIL'})")
+    if checks.get("monotonicity"):
+        lines.append(f"Monotonicity violations: {len(checks['monotonicity'])} (a pass at k "
+                     "and a fail at more fallbacks: the ranking misleads)")
+    parallel = checks.get("parallel")
+    if parallel:
+        lines.append(f"Trials ran on {markdown_text(parallel.get('executor'))}, "
+                     f"{parallel.get('width')} at a time, on "
+                     f"{len(parallel.get('workers') or {})} worker(s)"
+                     + (f"; {parallel['requeued']} re-queued after a lost worker"
+                        if parallel.get("requeued") else ""))
+    return lines
 
 
 def deployment_lines(report: dict[str, Any]) -> list[str]:

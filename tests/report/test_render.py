@@ -179,3 +179,21 @@ def test_every_artifact_honours_the_umask(result, tmp_path, umask):
                                        "sensitivity.png"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == \
         {p.name: oct(0o666 & ~umask) for p in files}
+
+
+def test_report_names_the_ranking_used_with_its_audit_and_where_trials_ran(result, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    lines = summary_lines(result.to_report())
+    assert "Ranking: cosine, layer scope (not audited: set audit=K" in "\n".join(lines)
+    with ThreadPoolExecutor(2) as pool:
+        audited = aq.auto_quantize(
+            jobhelpers.build_model(depth=6), jobhelpers.TinyEvaluator(depth=6),
+            (torch.ones(2, 8),), max_loss=0.03, config=CONFIG, sensitivity="mse",
+            sensitivity_scope="output", audit=3, executor=pool, workers=2)
+    render_report(audited.to_report(), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    rho = audited.checks["audit"]["spearman_rho"]
+    assert (f"Ranking: mse, output scope; audit of 3 layer(s) alone quantized: Spearman rho "
+            f"{rho:.2f}") in md
+    assert "Trials ran on ThreadPoolExecutor, 2 at a time" in md
