@@ -83,8 +83,8 @@ class SearchSettings:
         workers: evaluate up to this many independent plans of each strategy step at once
             (1: in this process, unless `executor` is set).
         executor: where trials run: None (this process, or ``workers`` local processes),
-            ``"local"``, a Dask scheduler address ``"dask://HOST:PORT"``, or in Python any
-            `concurrent.futures.Executor` or a ``distributed.Client``; see
+            ``"local"``, a Dask scheduler address ``"dask://HOST:PORT"``, ``"ray"``, or in
+            Python any `concurrent.futures.Executor` or a ``distributed.Client``; see
             `autoquant.search.engines`.
         holdout: re-check the final plan with ``evaluate_holdout`` (None: if the evaluator
             has it; True: required; False: never).

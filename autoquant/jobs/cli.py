@@ -102,8 +102,8 @@ def _add_run(sub: Any) -> None:
                    help="discard an existing journal in the output directory and start over")
     p.add_argument("--output-dir", type=Path, help="override the job's output_dir")
     p.add_argument("--executor", metavar="ADDRESS",
-                   help="where trials run, overriding search.executor: 'local' or a Dask "
-                        "scheduler 'dask://HOST:PORT' (may change on --resume)")
+                   help="where trials run, overriding search.executor: 'local', a Dask "
+                        "scheduler 'dask://HOST:PORT' or 'ray' (may change on --resume)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="trials at once, overriding search.workers (may change on --resume)")
     _verbosity(p)

@@ -9,10 +9,14 @@ Every engine is reached through the one interface they all speak,
 - ``executor="dask://HOST:PORT"`` (or ``tcp://``, ``tls://``): a Dask ``distributed``
   scheduler (``pip install "autoquant[distributed]"``); as wide as its worker threads
   unless ``workers`` says otherwise;
+- ``executor="ray"`` (the Ray cluster ``ray.init()`` finds, e.g. by ``RAY_ADDRESS``) or
+  ``"ray://HOST:PORT"`` (a Ray client address): each trial is a Ray task on one GPU where
+  the cluster has GPUs, else on one CPU; as wide as those (``pip install
+  "autoquant[ray]"``);
 - in Python, a `distributed.Client` (the bundle then travels once per worker with
-  ``Client.scatter``) or any `concurrent.futures.Executor` (loky, mpi4py.futures, a Dask
-  ``ClientExecutor``, a thread pool): the user owns it, ``workers`` says how many trials
-  to run at once.
+  ``Client.scatter``), a `RayExecutor`, or any `concurrent.futures.Executor` (loky,
+  mpi4py.futures, a Dask ``ClientExecutor``, a thread pool): the user owns it, ``workers``
+  says how many trials to run at once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from typing import Any
 from autoquant.errors import ConfigError
 from autoquant.search.worker import init_local_worker
 
-__all__ = ["Engine", "open_engine", "check_executor", "executor_name", "DASK_SCHEMES"]
+__all__ = ["Engine", "RayExecutor", "open_engine", "check_executor", "executor_name",
+           "DASK_SCHEMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +50,43 @@ def check_executor(value: Any) -> Any:
     """`value` if it names or is an executor (see the module docstring), else ConfigError."""
     if value is None or isinstance(value, Executor) or _is_dask_client(value):
         return value
-    if isinstance(value, str) and (value == "local" or value.startswith(DASK_SCHEMES)):
+    if isinstance(value, str) and (value in ("local", "ray") or
+                                   value.startswith((*DASK_SCHEMES, "ray://"))):
         return value
     raise ConfigError(
-        f"executor must be 'local', a Dask scheduler address ('dask://HOST:PORT'), or in "
-        f"Python a concurrent.futures.Executor or a distributed.Client, got {value!r:.60}")
+        f"executor must be 'local', a Dask scheduler address ('dask://HOST:PORT'), 'ray' or "
+        f"'ray://HOST:PORT', or in Python a concurrent.futures.Executor or a "
+        f"distributed.Client, got {value!r:.60}")
+
+
+class RayExecutor(Executor):
+    """A `concurrent.futures.Executor` over Ray: ``submit`` runs the function as a Ray task
+    and returns its ``ObjectRef.future()``.
+
+    Args:
+        num_cpus, num_gpus: the resources of each task (``num_gpus=1``: Ray gives the task
+            one GPU, which the worker then evaluates on).
+        options: other ``ray.remote`` options (``max_retries``, ``resources``...).
+    """
+
+    def __init__(self, num_cpus: float = 1, num_gpus: float = 0, **options: Any) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        self._ray = ray
+        self._options = {"num_cpus": num_cpus, "num_gpus": num_gpus, **options}
+        self._remote: dict[Any, Any] = {}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        remote = self._remote.get(fn)
+        if remote is None:
+            remote = self._remote[fn] = self._ray.remote(**self._options)(fn)
+        return remote.remote(*args, **kwargs).future()
+
+    def put(self, value: Any) -> Any:
+        """`value` in Ray's object store, once (a reference a task argument resolves)."""
+        return self._ray.put(value)
 
 
 def executor_name(value: Any) -> str | None:
@@ -133,6 +170,10 @@ def open_engine(spec: Any, workers: int) -> Engine | None:
         logger.info("evaluating in %d local worker processes (%d torch threads each)",
                     workers, engine._threads)
         return engine
+    if spec == "ray" or (isinstance(spec, str) and spec.startswith("ray://")):
+        return _ray_engine(spec, workers)
+    if isinstance(spec, RayExecutor):
+        return Engine(executor=spec, width=workers, name="RayExecutor", share=spec.put)
     if isinstance(spec, str):
         client = _connect_dask(spec)
         engine = _dask_engine(client, workers, spec)
@@ -177,3 +218,27 @@ def _dask_engine(client: Any, workers: int, name: str) -> Engine:
     return Engine(executor=client.get_executor(pure=False), width=workers, name=name,
                   share=lambda bundle: client.scatter(bundle, broadcast=True, hash=False),
                   on_each=on_each)
+
+
+def _ray_engine(spec: str, workers: int) -> Engine:
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError(f"executor {spec!r} needs Ray: pip install 'autoquant[ray]'") from err
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=None if spec == "ray" else spec, log_to_driver=False)
+        except Exception as err:
+            raise ConfigError(f"cannot start or reach Ray at {spec!r}: {type(err).__name__}: "
+                              f"{err}") from err
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    executor = RayExecutor(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
+    width = workers if workers > 1 else max(1, gpus or int(resources.get("CPU", 1)))
+    logger.info("evaluating on Ray (%s), %d trial(s) at a time, one %s each", spec, width,
+                "GPU" if gpus else "CPU")
+    engine = Engine(executor=executor, width=width, name=spec, share=executor.put)
+    if started:
+        engine.closers.append(ray.shutdown)
+    return engine
