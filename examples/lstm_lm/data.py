@@ -8,12 +8,15 @@ yields the same text. Characters outside printable ASCII map to one unknown id.
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import string
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from examples.lstm_lm.corpus import MODULES
 
 __all__ = [
     "MODULES",
@@ -26,46 +29,20 @@ __all__ = [
     "make_batches",
 ]
 
-MODULES = (
-    "argparse", "asyncio.events", "bisect", "calendar", "collections", "configparser",
-    "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message",
-    "enum", "fractions", "functools", "gettext", "glob", "heapq", "http.client",
-    "imaplib", "inspect", "ipaddress", "json", "logging", "mailbox", "pathlib", "pickle",
-    "pprint", "random", "shlex", "shutil", "smtplib", "statistics", "string", "subprocess",
-    "tarfile", "tempfile", "textwrap", "threading", "unittest.case", "urllib.parse",
-    "uuid", "zipfile",
-)
 VOCAB = "\x00\n" + "".join(c for c in string.printable if c not in "\n\r\x0b\x0c")
 _INDEX = {c: i for i, c in enumerate(VOCAB)}  # id 0 is "unknown"
 
 
-def collect_docstrings(modules: tuple[str, ...] = MODULES) -> str:
-    """The docstrings of `modules` and of their public classes, functions and methods.
+def collect_docstrings() -> str:
+    """The docstrings of `MODULES` and of their public classes, functions and methods.
 
-    Why: a deterministic English corpus of about 330,000 characters from Python itself.
+    Why: a deterministic English corpus of about 330,000 characters from Python itself,
+    collected in a clean interpreter so that what this process imported cannot change it.
     """
-    parts: list[str] = []
-    seen: set[str] = set()  # by content: inherited docstrings appear once
-
-    def add(obj: object) -> None:
-        doc = inspect.getdoc(obj)
-        if doc and len(doc) > 40 and doc not in seen:
-            seen.add(doc)
-            parts.append(doc.strip())
-
-    for name in modules:
-        module = importlib.import_module(name)
-        add(module)
-        for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            add(obj)
-            if inspect.isclass(obj):
-                for member in sorted(vars(obj)):
-                    if not member.startswith("_"):
-                        add(vars(obj)[member])
-    return "\n\n".join(parts) + "\n"
+    script = Path(__file__).with_name("corpus.py")
+    out = subprocess.run([sys.executable, "-I", "-S", str(script)], capture_output=True,
+                         check=True)
+    return out.stdout.decode("utf-8")
 
 
 def encode(text: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ search meets a relative perplexity budget."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,15 @@ def test_corpus_is_identical_in_a_fresh_interpreter() -> None:
                          text=True, check=True, env={"PYTHONPATH": str(root),
                                                      "PYTHONHASHSEED": "123"})
     assert out.stdout.strip() == hashlib.sha256(collect_docstrings().encode()).hexdigest()
+
+
+def test_corpus_does_not_depend_on_what_this_process_patched(monkeypatch) -> None:
+    # torch and Ray replace stdlib functions such as inspect.getsourcefile on import
+    before = collect_docstrings()
+    monkeypatch.setattr(inspect, "getsourcefile", lambda obj: None)
+    monkeypatch.setattr(inspect, "isgenerator", lambda obj: False)
+    assert collect_docstrings() == before
+    assert "Work out which source or compiled file an object was defined in." in before
 
 
 
