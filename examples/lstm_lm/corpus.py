@@ -1,9 +1,10 @@
 """The corpus text: docstrings of a fixed list of standard-library modules.
 
-Standard library only, so that `collect_docstrings` can run it in a clean interpreter
-(``python -I -S``: no site-packages, no environment): a package imported by the calling
-process (Ray, for one, replaces ``inspect.isgenerator``) cannot change the text.
-Run as a script, it prints the corpus.
+`collect_docstrings` runs this file as a script in a fresh interpreter (``python -I``)
+that imports torch first, as the example always did (torch's import replaces
+``inspect.getsourcefile``, so that docstring is not in the text the figures in the docs
+were measured on). A package the calling process imported (Ray, for one, replaces
+``inspect.isgenerator``) can then not change the text.
 """
 
 from __future__ import annotations
@@ -54,4 +55,6 @@ def docstrings_here(modules: tuple[str, ...] = MODULES) -> str:
 
 
 if __name__ == "__main__":
+    import torch  # noqa: F401  (the text is the one seen after importing torch)
+
     sys.stdout.buffer.write(docstrings_here().encode("utf-8"))

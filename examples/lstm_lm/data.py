@@ -37,11 +37,11 @@ def collect_docstrings() -> str:
     """The docstrings of `MODULES` and of their public classes, functions and methods.
 
     Why: a deterministic English corpus of about 330,000 characters from Python itself,
-    collected in a clean interpreter so that what this process imported cannot change it.
+    collected in a fresh interpreter (`examples.lstm_lm.corpus`) so that what this process
+    imported cannot change it.
     """
     script = Path(__file__).with_name("corpus.py")
-    out = subprocess.run([sys.executable, "-I", "-S", str(script)], capture_output=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-I", str(script)], capture_output=True, check=True)
     return out.stdout.decode("utf-8")
 
 

@@ -40,12 +40,12 @@ def test_corpus_is_identical_in_a_fresh_interpreter() -> None:
 
 
 def test_corpus_does_not_depend_on_what_this_process_patched(monkeypatch) -> None:
-    # torch and Ray replace stdlib functions such as inspect.getsourcefile on import
+    # libraries replace stdlib functions on import (Ray: inspect.isgenerator)
     before = collect_docstrings()
-    monkeypatch.setattr(inspect, "getsourcefile", lambda obj: None)
     monkeypatch.setattr(inspect, "isgenerator", lambda obj: False)
+    monkeypatch.setattr(inspect, "getmembers", lambda obj: [])
     assert collect_docstrings() == before
-    assert "Work out which source or compiled file an object was defined in." in before
+    assert "Return true if the object is a generator." in before
 
 
 
