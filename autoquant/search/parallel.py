@@ -102,7 +102,7 @@ class TrialExecutor:
     def _warm_up(self) -> None:
         """Send every worker the bundle at once, before the first trial: the workers start,
         import torch and load the model in parallel instead of one at its first trial."""
-        task = Task(self._token, {}, None, self._device_type, "(warm-up)")
+        task = Task(self._token, {}, None, self._device_type, "(warm-up)", warm_up=True)
         try:
             if self.engine.on_each is not None:
                 futures = self.engine.on_each(run_trial, task, self._bundle)

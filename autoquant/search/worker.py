@@ -44,14 +44,15 @@ _SLOT: dict[str, int | None] = {"index": None}  # this local pool worker's index
 
 @dataclass(frozen=True)
 class Task:
-    """One evaluation: which bundle, which plan, the timeout and where it is reported (an
-    empty plan only loads the bundle: the warm-up sent to every worker at the start)."""
+    """One evaluation: which bundle, which plan, the timeout and where it is reported
+    (``warm_up``: only load the bundle, as sent to every worker at the start)."""
 
     token: str
     plan: dict[str, str]
     timeout: float | None
     device_type: str
     where: str
+    warm_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def run_trial(task: Task, bundle: bytes | None = None) -> Outcome:
     if live is None:
         return Outcome("need", name)
     qmodel, evaluator, device = live
-    if not task.plan:
+    if task.warm_up:
         return Outcome("ready", name, device=str(device))
     qmodel.apply_plan(task.plan)
     what = f"{type(evaluator).__name__}.evaluate() {task.where} on worker {name}"
