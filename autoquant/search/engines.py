@@ -142,20 +142,17 @@ class Engine:
 
 def _local_pool(engine: Engine) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("spawn")
-    slots = context.Value("i", 0)
-    pids = context.Array("l", engine.width)
-    engine._pids = pids
+    engine._pids = context.Array("l", engine.width)
     return ProcessPoolExecutor(engine.width, mp_context=context, initializer=_start_local,
-                               initargs=(slots, pids, engine._threads))
+                               initargs=(engine._pids, engine._threads))
 
 
-def _start_local(slots: Any, pids: Any, threads: int) -> None:
-    init_local_worker(slots, threads)
+def _start_local(pids: Any, threads: int) -> None:
+    """A local worker takes the first free slot of `pids` (its index K: ``cuda:K``)."""
     with pids.get_lock():
-        for i in range(len(pids)):
-            if pids[i] == 0:
-                pids[i] = os.getpid()
-                break
+        index = next(i for i in range(len(pids)) if pids[i] == 0)
+        pids[index] = os.getpid()
+    init_local_worker(index, threads)
 
 
 def open_engine(spec: Any, workers: int) -> Engine | None:

@@ -75,13 +75,11 @@ def pack(qmodel: Any, payload: tuple[str, Any]) -> bytes:
     return pickle.dumps((buffer.getvalue(), payload), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def init_local_worker(slots: Any, threads: int) -> None:
-    """Initializer of the local process pool: torch threads, and this worker's index
-    (taken from the shared counter `slots`, so worker K owns ``cuda:K`` where GPUs exist)."""
+def init_local_worker(index: int, threads: int) -> None:
+    """Set up a local pool worker: its torch threads and its index (worker K owns
+    ``cuda:K`` where GPUs exist)."""
     torch.set_num_threads(threads)
-    with slots.get_lock():
-        _SLOT["index"] = slots.value
-        slots.value += 1
+    _SLOT["index"] = index
 
 
 def worker_device(device_type: str) -> torch.device:
