@@ -155,6 +155,11 @@ def one_model(name: str, bits: int | None = None) -> list[str]:
             losses = {r["layer"]: r["loss"] for r in probe.checks["audit"]["layers"]}
             lines.append(_row(f"binary, {metric}, {scope}", probe, n_layers,
                               time.perf_counter() - start))
+    if callable(getattr(case[1], "evaluate_subset", None)):  # the evaluator's own metric
+        start = time.perf_counter()
+        probe = _run(case, sensitivity_scope="subset", audit=10 ** 6)
+        lines.append(_row("binary, evaluate_subset", probe, n_layers or 0,
+                          time.perf_counter() - start))
     start = time.perf_counter()
     refined = _run(case, strategy_options={"refine": True}, audit=10 ** 6)
     lines.append(_row("binary + refine, cosine, layer", refined, n_layers or 0,

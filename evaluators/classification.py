@@ -6,6 +6,8 @@ batches double as calibration data.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -28,7 +30,8 @@ class ClassificationEvaluator(BatchLoaderEvaluator):
             dict passed as ``model(**inputs)``; ``labels`` holds class indices. The model
             returns logits ``(batch, classes)``, or a tuple/list whose first tensor is such
             logits, or a dict / ``ModelOutput`` with a ``logits`` entry.
-        calibration_batches: how many leading batches `calibration` runs (>= 1).
+        calibration_batches: how many leading batches `calibration` runs (>= 1); the same
+            batches score `evaluate_subset` (the ``subset`` sensitivity ranking).
         device: where batches are moved; default: the device of the model's first parameter
             (CPU for a model without parameters).
 
@@ -52,24 +55,50 @@ class ClassificationEvaluator(BatchLoaderEvaluator):
             ConfigError: if the loader yields no sample.
             ModelError: if the output does not match the labels' batch size.
         """
-        device = self._device_for(model)
-        correct = 0
+        correct = total = 0
+        for logits, labels in self._scored(model, None):
+            correct += int((logits.argmax(dim=1) == labels).sum().item())
+            total += int(labels.shape[0])
+        return correct / self._check_total(total)
+
+    def evaluate_subset(self, model: nn.Module) -> float:
+        """Mean probability of the true class over the first `calibration_batches` batches.
+
+        Why: a cheap proxy of accuracy for ``sensitivity_scope="subset"`` that moves with
+        every single-layer change, where accuracy on a few batches moves in steps of a
+        sample.
+        """
+        mass = 0.0
         total = 0
+        for logits, labels in self._scored(model, self.calibration_batches):
+            probs = torch.softmax(logits.double(), dim=1)
+            mass += float(probs.gather(1, labels.reshape(-1, 1)).sum())
+            total += int(labels.shape[0])
+        return mass / self._check_total(total)
+
+    def _scored(self, model: nn.Module, limit: int | None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(logits (batch, classes), labels (batch,))`` of the first `limit` batches."""
+        device = self._device_for(model)
         with torch.no_grad():
-            for inputs, labels in self._batches():
+            for index, (inputs, labels) in enumerate(self._batches()):
+                if limit is not None and index >= limit:
+                    return
                 logits = first_tensor(call_model(model, to_device(inputs, device)))
                 labels = torch.as_tensor(labels).to(logits.device).reshape(-1)
-                predictions = logits.reshape(logits.shape[0], -1).argmax(dim=1)
-                if predictions.shape[0] != labels.shape[0]:
+                logits = logits.reshape(logits.shape[0], -1)
+                if logits.shape[0] != labels.shape[0]:
                     raise ModelError(
-                        f"the model returned {predictions.shape[0]} predictions for a batch of "
+                        f"the model returned {logits.shape[0]} predictions for a batch of "
                         f"{labels.shape[0]} labels; expected logits of shape (batch, classes)."
                     )
-                correct += int((predictions == labels).sum().item())
-                total += int(labels.shape[0])
+                yield logits, labels
+
+    @staticmethod
+    def _check_total(total: int) -> int:
         if total == 0:
             raise ConfigError(
                 "the loader yielded no sample, so accuracy is undefined; pass a loader with "
                 "at least one non-empty (inputs, labels) batch."
             )
-        return correct / total
+        return total

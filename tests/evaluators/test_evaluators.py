@@ -68,6 +68,23 @@ def test_accuracy_matches_hand_computed_value() -> None:
     assert isinstance(evaluator, Evaluator)
 
 
+def test_subset_metric_is_the_mean_true_class_probability_of_the_calibration_batches():
+    evaluator = ClassificationEvaluator(_batches(), calibration_batches=1)
+    x, labels = _batches()[0]
+    expected = torch.softmax(x.double(), dim=1)[torch.arange(3), labels].mean()
+    assert evaluator.evaluate_subset(_identity_linear()) == pytest.approx(float(expected))
+    # it ranks layers for sensitivity_scope="subset" without a subclass
+    import autoquant as aq
+
+    model = _mlp()
+    loader = [(torch.randn(8, 6, generator=torch.Generator().manual_seed(i)),
+               torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
+              for i in range(3)]
+    ranking = aq.sensitivity_analysis(model, ClassificationEvaluator(loader, 2),
+                                      sensitivity_scope="subset")
+    assert {r.name for r in ranking} == {"0", "3"}
+
+
 def test_accuracy_with_dataloader_is_reiterable() -> None:
     x = torch.cat([b[0] for b in _batches()])
     y = torch.cat([b[1] for b in _batches()])
