@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoquant.batches import model_device
 from autoquant.evaluation.base import Evaluator
 
 __all__ = ["crepe_model", "PitchAccuracy", "synthetic_tones"]
@@ -82,18 +83,14 @@ class PitchAccuracy(Evaluator):
 
     def calibration(self, model: nn.Module) -> None:
         for x in self.calib.split(self.batch):
-            model(x.to(_device(model)))
+            model(x.to(model_device(model)))
 
     def evaluate(self, model: nn.Module) -> float:
         hits = 0
         for x, f0 in zip(self.frames.split(self.batch), self.f0.split(self.batch),
                          strict=True):
-            bins = model(x.to(_device(model))).argmax(dim=1).cpu()
+            bins = model(x.to(model_device(model))).argmax(dim=1).cpu()
             predicted = self.torchcrepe.convert.bins_to_frequency(bins)
             cents = 1200 * torch.log2(predicted / f0).abs()
             hits += int((cents < 50).sum())
         return hits / len(self.f0)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -112,7 +112,7 @@ class BinarySearchStrategy(SearchStrategy):
         # layers to try (a batch's later passes are tried again for free: workers > 1)
         self._refine_left = len(self._todo) if self.refine is True or forced else \
             self.rescue if rescue else int(self.refine)
-        self._tried: set[str] = set()
+        self._tried = set()
         if forced:
             logger.warning("non-monotone pass/fail %s: refining the binary result",
                            self.violations)

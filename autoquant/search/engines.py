@@ -33,8 +33,7 @@ from typing import Any
 from autoquant.errors import ConfigError
 from autoquant.search.worker import init_local_worker
 
-__all__ = ["Engine", "RayExecutor", "open_engine", "check_executor", "executor_name",
-           "DASK_SCHEMES"]
+__all__ = ["Engine", "RayExecutor", "open_engine", "check_executor", "DASK_SCHEMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +86,6 @@ class RayExecutor(Executor):
     def put(self, value: Any) -> Any:
         """`value` in Ray's object store, once (a reference a task argument resolves)."""
         return self._ray.put(value)
-
-
-def executor_name(value: Any) -> str | None:
-    """How the report names `value`: the string itself, else the executor's class name."""
-    return value if value is None or isinstance(value, str) else type(value).__name__
 
 
 @dataclass
@@ -173,11 +167,15 @@ def open_engine(spec: Any, workers: int) -> Engine | None:
         return Engine(executor=spec, width=workers, name="RayExecutor", share=spec.put)
     if isinstance(spec, str):
         client = _connect_dask(spec)
-        engine = _dask_engine(client, workers, spec)
+        try:
+            engine = _dask_engine(client, workers, spec)
+        except BaseException:
+            client.close()  # the client this search connected: not left open on an error
+            raise
         engine.closers.append(client.close)
         return engine
     if _is_dask_client(spec):
-        return _dask_engine(spec, workers, executor_name(spec) or "Client")
+        return _dask_engine(spec, workers, type(spec).__name__)
     logger.info("evaluating on %s, %d trial(s) at a time", type(spec).__name__, workers)
     return Engine(executor=spec, width=workers, name=type(spec).__name__)
 
@@ -208,6 +206,7 @@ def _dask_engine(client: Any, workers: int, name: str) -> Engine:
                               "start some (dask worker ADDRESS)") from err
         workers = max(1, sum(client.nthreads().values()))
     logger.info("evaluating on Dask (%s), %d trial(s) at a time", name, workers)
+
     def on_each(fn: Callable[..., Any], *args: Any) -> list[Any]:
         return [client.submit(fn, *args, workers=[address], allow_other_workers=False,
                               pure=False) for address in client.scheduler_info()["workers"]]

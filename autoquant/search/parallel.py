@@ -33,6 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from autoquant.batches import model_device
 from autoquant.errors import ConfigError, EvaluatorError, EvaluatorTimeoutError
 from autoquant.evaluation.adapter import EvaluatorAdapter
 from autoquant.plan import QuantPlan
@@ -56,13 +57,6 @@ def check_workers(workers: Any) -> int:
     return workers
 
 
-def _model_device_type(qmodel: QuantModel) -> str:
-    tensor = next(iter(qmodel.model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(qmodel.model.buffers()), None)
-    return "cpu" if tensor is None else tensor.device.type
-
-
 class TrialExecutor:
     """Evaluates plans on an `Engine`'s workers (see the module docstring).
 
@@ -83,7 +77,7 @@ class TrialExecutor:
         self.requeued = 0
         self.workers_seen: dict[str, str] = {}
         self._token = uuid.uuid4().hex
-        self._device_type = _model_device_type(qmodel)
+        self._device_type = model_device(qmodel.model).type
         try:
             bundle = pack(qmodel, evaluator.payload())
         except ConfigError:
