@@ -128,12 +128,16 @@ class LayerConfig:
         mode: how input activations are quantized: ``"static"`` (ranges calibrated once),
             ``"dynamic"`` (range of each batch, at run time) or ``"weight_only"``
             (activations stay float; the scheme's activation bits are ignored).
+        smoothing: input smoothing of a static ``nn.Linear`` (`autoquant.calibration.equalize`):
+            None (off), a migration strength in [0, 1], or ``"auto"`` (per layer, the
+            strength with the best local output SQNR, or none).
     """
 
     weight: QuantizerConfig = field(default_factory=_default_weight)
     activation: QuantizerConfig = field(default_factory=_default_activation)
     fallback: str | int = FLOAT
     mode: QuantMode = "static"
+    smoothing: float | str | None = None
 
     def __post_init__(self) -> None:
         # A partial mapping overrides the role's own defaults (activations are asymmetric
@@ -170,6 +174,12 @@ class LayerConfig:
             raise ConfigError(
                 f"mode must be one of {', '.join(QUANT_MODES)}, got {self.mode!r}"
             )
+        strength = self.smoothing
+        if strength is not None and strength != "auto" and (
+                isinstance(strength, bool) or not isinstance(strength, (int, float))
+                or not 0.0 <= strength <= 1.0):
+            raise ConfigError(f"smoothing must be null (off), 'auto' or a migration strength "
+                              f"in [0, 1] (0.85 suits transformers), got {strength!r}")
 
     @property
     def scheme(self) -> str:

@@ -6,10 +6,13 @@ correction, and the order in which they run with smoothing and the observers.
 
 1. smoothing statistics (only with ``smoothing_alpha`` set): per-input-channel max |x| of
    the Linear layers a LayerNorm feeds (`autoquant.calibration.smoothing`);
+1b. per-layer input smoothing (only for layers with ``smoothing`` set): input statistics,
+   then (for ``auto``) the choice of strength (`autoquant.calibration.equalize`);
 2. the observer pass (always): activation statistics, collected once per run;
 3. the refinement pass (only with an ``auto`` activation algorithm or ``bias_correction``):
    every layer sees its float input; for each ``auto`` layer every candidate calibration
-   quantizes that input (and the weight, at the layer's scheme) and the output SQNR
+   quantizes that input (at most ``SCORE_ROWS`` strided rows of each batch; and the weight,
+   at the layer's scheme) and the output SQNR
    against the float output is accumulated; for bias correction the mean output shift of
    the quantized weight is accumulated per output channel.
 
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoquant.calibration.equalize import smooth_layers, smoothing_overrides, strided_rows
 from autoquant.plan import FLOAT, parse_scheme
 from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.qmodel import Calibrate, QuantModel
@@ -79,6 +83,7 @@ def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:
         from autoquant.calibration.smoothing import smooth_model
 
         smooth_model(qmodel, calibrate, alpha)
+    smooth_layers(qmodel, calibrate)
     qmodel.calibrate(calibrate)
     refine_calibration(qmodel, calibrate)
 
@@ -105,7 +110,7 @@ class _LayerRefiner:
         self.shift_sum: dict[str, torch.Tensor] = {}
         self.shift_count: dict[str, int] = {}
         if bias:
-            weight = layer.module.weight.detach()
+            weight = layer.effective_weight().detach()
             schemes = {layer.config.scheme, layer.config.fallback_scheme} - {FLOAT}
             for scheme in sorted(schemes):
                 wb = parse_scheme(scheme)
@@ -119,13 +124,16 @@ class _LayerRefiner:
                 output, torch.Tensor) or not args[0].is_floating_point():
             return
         layer = self.layer
-        x, rest = args[0].detach(), args[1:]
+        x, rest = layer.scale_input(args[0].detach()), args[1:]
         y = output.detach()
         if self.candidates:
             weight_q = layer.quantized_weight()
+            xs, ys = x, y
+            if not rest and not kwargs:  # score on strided rows: bounded cost per batch
+                xs, ys = strided_rows(x, y, isinstance(layer.module, nn.Linear))
             for cand, (scale, zp, qmin, qmax, axis) in self.candidates.items():
-                x_q = fake_quantize(x, scale, zp, qmin, qmax, axis)
-                self.scores[cand].update(y, layer._run_module(x_q, weight_q, rest, kwargs))
+                x_q = fake_quantize(xs, scale, zp, qmin, qmax, axis)
+                self.scores[cand].update(ys, layer._run_module(x_q, weight_q, rest, kwargs))
         for scheme, weight_q in self.weights.items():
             diff = (y - layer._run_module(x, weight_q, rest, kwargs)).double()
             dim = _output_dim(layer.module, diff)
@@ -202,8 +210,9 @@ def refine_calibration(qmodel: QuantModel, calibrate: Calibrate) -> None:
 
 
 def calibration_overrides(qmodel: QuantModel) -> dict[str, dict[str, Any]]:
-    """Per-layer config overrides that pin each ``auto`` layer's chosen algorithm, for the
-    final config (so re-applying it reproduces the choice without the choice pass)."""
+    """Per-layer config overrides that pin each ``auto`` layer's chosen algorithm (and
+    smoothing strength), for the final config (so re-applying it reproduces the choice
+    without the choice pass)."""
     out: dict[str, dict[str, Any]] = {}
     for name, layer in qmodel.layers.items():
         if not _refinable(layer) or layer.config.activation.algorithm != "auto" \
@@ -214,6 +223,8 @@ def calibration_overrides(qmodel: QuantModel) -> dict[str, dict[str, Any]]:
         if algorithm == "percentile":
             act["percentile"] = percentile
         out[name] = {"activation": act}
+    for name, pinned in smoothing_overrides(qmodel).items():
+        out.setdefault(name, {}).update(pinned)
     return out
 
 
@@ -236,6 +247,6 @@ def calibration_rows(
                                 "per batch" if mode == "dynamic" else "none"),
             "weight_calibration": layer.config.weight.algorithm,
             "bias_corrected": bool(layer.bias_corrections),
-            "smoothed": bool(getattr(layer, "smoothed", False)),
+            "smoothed": bool(getattr(layer, "smoothed", False)) or bool(layer.input_inv.numel()),
         })
     return out

@@ -87,6 +87,8 @@ class QDQLayer(_WrapsModule):
         self.storage_bits = max(sizes) * 8
         delta = layer.bias_delta.detach()
         self.register_buffer("bias_delta", delta if delta.numel() else None)
+        inv = layer.input_inv.detach()  # input smoothing: one Mul ahead of the input's QDQ
+        self.register_buffer("input_inv", inv.to(self.weight_dtype) if inv.numel() else None)
         self.integer = bool(layer.integer_kernel)
         self.out_spec: tuple | None = None
         if self.integer:
@@ -123,6 +125,8 @@ class QDQLayer(_WrapsModule):
         shape = x.shape
         if linear and x.dim() != 2:  # a Gemm on 2-D: flatten before the QDQ, not after
             x = x.reshape(-1, shape[-1])
+        if self.input_inv is not None:
+            x = x * self.input_inv
         x = static_qdq(self, self.act_spec, x)
         w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
                               self.weight_axis).to(self.weight_dtype)
@@ -138,6 +142,8 @@ class QDQLayer(_WrapsModule):
         return y
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_inv is not None:
+            x = x * self.input_inv
         if self.act_range is None:  # weight_only
             return x
         if self.act_spec is None:  # dynamic

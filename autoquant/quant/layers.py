@@ -122,6 +122,8 @@ class QuantLayer(ForwardsAttributes, nn.Module):
         self.requant_note: str | None = None  # why a convolution's output stays float
         self.nonfinite = False  # the sensitivity pass saw NaN/inf in the quantized output
         self.out_relu = False  # every reader rectifies the output first (autoquant.quant.dataflow)
+        # input smoothing (autoquant.calibration.equalize): x * input_inv, weight / input_inv
+        self.register_buffer("input_inv", torch.empty(0))
         self.register_forward_pre_hook(no_fast_path)
 
     def extra_repr(self) -> str:
@@ -196,12 +198,11 @@ class QuantLayer(ForwardsAttributes, nn.Module):
                                                  int | None]:
         """Qparams of the weight at `bits` in the deploy target's range; cached (MSE
         clipping is a search: do it once per bit width)."""
-        weight = self.module.weight
         bits = deploy_weight_bits(bits, self.config.weight.symmetric, self.target)
-        key = (bits, weight._version)
+        key = (bits, self.module.weight._version)
         if key not in self._wqparam_cache:
             self._wqparam_cache[key] = weight_qparams(
-                weight, bits, self.config.weight, self.weight_axis)
+                self.effective_weight(), bits, self.config.weight, self.weight_axis)
         return self._wqparam_cache[key]
 
     def _set_integer_kernel(self, w_bits: int, a_bits: int) -> None:
@@ -247,7 +248,8 @@ class QuantLayer(ForwardsAttributes, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # qparam buffers change shape with the scheme: adopt the incoming shapes.
-        for buf in self._QPARAM_BUFFERS:
+        state_dict.setdefault(prefix + "input_inv", torch.empty(0))  # saved before smoothing
+        for buf in (*self._QPARAM_BUFFERS, "input_inv"):
             key = prefix + buf
             if key in state_dict:
                 setattr(self, buf, torch.empty_like(state_dict[key]))
@@ -266,9 +268,8 @@ class QuantLayer(ForwardsAttributes, nn.Module):
         cached = self._weight_cache.get(key)
         if cached is None:
             qmin, qmax, axis = self._weight_q
-            cached = fake_quantize(
-                weight.detach(), self.weight_scale, self.weight_zero_point, qmin, qmax, axis
-            )
+            cached = fake_quantize(self.effective_weight().detach(), self.weight_scale,
+                                   self.weight_zero_point, qmin, qmax, axis)
             self._weight_cache = {key: cached} if self.state is QuantState.QUANTIZE else {}
         return cached
 
@@ -283,8 +284,28 @@ class QuantLayer(ForwardsAttributes, nn.Module):
         self._bias_cache = (key, value) if self.state is QuantState.QUANTIZE else None
         return value
 
+    def set_input_scale(self, inv: torch.Tensor | None) -> None:
+        """Smooth the quantized forward: the input times `inv` (per input channel), the
+        weight's columns divided by it; None or empty turns it off. Float is unchanged."""
+        weight = self.module.weight
+        self.input_inv = torch.empty(0, device=weight.device) if inv is None else \
+            inv.detach().to(device=weight.device, dtype=torch.float32)
+        self._wqparam_cache, self._weight_cache = {}, {}
+
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the quantizer sees it: times ``input_inv`` when the layer is smoothed."""
+        return x * self.input_inv.to(x.dtype) if self.input_inv.numel() else x
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the quantized forward quantizes: smoothing's column scales applied."""
+        weight = self.module.weight
+        if not self.input_inv.numel():
+            return weight
+        return weight * self.input_inv.reciprocal().to(weight.dtype)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize an input activation with the active scheme (per the layer's mode)."""
+        x = self.scale_input(x)
         if self._act_q is None:  # weight_only
             return x
         qmin, qmax, axis = self._act_q
@@ -356,7 +377,7 @@ class QuantLayer(ForwardsAttributes, nn.Module):
         if state is QuantState.CALIBRATE:
             static = self.config.mode == "static"
             if static:
-                self.observer.update(x)
+                self.observer.update(self.scale_input(x))
             y = self.module(x, *args, **kwargs)
             if static:
                 self._observe_output(y)

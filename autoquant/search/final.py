@@ -23,7 +23,8 @@ def merge_overrides(
     for name, override in overrides.items():
         target = merged.setdefault(name, {})
         for role, values in override.items():
-            target[role] = {**target.get(role, {}), **values}
+            target[role] = {**target.get(role, {}), **values} if isinstance(
+                values, Mapping) else values
     return merged
 
 
