@@ -27,9 +27,11 @@ class SQNR:
 
     def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
         """Fold one call's outputs into the running sums."""
-        y = y_float.detach().double()
-        self.signal += float((y**2).sum())
-        self.noise += float(((y - y_quant.detach().double()) ** 2).sum())
+        # squares in float32, sums in float64: no float64 copy of either output
+        y = y_float.detach().float()
+        diff = y - y_quant.detach().float()
+        self.signal += float(torch.sum(y * y, dtype=torch.float64))
+        self.noise += float(torch.sum(diff * diff, dtype=torch.float64))
 
     def score(self) -> float:
         """The SQNR in dB (higher = closer to float)."""
