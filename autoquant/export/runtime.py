@@ -26,6 +26,7 @@ from autoquant.errors import ConfigError, ExportError
 from autoquant.export.ortmodule import ort_session
 
 __all__ = [
+    "noise_floor",
     "ort_session",
     "ort_feed",
     "ort_run",
@@ -132,16 +133,52 @@ def parity(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[s
 
 def parity_ok(figures: Mapping[str, float]) -> bool:
     """The parity check's tolerance on the relative L2 error of the runtime against the
-    searched model: at most 1%, or a tenth of the quantization error itself
-    (``quantization_error``: the searched model against float), whichever is larger.
+    searched model: at most 1%, a tenth of the quantization error itself
+    (``quantization_error``: the searched model against float), or the model's own noise
+    floor (``noise_floor``, `noise_floor`), whichever is largest.
 
     Why relative to the quantization error: the runtime's own float ops (its Tanh, its
     summation order) differ from torch's by an ulp, which moves a value on a rounding tie
     to the next integer; a deep or chaotic network amplifies such flips to a percent while
     its quantization error is tens of percents. A saturating kernel or a wrong scale is of
     the order of the quantization error or more, and misses it."""
-    floor = max(MAX_RELATIVE_ERROR, 0.1 * figures.get("quantization_error", 0.0))
+    floor = max(MAX_RELATIVE_ERROR, 0.1 * figures.get("quantization_error", 0.0),
+                figures.get("noise_floor", 0.0))
     return figures["relative_error"] <= floor
+
+
+NOISE = 1e-6  # relative perturbation of `noise_floor`: a few float32 ulps
+
+
+def noise_floor(model: nn.Module, batches: Sequence[Any], seed: int = 0) -> float:
+    """How far the searched model moves from itself when every quantized layer's input is
+    perturbed by `NOISE` relative noise: the relative L2 change of its outputs.
+
+    Why: a runtime's float ops (GELU, Softmax, LayerNorm) differ from torch's by a few ulps,
+    and each quantizer turns a value near a rounding boundary into a one-step jump; a deep
+    encoder amplifies these flips (all-MiniLM-L6-v2: 2-4% at its output). No runtime can
+    match the model more closely than the model matches itself at that noise."""
+    from autoquant.quant.layers import QuantLayer
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def perturb(_module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return None
+        noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+        return (x * (1 + NOISE * noise), *args[1:])
+
+    clean = [t.detach().cpu().float() for b in batches for t in flat_outputs(run_torch(model, b))]
+    handles = [m.register_forward_pre_hook(perturb) for m in model.modules()
+               if isinstance(m, QuantLayer) and m.active]
+    try:
+        noisy = [t.detach().cpu().float() for b in batches
+                 for t in flat_outputs(run_torch(model, b))]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return parity(clean, noisy)["relative_error"]
 
 
 @contextlib.contextmanager
@@ -283,6 +320,14 @@ def check_parity(model: nn.Module, onnx_path: str | Path, batches: Sequence[Any]
                   for t in flat_outputs(run_torch(model, batch))]
     figures["quantization_error"] = parity(floats, theirs)["relative_error"]
     figures["parity_ok"] = parity_ok(figures)
+    if not figures["parity_ok"]:  # beyond the fixed tolerance: is the model chaotic?
+        figures["noise_floor"] = noise_floor(model, batches)
+        figures["parity_ok"] = parity_ok(figures)
+        if figures["parity_ok"]:
+            logger.info("the runtime differs from the searched model by %.3g (relative), "
+                        "within the model's own noise floor %.3g: a %g relative perturbation "
+                        "of its quantized layers' inputs moves it as far",
+                        figures["relative_error"], figures["noise_floor"], NOISE)
     if figures["parity_ok"]:
         return figures
     found = first_diverging_layer(model, onnx_path, batches)
