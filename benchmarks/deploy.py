@@ -18,12 +18,16 @@ Models: ``cnn`` (Conv-BN-ReLU, 4 convolutions + 2 Linear, 32x32 input, batch 32)
 weights (speed and size do not depend on them) with randomized BatchNorm statistics, and
 are scored by cosine fidelity to the float model (`FidelityEvaluator`); ``digits`` (the
 trained digits CNN, validation accuracy) and ``lstm_lm`` (the trained character LSTM,
-validation perplexity) are the bundled examples.
+validation perplexity) are the bundled examples; ``minilm`` (not in the default list: the
+``bench`` extra) is the pretrained all-MiniLM-L6-v2 encoder of `benchmarks.encoder` with
+the transformer calibration of docs/calibration.md, a 3.4-point budget on its retrieval
+agreement and the output-scope ranking.
 
 Usage::
 
     python benchmarks/deploy.py                        # every model
     python benchmarks/deploy.py --models cnn resnet --repeats 50
+    python benchmarks/deploy.py --models minilm --repeats 10
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ class Case:
     loss_type: str = "absolute"
     config: dict | None = None
     note: str = ""
+    options: dict | None = None  # more `auto_quantize` keywords
 
 
 def _fidelity_case(model: nn.Module, shape: tuple[int, ...], batches: int = 2,
@@ -191,10 +196,22 @@ def _lstm_lm() -> Case:
                 "relative", note="validation perplexity (lower is better)")
 
 
+def _minilm() -> Case:
+    from benchmarks.calibration import ENCODER_SETTINGS
+    from benchmarks.encoder import RetrievalAgreement, minilm_encoder
+
+    model = minilm_encoder()
+    evaluator = RetrievalAgreement(model)
+    return Case(model, evaluator, evaluator.example_inputs(), 3.4,
+                config=ENCODER_SETTINGS["transformer"], note="top-10 retrieval agreement",
+                options={"sensitivity_scope": "output"})
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "cnn": _cnn, "resnet": _resnet, "transformer": _transformer, "digits": _digits,
-    "lstm_lm": _lstm_lm,
+    "lstm_lm": _lstm_lm, "minilm": _minilm,
 }
+DEFAULT = ["cnn", "resnet", "transformer", "digits", "lstm_lm"]  # minilm: the bench extra
 
 
 def bench(name: str, repeats: int, out_dir: Path) -> dict[str, Any]:
@@ -202,7 +219,8 @@ def bench(name: str, repeats: int, out_dir: Path) -> dict[str, Any]:
     case = CASES[name]()
     result = aq.auto_quantize(case.model, case.evaluator, case.example_inputs,
                               max_loss=case.max_loss, loss_type=case.loss_type,
-                              config=case.config, verify_deploy=True)
+                              config=case.config, verify_deploy=True,
+                              **(case.options or {}))
     q_path = result.export_onnx(out_dir / f"{name}_int8.onnx", measure=False)
     f_path = export_float_onnx(result.model, out_dir / f"{name}_float.onnx",
                                case.example_inputs)
@@ -228,7 +246,7 @@ def bench(name: str, repeats: int, out_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--models", nargs="+", default=DEFAULT, choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per session")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
