@@ -77,7 +77,7 @@ def test_smoothing_cuts_the_quantization_error_of_a_layer_with_outlier_input_cha
     assert _output_sqnr(model, auto, batches) > _output_sqnr(model, plain, batches) + 3.0
 
 
-def test_auto_smoothing_keeps_none_when_no_strength_beats_it_locally() -> None:
+def test_auto_smoothing_takes_the_best_local_score_and_none_unless_a_strength_beats_it() -> None:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(16, 16)).eval()
     batches = [torch.randn(32, 16) for _ in range(2)]  # no outlier: nothing to migrate
