@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoquant.calibration.smoothing import smoothing_scales as fold_scales
 from autoquant.plan import parse_scheme
 from autoquant.quant.integer import runs_torch_forward
 from autoquant.quant.layers import QuantLayer, QuantState
@@ -74,10 +75,10 @@ def _smoothable(layer: QuantLayer) -> bool:
 
 
 def smoothing_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The per-input-channel ``s`` of strength `alpha` (geometric mean 1), float32."""
-    a = act_max.float().clamp_min(1e-5)
-    w = weight.detach().float().abs().amax(dim=0).clamp_min(1e-5)
-    s = (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(1e-4, 1e4)
+    """The per-input-channel ``s`` of strength `alpha`: the LayerNorm fold's formula
+    (`autoquant.calibration.smoothing.smoothing_scales`), bounded to [1e-4, 1e4] and
+    normalized to a geometric mean of 1, float32."""
+    s = fold_scales(act_max, [weight], alpha).float().clamp(1e-4, 1e4)
     return s / s.log().mean().exp()
 
 
@@ -169,16 +170,17 @@ def smooth_layers(qmodel: QuantModel, calibrate: Calibrate) -> None:
     for name, stat in seen.items():
         layer = wanted[name]
         scorer = scorers.get(name)
-        alpha = scorer.best() if scorer is not None else float(layer.config.smoothing)
-        layer.smoothing_alpha = alpha
-        if scorer is not None:
+        if scorer is not None:  # its candidates hold the scales already
+            alpha = scorer.best()
+            inv = scorer.candidates[alpha][0]
             layer.smoothing_scores = {str(a): s.score() for a, s in scorer.scores.items()}
-        if alpha is None:
-            layer.set_input_scale(None)
-            continue
-        assert stat.low is not None and stat.high is not None
-        amax = torch.maximum(stat.low.abs(), stat.high.abs())
-        layer.set_input_scale(smoothing_scales(amax, layer.module.weight, alpha).reciprocal())
+        else:
+            alpha = float(layer.config.smoothing)
+            assert stat.low is not None and stat.high is not None
+            amax = torch.maximum(stat.low.abs(), stat.high.abs())
+            inv = smoothing_scales(amax, layer.module.weight, alpha).reciprocal()
+        layer.smoothing_alpha = alpha
+        layer.set_input_scale(None if alpha is None else inv)
     chosen = [getattr(wanted[n], "smoothing_alpha", None) for n in seen]
     logger.info("input smoothing: %s", {str(a): chosen.count(a) for a in dict.fromkeys(chosen)})
 
