@@ -227,11 +227,13 @@ def sensitivity_analysis(
     model: nn.Module, evaluator: Any = None, example_inputs: Any = None, *,
     config: ConfigLike = None, sensitivity: str | type[SensitivityMetric] = "cosine",
     dump_dir: str | Path | None = None, calibration_data: Iterable[Any] | None = None,
-    sensitivity_scope: str = "layer",
+    sensitivity_scope: str = "auto",
 ) -> list[LayerSensitivity]:
     """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation.
 
-    `sensitivity_scope` is ``"layer"`` (each layer's own output), ``"output"`` (the
+    `sensitivity_scope` is ``"auto"`` (``"gradient"`` where the model has gradients and
+    no `dump_dir` is given, else ``"layer"``), ``"layer"`` (each layer's own output),
+    ``"gradient"`` (that error carried to the model's output by the gradient), ``"output"`` (the
     model's output, one layer quantized at a time) or ``"subset"`` (the evaluator's
     ``evaluate_subset``, one layer quantized at a time); see
     `autoquant.sensitivity.output`."""

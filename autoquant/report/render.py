@@ -119,8 +119,12 @@ def check_lines(report: dict[str, Any]) -> list[str]:
     checks, and where the trials ran."""
     s, checks = report.get("settings") or {}, report.get("checks") or {}
     audit = checks.get("audit")
+    scope = s.get('sensitivity_scope', 'layer')
+    used = report.get("ranking_scope") or []
+    if scope == "auto" and len(used) == 1:
+        scope = f"auto: {used[0]}"
     ranking = (f"Ranking: {markdown_text(s.get('sensitivity', 'n/a'))}, "
-               f"{markdown_text(s.get('sensitivity_scope', 'layer'))} scope")
+               f"{markdown_text(scope)} scope")
     if audit:
         ranking += (f"; audit of {len(audit.get('layers') or [])} layer(s) alone quantized: "
                     f"Spearman rho {_fmt(audit.get('spearman_rho'), '.2f')} against their "

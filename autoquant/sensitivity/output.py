@@ -22,6 +22,7 @@ evaluator's ``metric_eval`` or the search criterion decides the loss).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,21 +47,28 @@ from autoquant.sensitivity.ranking import (
 
 __all__ = ["SCOPES", "rank_layers", "compute_output_sensitivity", "compute_subset_sensitivity"]
 
-SCOPES = ("layer", "output", "subset")
+SCOPES = ("auto", "layer", "gradient", "output", "subset")
+
+logger = logging.getLogger(__name__)
 
 
 def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                 metric: str | type[SensitivityMetric] = "cosine",
                 dump_dir: str | Path | None = None, scope: str = "layer",
                 evaluator: Any = None) -> list[LayerSensitivity]:
-    """The sensitivity ranking of `qmodel`, most sensitive first, in `scope`: ``"layer"``
-    (each layer's own output, one pass), ``"output"`` (the model's output, N + 1 passes)
-    or ``"subset"`` (`evaluator`'s ``evaluate_subset``, an `EvaluatorAdapter`; N + 1 calls).
+    """The sensitivity ranking of `qmodel`, most sensitive first, in `scope`: ``"auto"``
+    (``"gradient"`` where it applies, else ``"layer"``; the default), ``"layer"``
+    (each layer's own output, one pass), ``"gradient"`` (its error carried to the model's
+    output by the gradient, one pass with a backward; `autoquant.sensitivity.gradient`),
+    ``"output"`` (the model's output, N + 1 passes) or ``"subset"`` (`evaluator`'s
+    ``evaluate_subset``, an `EvaluatorAdapter`; N + 1 calls).
 
     Raises:
         ConfigError: an unknown scope or metric, `dump_dir` outside the layer scope, or the
             subset scope without an evaluator that has ``evaluate_subset``.
     """
+    if scope == "auto":
+        return _auto(qmodel, calibrate, metric, dump_dir)
     if scope == "layer":
         return compute_sensitivity(qmodel, calibrate, metric, dump_dir)
     if scope not in SCOPES:
@@ -70,6 +78,10 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                           "sensitivity_scope='layer' (the default)")
     if scope == "output":
         return compute_output_sensitivity(qmodel, calibrate, metric)
+    if scope == "gradient":
+        from autoquant.sensitivity.gradient import compute_gradient_sensitivity
+
+        return compute_gradient_sensitivity(qmodel, calibrate, metric)
     if evaluator is None or not evaluator.has_subset:
         name = type(getattr(evaluator, "evaluator", evaluator)).__name__
         raise ConfigError(f"sensitivity_scope='subset' ranks layers with the evaluator's "
@@ -77,6 +89,25 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                           "add it (the metric on a small, cheap part of the evaluation data) "
                           "or use sensitivity_scope='layer' or 'output'")
     return compute_subset_sensitivity(qmodel, evaluator)
+
+
+def _auto(qmodel: QuantModel, calibrate: Calibrate, metric: str | type[SensitivityMetric],
+          dump_dir: str | Path | None) -> list[LayerSensitivity]:
+    """The gradient scope, or the layer scope where it cannot apply: a `dump_dir` (the
+    layer pass writes the inputs), a metric it cannot estimate, a model without gradients."""
+    from autoquant.sensitivity.gradient import (
+        GRADIENT_METRICS,
+        NoGradient,
+        compute_gradient_sensitivity,
+    )
+
+    if dump_dir is None and metric_name(resolve_metric(metric)) in GRADIENT_METRICS:
+        try:
+            return compute_gradient_sensitivity(qmodel, calibrate, metric)
+        except NoGradient as err:
+            logger.warning("ranking by each layer's own output instead of the model's: %s",
+                           err)
+    return compute_sensitivity(qmodel, calibrate, metric, dump_dir)
 
 
 def _count_calls(qmodel: QuantModel, names: list[str], counts: dict[str, int]) -> list[Any]:
@@ -109,7 +140,7 @@ def compute_subset_sensitivity(qmodel: QuantModel, evaluator: Any) -> list[Layer
         metric = evaluator.measure_subset(qmodel.model, f"(subset ranking of {name})")
         rows.append((-evaluator.decide(base, metric)[1], name, counts[name]))
     qmodel.apply_plan(quant)
-    return ranked(qmodel, rows, f"evaluate_subset, {len(names) + 1} calls", start)
+    return ranked(qmodel, rows, f"evaluate_subset, {len(names) + 1} calls", start, "subset")
 
 
 def _mark(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
@@ -199,4 +230,4 @@ def compute_output_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
         rows.append((score, name, counts[name]))
     qmodel.apply_plan(quant)
     return ranked(qmodel, rows, f"{metric_name(metric_cls)}, model output, "
-                                f"{len(names) + 1} passes", start)
+                                f"{len(names) + 1} passes", start, "output")

@@ -117,7 +117,9 @@ def register_sensitivity(name: str, metric: type[SensitivityMetric]) -> None:
 class LayerSensitivity:
     """One row of the ranking: a layer, its score and its rank (0 = most sensitive).
 
-    `aliases` are the other qualified names of a shared module (one unit, one scheme).
+    `aliases` are the other qualified names of a shared module (one unit, one scheme);
+    `scope` is where the score was measured (``"layer"``, ``"gradient"``, ``"output"``,
+    ``"subset"``).
     """
 
     name: str
@@ -125,6 +127,7 @@ class LayerSensitivity:
     rank: int
     calls: int
     aliases: tuple[str, ...] = ()
+    scope: str = "layer"
 
     def __post_init__(self) -> None:
         # rows read back from JSON carry a list; keep rows comparable and hashable
@@ -203,7 +206,7 @@ def metric_name(metric_cls: type[SensitivityMetric]) -> str:
 
 
 def ranked(qmodel: QuantModel, rows: list[tuple[float, str, int]], what: str,
-           start: float) -> list[LayerSensitivity]:
+           start: float, scope: str = "layer") -> list[LayerSensitivity]:
     """``(score, name, calls)`` rows as the ranking: lowest score (most sensitive) first,
     ties in the model's layer order; logged with `what` and the time since `start`."""
     names = qmodel.searchable
@@ -211,5 +214,5 @@ def ranked(qmodel: QuantModel, rows: list[tuple[float, str, int]], what: str,
     logger.info("sensitivity (%s) of %d layers in %.2fs", what, len(rows),
                 time.perf_counter() - start)
     aliases = getattr(qmodel, "aliases", {})
-    return [LayerSensitivity(name, score, rank, calls, tuple(aliases.get(name, ())))
+    return [LayerSensitivity(name, score, rank, calls, tuple(aliases.get(name, ())), scope)
             for rank, (score, name, calls) in enumerate(rows)]

@@ -225,7 +225,7 @@ def test_the_search_section_is_the_search_settings_key_for_key(tmp_path):
     assert settings == aq.SearchSettings(max_loss=0.03, audit=1)
     text = GOOD.replace("  max_loss: 0.03", "  max_loss: 0.03\n  sensitivity_scope: model")
     with pytest.raises(ConfigError, match=r"job\.yaml:\d+: search\.sensitivity_scope: must be "
-                                          r"'layer'"):
+                                          r"'auto', 'layer'"):
         load_job(write(tmp_path, text))
 
 

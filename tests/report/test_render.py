@@ -185,7 +185,7 @@ def test_report_names_the_ranking_used_with_its_audit_and_where_trials_ran(resul
     from concurrent.futures import ThreadPoolExecutor
 
     lines = summary_lines(result.to_report())
-    assert "Ranking: cosine, layer scope (not audited: set audit=K" in "\n".join(lines)
+    assert "Ranking: cosine, auto: gradient scope (not audited: set audit=K" in "\n".join(lines)
     with ThreadPoolExecutor(2) as pool:
         audited = aq.auto_quantize(
             jobhelpers.build_model(depth=6), jobhelpers.TinyEvaluator(depth=6),

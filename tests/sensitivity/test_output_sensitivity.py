@@ -9,38 +9,7 @@ from torch import nn
 
 import autoquant as aq
 from autoquant.errors import ConfigError
-
-# `noisy` is quantized far more coarsely than the rest, but its branch is scaled down
-# before the add: locally it is the worst layer, at the model's output the least harmful
-CONFIG = {"default": {"weight": {"bits": 6}, "activation": {"bits": 6}},
-          "layers": {"noisy": {"weight": {"bits": 2}, "activation": {"bits": 2}}}}
-
-
-class Absorbing(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.big, self.noisy, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.big(x) + 1e-3 * self.noisy(x))
-
-
-class Counting(aq.Evaluator):
-    """Calibrates on fixed batches (shuffled on every pass if asked) and counts the passes."""
-
-    def __init__(self, batches: list[torch.Tensor], shuffle: bool = False) -> None:
-        self.batches, self.shuffle, self.passes = batches, shuffle, 0
-        self.order = torch.Generator().manual_seed(0)
-
-    def calibration(self, model: nn.Module) -> None:
-        self.passes += 1
-        order = torch.randperm(len(self.batches), generator=self.order) if self.shuffle \
-            else range(len(self.batches))
-        for i in order:
-            model(self.batches[int(i)])
-
-    def evaluate(self, model: nn.Module) -> float:
-        return 0.0
+from tests.helpers.absorbing import CONFIG, Absorbing, Counting
 
 
 @pytest.fixture
@@ -51,7 +20,8 @@ def model_and_batches() -> tuple[nn.Module, list[torch.Tensor]]:
 
 def test_output_scope_ranks_the_layer_whose_error_reaches_the_output_first(model_and_batches):
     model, batches = model_and_batches
-    local = aq.sensitivity_analysis(model, calibration_data=batches, config=CONFIG)
+    local = aq.sensitivity_analysis(model, calibration_data=batches, config=CONFIG,
+                                    sensitivity_scope="layer")
     output = aq.sensitivity_analysis(model, calibration_data=batches, config=CONFIG,
                                      sensitivity_scope="output")
     assert local[0].name == "noisy"  # the coarse layer looks worst on its own output
@@ -64,7 +34,8 @@ def test_the_search_keeps_the_absorbed_layer_quantized_in_as_many_evaluations(
         model_and_batches):
     model, batches = model_and_batches
     evaluator = aq.FidelityEvaluator(model, batches)
-    local = aq.auto_quantize(model, evaluator, (batches[0],), config=CONFIG, max_loss=1e-3)
+    local = aq.auto_quantize(model, evaluator, (batches[0],), config=CONFIG, max_loss=1e-3,
+                             sensitivity_scope="layer")
     output = aq.auto_quantize(model, evaluator, (batches[0],), config=CONFIG, max_loss=1e-3,
                               sensitivity_scope="output")
     assert local.met and output.met
@@ -79,7 +50,7 @@ def test_output_scope_costs_one_calibration_pass_per_layer_plus_the_float_one(
         model_and_batches):
     model, batches = model_and_batches
     local, output = Counting(batches), Counting(batches)
-    aq.sensitivity_analysis(model, local, config=CONFIG)
+    aq.sensitivity_analysis(model, local, config=CONFIG, sensitivity_scope="layer")
     aq.sensitivity_analysis(model, output, config=CONFIG, sensitivity_scope="output")
     assert output.passes - local.passes == 3  # N + 1 passes instead of 1, N = 3 layers
 

@@ -1,0 +1,242 @@
+"""Sensitivity at the model's output for about the price of the layer pass
+(``scope="gradient"``): each layer's own quantization error, carried to the model's output
+through the float model's gradient.
+
+The output scope (`autoquant.sensitivity.output`) quantizes one layer at a time and pays
+N + 1 calibration passes. To first order, quantizing layer ``l`` alone moves the model's
+output by ``J_l e_l``: ``e_l`` is the error the layer adds to its own output on a float
+input (what the layer scope scores) and ``J_l`` the Jacobian of the model's output with
+respect to that layer's output. The divergences the metrics measure are quadratic in that
+move, and a random probe ``u`` with ``E[u u^T] = M`` estimates ``(J_l e_l)^T M (J_l e_l)``
+for every layer at once as ``(u^T J_l e_l)^2 = (g_l . e_l)^2``, where ``g_l`` is the
+gradient of ``u . output`` at layer ``l``'s output: one backward pass per calibration call.
+
+- ``mse``: ``u`` standard normal (``M = I``): the squared error at the output; scored as
+  the SQNR of the output in dB.
+- ``cosine``: ``u`` normal and orthogonal to the float output (``M`` projects out its
+  direction): ``1 - cos ~ |P e|^2 / 2|y|^2``; scored as the estimated mean cosine.
+- ``kl``: ``u = onehot(c) - p`` for a class ``c`` drawn from each row's softmax ``p`` (``M``
+  is the softmax's Fisher information): ``KL ~ e^T F e / 2``; scored as ``-mean KL``.
+
+Variance: one probe per calibration row. The product ``g_l . e_l`` is summed per slice of
+the layer output's first dimension (the batch, for most layers) and squared per slice, so
+each row is its own sample and cross terms between rows, zero when rows are independent,
+are left out. The probes are seeded: the ranking is reproducible.
+
+Cost: the layer pass (float and quantized output of every layer) plus one backward pass
+with respect to the layers' outputs only (no weight gradients). Memory: one forward graph
+and one error tensor per layer call of one calibration call. The model must be
+differentiable from its quantizable layers to its output; the calibration may run under
+``torch.no_grad`` (the pass turns gradients on around each model call), not under
+``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from autoquant.batches import first_tensor, primary_tensor
+from autoquant.errors import ConfigError
+from autoquant.quant.layers import QuantState
+from autoquant.quant.qmodel import Calibrate, QuantModel
+from autoquant.sensitivity.metrics import MAX_SQNR_DB
+from autoquant.sensitivity.ranking import (
+    NONFINITE_SCORE,
+    LayerSensitivity,
+    SensitivityMetric,
+    metric_name,
+    ranked,
+    resolve_metric,
+)
+
+__all__ = ["GRADIENT_METRICS", "NoGradient", "compute_gradient_sensitivity"]
+
+GRADIENT_METRICS = ("cosine", "mse", "kl")
+_SEED = 0
+
+
+class NoGradient(ConfigError):
+    """The model gives no gradient from its quantizable layers to its output (or the
+    calibration forbids autograd): the gradient scope cannot rank it."""
+
+
+class _Error:
+    """A layer's comparator in the pass: keeps the last call's output error for the forward
+    hook, which pairs it with the output that carries the graph."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+
+    def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
+        self.pending = y_quant.sub_(y_float)  # y_quant is ours to consume
+
+    def score(self) -> float:  # the pass scores layers itself
+        return 0.0
+
+
+def _slices(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed per slice of its first dimension (a 0-d or 1-d tensor is one slice)."""
+    return t.reshape(t.shape[0] if t.dim() >= 2 else 1, -1).sum(dim=1, dtype=torch.float64)
+
+
+@dataclass
+class _Pass:
+    """Forward hooks of one gradient pass (hooks must not raise: the adapter would report
+    the error as the user's calibration failing; the first error is raised after)."""
+
+    metric: str
+    names: list[str]
+    estimate: dict[str, float] = field(default_factory=dict)
+    pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    grad_modes: list[bool] = field(default_factory=list)
+    calls: int = 0  # model calls with a graph from a layer to the output
+    rows: int = 0
+    signal: float = 0.0
+    reached: set[str] = field(default_factory=set)
+    generator: torch.Generator | None = None
+    error: Exception | None = None
+
+    def before_model(self, _module: Any, _args: tuple, _kwargs: dict) -> None:
+        if torch.is_inference_mode_enabled() and self.error is None:
+            self.error = NoGradient(
+                "sensitivity_scope='gradient' needs autograd, but the calibration runs the "
+                "model under torch.inference_mode(); use torch.no_grad() there (the pass "
+                "turns gradients on itself) or sensitivity_scope='output'")
+        self.grad_modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(True)
+        self.pairs = []
+
+    def after_layer(self, name: str, layer: Any, output: Any) -> None:
+        error, layer.comparator.pending = layer.comparator.pending, None
+        if error is None:
+            return
+        try:
+            y = primary_tensor(output)
+        except Exception:  # an output the layer pass cannot compare either
+            return
+        if y.requires_grad and y.shape == error.shape:
+            self.pairs.append((name, y, error))
+
+    def after_model(self, _module: Any, _args: tuple, _kwargs: dict, output: Any) -> None:
+        try:
+            self._backward(first_tensor(output))
+        except Exception as err:  # raised after the pass
+            self.error = self.error or NoGradient(
+                f"sensitivity_scope='gradient' could not take the gradient of the model's "
+                f"output ({type(err).__name__}: {str(err)[:200]}); use "
+                "sensitivity_scope='output' or 'layer'")
+            self.error.__cause__ = err
+        finally:
+            pairs, self.pairs = self.pairs, []
+            del pairs
+            torch.set_grad_enabled(self.grad_modes.pop() if self.grad_modes else False)
+
+    def _probe(self, out: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The probe direction and the weight of this call's squared products."""
+        y = out.detach().float()
+        if self.generator is None:
+            self.generator = torch.Generator(device=y.device).manual_seed(_SEED)
+        if self.metric == "kl":
+            rows = y.shape[0] if y.dim() >= 2 else 1
+            p = torch.softmax(y.reshape(rows, -1).double(), dim=1)
+            drawn = torch.multinomial(p, 1, generator=self.generator)
+            u = -p
+            u.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=p.dtype))
+            self.rows += rows
+            return u.reshape(y.shape).to(out.dtype), 0.5
+        u = torch.randn(y.shape, generator=self.generator, device=y.device)
+        energy = float(torch.sum(y * y, dtype=torch.float64))
+        if self.metric == "mse":
+            self.signal += energy
+            return u.to(out.dtype), 1.0
+        flat = y.reshape(-1)
+        norm = float(torch.linalg.vector_norm(flat))
+        if norm > 0:
+            unit = flat / norm
+            u = (u.reshape(-1) - torch.dot(u.reshape(-1), unit) * unit).reshape(y.shape)
+        return u.to(out.dtype), (0.5 / energy if energy > 0 else 0.0)
+
+    def _backward(self, out: torch.Tensor) -> None:
+        if not self.pairs or not out.requires_grad or not out.is_floating_point():
+            return
+        u, weight = self._probe(out)
+        self.calls += 1
+        grads = torch.autograd.grad(out, [y for _, y, _ in self.pairs], grad_outputs=u,
+                                    allow_unused=True)
+        for (name, _, error), grad in zip(self.pairs, grads, strict=True):
+            if grad is None:
+                continue
+            self.reached.add(name)
+            products = _slices(grad.float() * error.float())
+            self.estimate[name] += weight * float(torch.sum(products * products))
+
+    def score(self, name: str) -> float:
+        est = self.estimate[name]
+        if self.metric == "kl":
+            return -est / self.rows if self.rows else 0.0
+        if self.metric == "mse":
+            if est == 0.0:
+                return MAX_SQNR_DB
+            ratio = self.signal / est
+            return MAX_SQNR_DB if ratio == float("inf") else max(
+                -MAX_SQNR_DB, min(MAX_SQNR_DB, 10.0 * torch.log10(torch.tensor(ratio)).item()))
+        return max(-1.0, 1.0 - est / self.calls) if self.calls else 1.0
+
+
+def compute_gradient_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
+                                 metric: str | type[SensitivityMetric] = "cosine"
+                                 ) -> list[LayerSensitivity]:
+    """Score every searchable layer by the estimated divergence of the model's output when
+    that layer alone is quantized (see the module docstring); worst first.
+
+    Raises:
+        ConfigError: a metric other than cosine, mse or kl.
+        NoGradient: a calibration under ``torch.inference_mode``, or a model whose output
+            carries no gradient from any quantizable layer.
+    """
+    metric_cls = resolve_metric(metric)
+    name = metric_name(metric_cls)
+    if name not in GRADIENT_METRICS:
+        raise ConfigError(f"sensitivity_scope='gradient' estimates the cosine, mse or kl "
+                          f"divergence of the model's output, not {name!r}; use "
+                          "sensitivity_scope='output' for another metric")
+    start = time.perf_counter()
+    names = qmodel.searchable
+    record = _Pass(metric=name, names=names, estimate=dict.fromkeys(names, 0.0))
+    qmodel.apply_plan(qmodel.quant_plan())
+    grads = {p: p.requires_grad for p in qmodel.model.parameters()}
+    hooks = [qmodel.model.register_forward_pre_hook(record.before_model, with_kwargs=True),
+             qmodel.model.register_forward_hook(record.after_model, with_kwargs=True)]
+    for layer_name, layer in qmodel.layers.items():
+        layer.calls = 0
+        layer.comparator = _Error() if layer_name in names else None
+        if layer_name in names:
+            hooks.append(layer.register_forward_hook(
+                lambda mod, _a, out, n=layer_name: record.after_layer(n, mod, out)))
+    try:
+        for param in grads:
+            if param.is_floating_point():
+                param.requires_grad_(True)  # the graph; only activation gradients are taken
+        qmodel.calibration_pass(calibrate, QuantState.COMPARE, "(gradient sensitivity pass)",
+                                hooks)
+    finally:
+        for param, flag in grads.items():
+            param.requires_grad_(flag)
+    if record.error is not None:
+        raise record.error
+    if not record.calls:
+        raise NoGradient("sensitivity_scope='gradient' found no gradient from any quantizable "
+                          "layer to the model's output (a non-differentiable output such as "
+                          "argmax or integer ids, or a model that detaches); use "
+                          "sensitivity_scope='output' or 'layer'")
+    rows = []
+    for layer_name in names:
+        layer = qmodel.layers[layer_name]
+        score = NONFINITE_SCORE if layer.nonfinite else record.score(layer_name)
+        rows.append((score, layer_name, layer.calls))
+        layer.comparator, layer.nonfinite = None, False
+    return ranked(qmodel, rows, f"{name}, model output by gradient, 1 pass", start, "gradient")
