@@ -140,23 +140,26 @@ def encoder_rows(settings: list[str], searched: list[str], budget: float,
     linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     print(f"float pass over the calibration batches: {float_pass:.2f} s; {linear} Linear layers")
     print("| calibration | full W8A8 loss pt | calibration s (x float pass) | "
-          f"binary at {budget:g} pt: status | Linear INT8 | evals | loss pt |")
-    print("|---|---|---|---|---|---|---|")
+          f"binary at {budget:g} pt: status | Linear INT8 | evals | loss pt | "
+          "calibration + sensitivity s (x float pass) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in settings:
         config = aq.QuantConfig.from_dict(ENCODER_SETTINGS[name])
         start = time.perf_counter()
         quantized = aq.quantize(model, evaluator, config)
         seconds = time.perf_counter() - start
         full = 100.0 - evaluator.evaluate(quantized)
-        cells = ["", "", "", ""]
+        cells = ["", "", "", "", ""]
         if name in searched:
             result = aq.auto_quantize(model, evaluator, evaluator.example_inputs(),
                                       max_loss=budget, config=config,
                                       sensitivity_scope=scope)
             kept = sum(isinstance(result.model.get_submodule(n).module, torch.nn.Linear)
                        for n in result.quantized_layers)
+            ranked = result.timings["calibration"] + result.timings["sensitivity"]
             cells = [result.status, f"{kept}/{linear}", str(result.num_evaluations),
-                     "n/a" if result.loss is None else f"{result.loss:.2f}"]
+                     "n/a" if result.loss is None else f"{result.loss:.2f}",
+                     f"{ranked:.1f} ({ranked / float_pass:.1f}x)"]
         print(f"| {name} | {full:.2f} | {seconds:.1f} ({seconds / float_pass:.1f}x) | "
               + " | ".join(cells) + " |", flush=True)
 
@@ -180,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
                         choices=list(ENCODER_SETTINGS), help="minilm: the ones searched")
     parser.add_argument("--budget", type=float, default=3.4,
                         help="minilm: the search's budget in points (default 3.4)")
-    parser.add_argument("--scope", default="output", choices=["layer", "output"],
-                        help="minilm: the sensitivity scope of the search (default output)")
+    parser.add_argument("--scope", default="auto",
+                        choices=["auto", "layer", "gradient", "output"],
+                        help="minilm: the sensitivity scope of the search (default auto)")
     args = parser.parse_args(argv)
     if "minilm" in args.models:
         encoder_rows(args.encoder_settings, args.search_settings, args.budget, args.scope)
