@@ -387,8 +387,8 @@ class QuantLayer(ForwardsAttributes, nn.Module):
             self._dump(x)
         y = self.module(x, *args, **kwargs)
         if self.comparator is not None and self._weight_q is not None:
-            y_q = self._quant_forward(x, args, kwargs)
-            compare(self, y, y_q)
+            with torch.no_grad():  # compared, never differentiated
+                compare(self, y, self._quant_forward(x, args, kwargs))
         return y
 
     def _dump(self, x: torch.Tensor) -> None:

@@ -94,7 +94,8 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
 def _auto(qmodel: QuantModel, calibrate: Calibrate, metric: str | type[SensitivityMetric],
           dump_dir: str | Path | None) -> list[LayerSensitivity]:
     """The gradient scope, or the layer scope where it cannot apply: a `dump_dir` (the
-    layer pass writes the inputs), a metric it cannot estimate, a model without gradients."""
+    layer pass writes the inputs), a metric it cannot estimate, a model without gradients,
+    or a forward graph that does not fit in memory (the layer pass keeps none)."""
     from autoquant.sensitivity.gradient import (
         GRADIENT_METRICS,
         NoGradient,
@@ -104,10 +105,22 @@ def _auto(qmodel: QuantModel, calibrate: Calibrate, metric: str | type[Sensitivi
     if dump_dir is None and metric_name(resolve_metric(metric)) in GRADIENT_METRICS:
         try:
             return compute_gradient_sensitivity(qmodel, calibrate, metric)
-        except NoGradient as err:
+        except Exception as err:
+            if not isinstance(err, NoGradient) and not _out_of_memory(err):
+                raise
             logger.warning("ranking by each layer's own output instead of the model's: %s",
                            err)
     return compute_sensitivity(qmodel, calibrate, metric, dump_dir)
+
+
+def _out_of_memory(err: BaseException | None) -> bool:
+    """Whether `err` or an error it was raised from is a device or host out-of-memory."""
+    seen = 0
+    while err is not None and seen < 16:
+        if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _count_calls(qmodel: QuantModel, names: list[str], counts: dict[str, int]) -> list[Any]:

@@ -165,3 +165,28 @@ def test_a_metric_the_gradient_cannot_estimate_is_refused_and_auto_uses_the_laye
     rows = aq.sensitivity_analysis(model, calibration_data=batches, config=CONFIG,
                                    sensitivity=MaxAbs)
     assert {r.scope for r in rows} == {"layer"} and all(math.isfinite(r.score) for r in rows)
+
+
+class TightMemory(nn.Module):
+    """Runs out of memory whenever autograd records its forward, as a large model on a small
+    device would in the gradient pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_a_gradient_pass_out_of_memory_falls_back_to_the_layer_scope_under_auto(caplog):
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="autoquant.sensitivity.output"):
+        rows = aq.sensitivity_analysis(TightMemory().eval(), calibration_data=batches)
+    assert {r.scope for r in rows} == {"layer"} and "out of memory" in caplog.text
+    with pytest.raises(aq.EvaluatorError, match="OutOfMemoryError"):
+        aq.sensitivity_analysis(TightMemory().eval(), calibration_data=batches,
+                                sensitivity_scope="gradient")
