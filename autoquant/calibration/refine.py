@@ -9,12 +9,18 @@ correction, and the order in which they run with smoothing and the observers.
 1b. per-layer input smoothing (only for layers with ``smoothing`` set): input statistics,
    then (for ``auto``) the choice of strength (`autoquant.calibration.equalize`);
 2. the observer pass (always): activation statistics, collected once per run;
-3. the refinement pass (only with an ``auto`` activation algorithm or ``bias_correction``):
-   every layer sees its float input; for each ``auto`` layer every candidate calibration
+3. the refinement pass (only with an ``auto`` activation algorithm, or ``bias_correction``
+   on a layer other than a plain ``nn.Linear``): every layer sees its float input; for each
+   ``auto`` layer every candidate calibration
    quantizes that input (at most ``SCORE_ROWS`` strided rows of each batch; and the weight,
    at the layer's scheme) and the output SQNR
    against the float output is accumulated; for bias correction the mean output shift of
    the quantized weight is accumulated per output channel.
+
+A Linear layer's output is linear in its input, so its mean shift is exactly
+``(W - W_q) @ mean(x)``: pass 2 also sums each such layer's input per channel, and its bias
+correction needs no pass of its own (a Linear-only model with ``bias_correction`` and
+min-max ranges calibrates in passes 1b and 2).
 
 The sensitivity pass then runs as before, on the chosen calibration, so the ranking and the
 search see exactly what the final model computes. None of this calls ``evaluate``: zero full
@@ -37,6 +43,7 @@ from torch import nn
 
 from autoquant.calibration.equalize import smooth_layers, smoothing_overrides, strided_rows
 from autoquant.plan import FLOAT, parse_scheme
+from autoquant.quant.integer import runs_torch_forward
 from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.qmodel import Calibrate, QuantModel
 from autoquant.quant.quantizer import fake_quantize
@@ -84,8 +91,70 @@ def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:
 
         smooth_model(qmodel, calibrate, alpha)
     smooth_layers(qmodel, calibrate)
-    qmodel.calibrate(calibrate)
-    refine_calibration(qmodel, calibrate)
+    means = {name: _InputMean() for name in qmodel.searchable
+             if _mean_corrected(qmodel.layers[name], qmodel.config.bias_correction)}
+    handles = [qmodel.layers[n].register_forward_pre_hook(m) for n, m in means.items()]
+    try:
+        qmodel.calibrate(calibrate)
+    finally:
+        for handle in handles:
+            handle.remove()
+    refine_calibration(qmodel, calibrate, means)
+
+
+class _InputMean:
+    """Forward pre-hook summing a Linear layer's input per channel (over every row)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.rows = 0
+
+    def __call__(self, _module: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], torch.Tensor) or \
+                not args[0].is_floating_point() or args[0].dim() == 0:
+            return
+        flat = args[0].detach().reshape(-1, args[0].shape[-1])
+        total = flat.sum(dim=0).double()
+        self.total = total if self.total is None else self.total + total
+        self.rows += flat.shape[0]
+
+
+def _mean_corrected(layer: QuantLayer, bias_on: bool) -> bool:
+    """A layer whose bias correction comes from its input mean: a plain, refinable
+    ``nn.Linear`` with bias correction on and no ``auto`` activation choice to score."""
+    return bias_on and _refinable(layer) and isinstance(layer.module, nn.Linear) \
+        and runs_torch_forward(layer.module) and not _auto_choice(layer)
+
+
+def _auto_choice(layer: QuantLayer) -> bool:
+    # only a static layer has calibrated activation ranges to choose from (dynamic
+    # ranges come from each batch, weight-only layers and embeddings have none)
+    return layer.config.activation.algorithm == "auto" and layer.config.mode == "static"
+
+
+def _quantized_weights(layer: QuantLayer) -> dict[str, torch.Tensor]:
+    """The layer's fake-quantized effective weight at each of its quantized schemes."""
+    weight = layer.effective_weight().detach()
+    out = {}
+    for scheme in sorted({layer.config.scheme, layer.config.fallback_scheme} - {FLOAT}):
+        wb = parse_scheme(scheme)
+        assert wb is not None
+        scale, zp, qmin, qmax, axis = layer.weight_qparams(wb[0])
+        out[scheme] = fake_quantize(weight, scale, zp, qmin, qmax, axis)
+    return out
+
+
+def _mean_corrections(layer: QuantLayer, mean: _InputMean) -> dict[str, torch.Tensor]:
+    """``(W - W_q) @ mean(x)`` per quantized scheme, ``x`` the (smoothed) input: what the
+    refinement pass would measure for a Linear layer, without the pass."""
+    if mean.total is None or not mean.rows:
+        return {}
+    x_mean = mean.total / mean.rows
+    if layer.input_inv.numel():
+        x_mean = x_mean * layer.input_inv.double()
+    weight = layer.effective_weight().detach()
+    return {scheme: ((weight.double() - weight_q.double()) @ x_mean).to(weight.dtype)
+            for scheme, weight_q in _quantized_weights(layer).items()}
 
 
 def _output_dim(module: nn.Module, out: torch.Tensor) -> int:
@@ -106,18 +175,9 @@ class _LayerRefiner:
             for cand in CANDIDATES:
                 self.candidates[cand] = layer.observer.qparams_for(a_bits, *cand)
                 self.scores[cand] = SQNR()
-        self.weights: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = _quantized_weights(layer) if bias else {}
         self.shift_sum: dict[str, torch.Tensor] = {}
-        self.shift_count: dict[str, int] = {}
-        if bias:
-            weight = layer.effective_weight().detach()
-            schemes = {layer.config.scheme, layer.config.fallback_scheme} - {FLOAT}
-            for scheme in sorted(schemes):
-                wb = parse_scheme(scheme)
-                assert wb is not None
-                scale, zp, qmin, qmax, axis = layer.weight_qparams(wb[0])
-                self.weights[scheme] = fake_quantize(weight, scale, zp, qmin, qmax, axis)
-                self.shift_count[scheme] = 0
+        self.shift_count: dict[str, int] = dict.fromkeys(self.weights, 0)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(
@@ -172,13 +232,17 @@ def _refinable(layer: QuantLayer) -> bool:
         getattr(layer.module, "weight", None), torch.Tensor)
 
 
-def refine_calibration(qmodel: QuantModel, calibrate: Calibrate) -> None:
+def refine_calibration(qmodel: QuantModel, calibrate: Calibrate,
+                       input_means: dict[str, _InputMean] | None = None) -> None:
     """Choose each ``auto`` layer's calibration and measure bias corrections, in one pass.
 
-    A no-op (no pass) when no layer uses ``auto`` and ``bias_correction`` is off. Needs the
-    observers calibrated (`QuantModel.calibrate`).
+    A no-op (no pass) when no layer uses ``auto`` and ``bias_correction`` is off, or when
+    every bias-corrected layer is a Linear whose input mean `input_means` holds (summed
+    during the observer pass). Needs the observers calibrated (`QuantModel.calibrate`).
     """
     bias_on = qmodel.config.bias_correction
+    input_means = input_means or {}
+    direct: dict[str, _InputMean] = {}
     wanted = {}
     for name in qmodel.searchable:
         layer = qmodel.layers[name]
@@ -186,15 +250,20 @@ def refine_calibration(qmodel: QuantModel, calibrate: Calibrate) -> None:
             continue
         layer.bias_corrections = {}
         layer.bias_delta = torch.empty(0, device=layer.module.weight.device)
-        # only a static layer has calibrated activation ranges to choose from (dynamic
-        # ranges come from each batch, weight-only layers and embeddings have none)
-        auto = layer.config.activation.algorithm == "auto" and layer.config.mode == "static"
+        auto = _auto_choice(layer)
         bias = bias_on and isinstance(layer.module, _BIAS_KINDS)
-        if auto or bias:
+        if name in input_means and bias and not auto:
+            direct[name] = input_means[name]
+        elif auto or bias:
             wanted[name] = (auto, bias)
-    if not wanted:
+    if not wanted and not direct:
         return
     qmodel.apply_plan(qmodel.quant_plan())  # weight qparams of every layer's own scheme
+    for name, mean in direct.items():
+        qmodel.layers[name].bias_corrections = _mean_corrections(qmodel.layers[name], mean)
+    if not wanted:
+        qmodel.apply_plan(qmodel.float_plan())
+        return
     refiners = {n: _LayerRefiner(qmodel.layers[n], *flags) for n, flags in wanted.items()}
     handles = [qmodel.layers[name].register_forward_hook(hook, with_kwargs=True)
                for name, hook in refiners.items()]

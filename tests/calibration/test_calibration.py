@@ -227,6 +227,39 @@ def test_bias_correction_is_per_scheme_and_off_for_float() -> None:
     assert layer.bias_delta.numel() == 0
 
 
+class CountingBatches(BatchEvaluator):
+    def __init__(self, batches: list[torch.Tensor], reference: nn.Module) -> None:
+        super().__init__(batches, reference)
+        self.passes = 0
+
+    def calibration(self, model: nn.Module) -> None:
+        self.passes += 1
+        super().calibration(model)
+
+
+@pytest.mark.parametrize("smoothing", [None, 0.85])
+def test_linear_bias_correction_from_the_input_mean_equals_the_measured_shift_in_one_pass_less(
+        smoothing) -> None:
+    from autoquant.calibration.refine import refine_calibration
+
+    model, batches = _outlier_mlp()
+    cfg = aq.QuantConfig.from_dict({"bias_correction": True, "default": {
+        "fallback": 16, "smoothing": smoothing, "weight": {"bits": 4}}})
+    direct = QuantModel(model, cfg)
+    counted = CountingBatches(batches, model)
+    calibrate_model(direct, calibration_of(counted))
+    measured = QuantModel(model, cfg)
+    calibrate_model(measured, calibration_of(BatchEvaluator(batches, model)))
+    refine_calibration(measured, calibration_of(BatchEvaluator(batches, model)))  # the pass
+    assert counted.passes == (2 if smoothing else 1)  # (statistics,) observers; no third
+    for name in ("0", "2"):
+        got, want = direct.layers[name].bias_corrections, measured.layers[name].bias_corrections
+        assert set(got) == set(want) == {"w4a8", "w16a16"}
+        assert float(want["w4a8"].abs().max()) > 1e-3  # a shift worth correcting
+        for scheme in got:
+            torch.testing.assert_close(got[scheme], want[scheme], rtol=1e-4, atol=1e-6)
+
+
 # -- config ------------------------------------------------------------------------------------
 
 def test_config_round_trips_with_the_new_options(tmp_path) -> None:
