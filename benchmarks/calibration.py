@@ -133,10 +133,12 @@ def encoder_rows(settings: list[str], searched: list[str], budget: float,
 
     model = minilm_encoder()
     evaluator = RetrievalAgreement(model)
-    start = time.perf_counter()
-    with torch.no_grad():
-        evaluator.calibration(model)
-    float_pass = time.perf_counter() - start
+    float_pass = float("inf")
+    for _ in range(3):  # the fastest of three: the baseline every ratio divides by
+        start = time.perf_counter()
+        with torch.no_grad():
+            evaluator.calibration(model)
+        float_pass = min(float_pass, time.perf_counter() - start)
     linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     print(f"float pass over the calibration batches: {float_pass:.2f} s; {linear} Linear layers")
     print("| calibration | full W8A8 loss pt | calibration s (x float pass) | "

@@ -20,8 +20,10 @@ SQNR of the layer's output against its float output over all calibration batches
 quantized with the min-max range of the scaled input (known exactly from per-channel minima
 and maxima), the weight at the layer's scheme in the deploy target's range. Ties keep no
 smoothing, so the choice is never locally worse than none. Two passes over
-``Evaluator.calibration`` run before the observers calibrate (statistics, then scores; a
-fixed strength needs only the first); none calls ``evaluate``.
+``Evaluator.calibration`` run before the observers calibrate (statistics, then scores); a
+fixed strength needs only the first, and none for a layer with per-tensor min-max ranges:
+its statistics are taken during the observer pass (`ObserverPassSmoothing`), which then
+sets the observer's range to that of the scaled input. None calls ``evaluate``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from autoquant.quant.target import deploy_weight_bits
 from autoquant.sensitivity.metrics import SQNR
 
 __all__ = ["STRENGTHS", "SCORE_ROWS", "strided_rows", "smoothing_scales", "smooth_layers",
-           "smoothing_overrides"]
+           "smoothing_overrides", "ObserverPassSmoothing"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,14 @@ def strided_rows(x: torch.Tensor, y: torch.Tensor, rows_of_x: bool) -> tuple[tor
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     stride = -(-x.shape[0] // SCORE_ROWS)
     return (x[::stride], y[::stride]) if stride > 1 else (x, y)
+
+
+def _in_observer_pass(layer: QuantLayer) -> bool:
+    """A fixed strength on a per-tensor min-max input range: the observer pass can take the
+    statistics, since that range of the scaled input follows from them exactly."""
+    act = layer.config.activation
+    return layer.config.smoothing != "auto" and act.algorithm == "minmax" \
+        and not act.per_channel
 
 
 def _smoothable(layer: QuantLayer) -> bool:
@@ -155,7 +165,8 @@ def smooth_layers(qmodel: QuantModel, calibrate: Calibrate) -> None:
     if skipped:
         logger.info("smoothing applies to static nn.Linear layers only; not smoothed: %s",
                     ", ".join(skipped))
-    wanted = {n: layer for n, layer in wanted.items() if n not in skipped}
+    wanted = {n: layer for n, layer in wanted.items()
+              if n not in skipped and not _in_observer_pass(layer)}
     if not wanted:
         return
     stats = {n: _Stats() for n in wanted}
@@ -176,13 +187,55 @@ def smooth_layers(qmodel: QuantModel, calibrate: Calibrate) -> None:
             layer.smoothing_scores = {str(a): s.score() for a, s in scorer.scores.items()}
         else:
             alpha = float(layer.config.smoothing)
-            assert stat.low is not None and stat.high is not None
-            amax = torch.maximum(stat.low.abs(), stat.high.abs())
-            inv = smoothing_scales(amax, layer.module.weight, alpha).reciprocal()
+            inv = _fixed_scales(layer, stat, alpha)
         layer.smoothing_alpha = alpha
         layer.set_input_scale(None if alpha is None else inv)
-    chosen = [getattr(wanted[n], "smoothing_alpha", None) for n in seen]
-    logger.info("input smoothing: %s", {str(a): chosen.count(a) for a in dict.fromkeys(chosen)})
+    _log_chosen([wanted[n] for n in seen])
+
+
+def _fixed_scales(layer: QuantLayer, stat: _Stats, alpha: float) -> torch.Tensor:
+    """``1 / s`` of strength `alpha` from the layer's input statistics."""
+    assert stat.low is not None and stat.high is not None
+    amax = torch.maximum(stat.low.abs(), stat.high.abs())
+    return smoothing_scales(amax, layer.module.weight, alpha).reciprocal()
+
+
+def _log_chosen(layers: list[QuantLayer]) -> None:
+    if layers:
+        chosen = [getattr(layer, "smoothing_alpha", None) for layer in layers]
+        logger.info("input smoothing: %s",
+                    {str(a): chosen.count(a) for a in dict.fromkeys(chosen)})
+
+
+class ObserverPassSmoothing:
+    """Fixed-strength smoothing of layers with per-tensor min-max input ranges, measured in
+    the observer pass: `hooks` collect each layer's per-channel input extremes while its
+    observer runs (on the unsmoothed input, which the float model computes either way),
+    `finish` sets the scales and replaces the observer's range by the scaled input's
+    (``min_j(low_j / s_j)``, ``max_j(high_j / s_j)``: exact, as ``s > 0``)."""
+
+    def __init__(self, qmodel: QuantModel) -> None:
+        self.layers = {n: layer for n, layer in qmodel.layers.items()
+                       if layer.config.smoothing is not None and _smoothable(layer)
+                       and _in_observer_pass(layer)}
+        self.stats = {n: _Stats() for n in self.layers}
+
+    def hooks(self) -> list[Any]:
+        """Register the statistics hooks; the caller removes the handles after the pass."""
+        return [self.layers[n].register_forward_hook(hook) for n, hook in self.stats.items()]
+
+    def finish(self) -> None:
+        """Set the scales and the observers' ranges of every layer the pass reached."""
+        seen = [n for n, stat in self.stats.items() if stat.low is not None]
+        for name in seen:
+            layer, stat = self.layers[name], self.stats[name]
+            alpha = float(layer.config.smoothing)
+            inv = _fixed_scales(layer, stat, alpha)
+            layer.smoothing_alpha = alpha
+            layer.set_input_scale(inv)
+            assert stat.low is not None and stat.high is not None
+            layer.observer.set_range((stat.low * inv).min(), (stat.high * inv).max())
+        _log_chosen([self.layers[n] for n in seen])
 
 
 def smoothing_overrides(qmodel: QuantModel) -> dict[str, dict[str, Any]]:

@@ -41,7 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoquant.calibration.equalize import smooth_layers, smoothing_overrides, strided_rows
+from autoquant.calibration.equalize import (
+    ObserverPassSmoothing,
+    smooth_layers,
+    smoothing_overrides,
+    strided_rows,
+)
 from autoquant.plan import FLOAT, parse_scheme
 from autoquant.quant.integer import runs_torch_forward
 from autoquant.quant.layers import QuantLayer, QuantState
@@ -91,14 +96,17 @@ def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:
 
         smooth_model(qmodel, calibrate, alpha)
     smooth_layers(qmodel, calibrate)
+    deferred = ObserverPassSmoothing(qmodel)
     means = {name: _InputMean() for name in qmodel.searchable
              if _mean_corrected(qmodel.layers[name], qmodel.config.bias_correction)}
     handles = [qmodel.layers[n].register_forward_pre_hook(m) for n, m in means.items()]
+    handles += deferred.hooks()
     try:
         qmodel.calibrate(calibrate)
     finally:
         for handle in handles:
             handle.remove()
+    deferred.finish()
     refine_calibration(qmodel, calibrate, means)
 
 

@@ -153,6 +153,7 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     """``autoquant sensitivity``: calibrate and rank layers, no search."""
+    from autoquant.calibration.refine import calibrate_model
     from autoquant.evaluation.adapter import EvaluatorAdapter
     from autoquant.io.atomic import atomic_write_text
     from autoquant.jobs.job import load_job
@@ -170,7 +171,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     try:
         with bars.logging_redirected():
             bars("calibration", "start", model=qmodel.model)
-            qmodel.calibrate(adapter.calibrate)
+            calibrate_model(qmodel, adapter.calibrate)  # as `run` calibrates
             bars("calibration", "end")
             bars("sensitivity", "start", model=qmodel.model)
             ranking = rank_layers(qmodel, adapter.calibrate, job.config.search["sensitivity"],

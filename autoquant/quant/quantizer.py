@@ -153,6 +153,15 @@ class ActivationObserver:
             return self.choice or ("minmax", self.cfg.percentile)
         return self.cfg.algorithm, self.cfg.percentile
 
+    def set_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Replace the running min/max of a per-tensor min-max observer by a range known
+        exactly from other statistics (a smoothed input's per-channel extremes)."""
+        if self.cfg.algorithm != "minmax" or self.cfg.per_channel:
+            raise InternalError("set_range needs a per-tensor min-max observer")
+        self.min_val = low.detach().float().reshape(1)
+        self.max_val = high.detach().float().reshape(1)
+        self._cache.clear()
+
     def set_choice(self, algorithm: str, percentile: float) -> None:
         """Fix the algorithm an ``auto`` observer uses from now on."""
         self.choice = (algorithm, float(percentile))

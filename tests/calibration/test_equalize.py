@@ -68,6 +68,31 @@ def test_smoothing_keeps_the_float_function_and_narrows_the_quantized_input_rang
     assert smoothed_range < 0.5 * float(raw.max_val - raw.min_val)
 
 
+def test_min_max_smoothing_in_the_observer_pass_sets_the_range_a_separate_pass_observes(
+) -> None:
+    model, batches = _model_and_data()
+    passes = []
+
+    def calibration(m: nn.Module) -> None:
+        passes.append(1)
+        for x in batches:
+            m(x)
+
+    merged = aq.quantize(model, aq.FunctionEvaluator(lambda m: 0.0, calibration=calibration),
+                         config={"default": {"smoothing": 0.85}})
+    assert len(passes) == 1  # statistics and ranges in one pass
+    # percentile 100 is min-max computed from the observed (scaled) values: its own pass
+    separate = aq.quantize(model, calibration_data=batches, config={"default": {
+        "smoothing": 0.85, "activation": {"algorithm": "percentile", "percentile": 100.0}}})
+    for name in ("up", "down"):
+        a, b = _layers(merged)[name], _layers(separate)[name]
+        torch.testing.assert_close(a.input_inv, b.input_inv)
+        for got, want in zip(a.observer.qparams(8)[:2], b.observer.qparams(8)[:2], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batches[0]), separate(batches[0]))
+
+
 def test_smoothing_cuts_the_quantization_error_of_a_layer_with_outlier_input_channels() -> None:
     model, batches = _model_and_data()
     plain = aq.quantize(model, calibration_data=batches)
