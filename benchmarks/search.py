@@ -36,6 +36,7 @@ from autoquant.evaluation.adapter import calibration_of  # noqa: E402
 from autoquant.evaluators import ClassificationEvaluator, Evaluator, FidelityEvaluator  # noqa: E402
 from autoquant.quant.layers import QuantState  # noqa: E402
 from autoquant.quant.qmodel import QuantModel  # noqa: E402
+from autoquant.sensitivity.gradient import compute_gradient_sensitivity  # noqa: E402
 from autoquant.sensitivity.ranking import compute_sensitivity  # noqa: E402
 
 
@@ -110,7 +111,8 @@ def _peak_rss_bytes() -> int:
 
 def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float, int, int]:
     """(seconds, peak bytes, peak bytes above the pre-pass level) of one pass: 'float'
-    forward or 'sensitivity'. The peak includes the model, the data and the process."""
+    forward, 'sensitivity' (the layer scope) or 'gradient' (the gradient scope, the
+    default ranking). The peak includes the model, the data and the process."""
     model, evaluator, inputs = build(name, args)
     qmodel = QuantModel(model, aq.QuantConfig(), inputs)
     qmodel.calibrate(calibration_of(evaluator))
@@ -126,6 +128,8 @@ def measure_pass(name: str, which: str, args: argparse.Namespace) -> tuple[float
     if which == "float":
         with qmodel.state(QuantState.FLOAT), torch.no_grad():
             evaluator.calibration(qmodel.model)
+    elif which == "gradient":
+        compute_gradient_sensitivity(qmodel, calibration_of(evaluator), "cosine")
     else:
         compute_sensitivity(qmodel, calibration_of(evaluator), "cosine")
     if cuda:
@@ -141,10 +145,12 @@ MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
                "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def pass_ratios(name: str, args: argparse.Namespace) -> tuple[float, float, float]:
-    """Sensitivity pass vs float pass: time ratio, peak ratio, peak-above-start ratio."""
+def pass_ratios(name: str, args: argparse.Namespace, which_pass: str = "sensitivity"
+                ) -> tuple[float, float, float]:
+    """A ranking pass (`which_pass`) vs the float pass: time ratio, peak ratio,
+    peak-above-start ratio."""
     out = {}
-    for which in ("float", "sensitivity"):
+    for which in ("float", which_pass):
         best_t, peak, extra = math.inf, 0, 0
         for _ in range(3):
             cmd = [sys.executable, __file__, "--measure", name, which, "--device", args.device,
@@ -155,7 +161,7 @@ def pass_ratios(name: str, args: argparse.Namespace) -> tuple[float, float, floa
             best_t = min(best_t, float(seconds))
             peak, extra = max(peak, int(total)), max(extra, int(above))
         out[which] = (best_t, peak, extra)
-    (tf, pf, ef), (ts, ps, es) = out["float"], out["sensitivity"]
+    (tf, pf, ef), (ts, ps, es) = out["float"], out[which_pass]
     return ts / tf, ps / pf, (es / ef if ef else float("nan"))
 
 
@@ -196,6 +202,8 @@ def main() -> None:
         row = run_search(name, args)
         row["sens_time_x"], row["sens_peak_x"], row["sens_extra_x"] = (
             f"{v:.2f}" for v in pass_ratios(name, args))
+        row["grad_time_x"], row["grad_peak_x"], row["grad_extra_x"] = (
+            f"{v:.2f}" for v in pass_ratios(name, args, "gradient"))
         rows.append(row)
     keys = list(rows[0])
     widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
@@ -205,9 +213,10 @@ def main() -> None:
         print(" | ".join(str(r[k]).ljust(widths[k]) for k in keys))
     print("\nin_eval: share of wall time inside Evaluator.evaluate; overhead: wall time outside "
           "evaluate, calibration and the sensitivity pass; sens_time_x / sens_peak_x: the "
-          "sensitivity pass's time / peak memory (model and process included) vs one float "
-          "forward pass over the same calibration batches; sens_extra_x: the same for the "
-          "memory the pass adds above its starting level.")
+          "layer-scope sensitivity pass's time / peak memory (model and process included) "
+          "vs one float forward pass over the same calibration batches; sens_extra_x: the "
+          "same for the memory the pass adds above its starting level; grad_*: the same "
+          "for the gradient-scope pass (the default ranking).")
 
 
 if __name__ == "__main__":
