@@ -19,8 +19,8 @@ correction, and the order in which they run with smoothing and the observers.
 
 A Linear layer's output is linear in its input, so its mean shift is exactly
 ``(W - W_q) @ mean(x)``: pass 2 also sums each such layer's input per channel, and its bias
-correction needs no pass of its own (a Linear-only model with ``bias_correction`` and
-min-max ranges calibrates in passes 1b and 2).
+correction needs no pass of its own (a Linear-only model with ``bias_correction``,
+fixed-strength ``smoothing`` and min-max ranges calibrates in pass 2 alone).
 
 The sensitivity pass then runs as before, on the chosen calibration, so the ranking and the
 search see exactly what the final model computes. None of this calls ``evaluate``: zero full
@@ -260,7 +260,7 @@ def refine_calibration(qmodel: QuantModel, calibrate: Calibrate,
         layer.bias_delta = torch.empty(0, device=layer.module.weight.device)
         auto = _auto_choice(layer)
         bias = bias_on and isinstance(layer.module, _BIAS_KINDS)
-        if name in input_means and bias and not auto:
+        if name in input_means:  # a plain Linear, bias-corrected, no auto choice
             direct[name] = input_means[name]
         elif auto or bias:
             wanted[name] = (auto, bias)

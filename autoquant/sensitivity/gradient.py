@@ -33,6 +33,7 @@ differentiable from its quantizable layers to its output; the calibration may ru
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,9 +75,6 @@ class _Error:
     def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
         self.pending = y_quant.sub_(y_float)  # y_quant is ours to consume
 
-    def score(self) -> float:  # the pass scores layers itself
-        return 0.0
-
 
 def _slices(t: torch.Tensor) -> torch.Tensor:
     """`t` summed per slice of its first dimension (a 0-d or 1-d tensor is one slice)."""
@@ -89,7 +87,6 @@ class _Pass:
     the error as the user's calibration failing; the first error is raised after)."""
 
     metric: str
-    names: list[str]
     estimate: dict[str, float] = field(default_factory=dict)
     pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     grad_modes: list[bool] = field(default_factory=list)
@@ -131,8 +128,7 @@ class _Pass:
                 "sensitivity_scope='output' or 'layer'")
             self.error.__cause__ = err
         finally:
-            pairs, self.pairs = self.pairs, []
-            del pairs
+            self.pairs = []  # this call's graph and errors
             torch.set_grad_enabled(self.grad_modes.pop() if self.grad_modes else False)
 
     def _probe(self, out: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -181,9 +177,9 @@ class _Pass:
         if self.metric == "mse":
             if est == 0.0:
                 return MAX_SQNR_DB
-            ratio = self.signal / est
-            return MAX_SQNR_DB if ratio == float("inf") else max(
-                -MAX_SQNR_DB, min(MAX_SQNR_DB, 10.0 * torch.log10(torch.tensor(ratio)).item()))
+            if self.signal == 0.0:
+                return -MAX_SQNR_DB
+            return max(-MAX_SQNR_DB, min(MAX_SQNR_DB, 10.0 * math.log10(self.signal / est)))
         return max(-1.0, 1.0 - est / self.calls) if self.calls else 1.0
 
 
@@ -206,7 +202,7 @@ def compute_gradient_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
                           "sensitivity_scope='output' for another metric")
     start = time.perf_counter()
     names = qmodel.searchable
-    record = _Pass(metric=name, names=names, estimate=dict.fromkeys(names, 0.0))
+    record = _Pass(metric=name, estimate=dict.fromkeys(names, 0.0))
     qmodel.apply_plan(qmodel.quant_plan())
     grads = {p: p.requires_grad for p in qmodel.model.parameters()}
     hooks = [qmodel.model.register_forward_pre_hook(record.before_model, with_kwargs=True),
