@@ -203,8 +203,7 @@ def _minilm() -> Case:
     model = minilm_encoder()
     evaluator = RetrievalAgreement(model)
     return Case(model, evaluator, evaluator.example_inputs(), 3.4,
-                config=ENCODER_SETTINGS["transformer"], note="top-10 retrieval agreement",
-                options={"sensitivity_scope": "output"})
+                config=ENCODER_SETTINGS["transformer"], note="top-10 retrieval agreement")
 
 
 CASES: dict[str, Callable[[], Case]] = {
