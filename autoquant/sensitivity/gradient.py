@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from autoquant.batches import first_tensor, primary_tensor
 from autoquant.errors import ConfigError
@@ -88,7 +89,10 @@ class _Pass:
 
     metric: str
     estimate: dict[str, float] = field(default_factory=dict)
-    pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # (layer, the gradient edge of its output as the layer returned it, its error): the
+    # edge, not the tensor, so that an in-place op after the layer (ReLU(inplace=True))
+    # cannot turn the gradient into that of the modified tensor
+    pairs: list[tuple[str, GradientEdge, torch.Tensor]] = field(default_factory=list)
     grad_modes: list[bool] = field(default_factory=list)
     calls: int = 0  # model calls with a graph from a layer to the output
     rows: int = 0
@@ -116,7 +120,7 @@ class _Pass:
         except Exception:  # an output the layer pass cannot compare either
             return
         if y.requires_grad and y.shape == error.shape:
-            self.pairs.append((name, y, error))
+            self.pairs.append((name, get_gradient_edge(y), error))
 
     def after_model(self, _module: Any, _args: tuple, _kwargs: dict, output: Any) -> None:
         try:
@@ -161,7 +165,7 @@ class _Pass:
             return
         u, weight = self._probe(out)
         self.calls += 1
-        grads = torch.autograd.grad(out, [y for _, y, _ in self.pairs], grad_outputs=u,
+        grads = torch.autograd.grad(out, [edge for _, edge, _ in self.pairs], grad_outputs=u,
                                     allow_unused=True)
         for (name, _, error), grad in zip(self.pairs, grads, strict=True):
             if grad is None:

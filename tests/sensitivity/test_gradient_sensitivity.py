@@ -190,3 +190,19 @@ def test_a_gradient_pass_out_of_memory_falls_back_to_the_layer_scope_under_auto(
     with pytest.raises(aq.EvaluatorError, match="OutOfMemoryError"):
         aq.sensitivity_analysis(TightMemory().eval(), calibration_data=batches,
                                 sensitivity_scope="gradient")
+
+
+def test_an_in_place_activation_after_a_layer_does_not_change_its_estimate():
+    torch.manual_seed(0)
+
+    def net(inplace: bool) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=inplace), nn.Linear(32, 32),
+                             nn.ReLU(inplace=inplace), nn.Linear(32, 4)).eval()
+
+    plain, in_place = net(False), net(True)
+    in_place.load_state_dict(plain.state_dict())
+    batches = [torch.randn(64, 16) for _ in range(4)]
+    config = {"default": {"weight": {"bits": 4}, "activation": {"bits": 4}}}
+    want = _scores(plain, batches, "gradient", config=config)
+    assert _scores(in_place, batches, "gradient", config=config) == pytest.approx(want)
+    assert min(want, key=want.get) == "0"  # and the estimate is not trivial
