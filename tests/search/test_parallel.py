@@ -118,15 +118,15 @@ def test_no_evaluation_starts_after_max_seconds_with_workers(tmp_path):
 
     log = tmp_path / "calls.jsonl"
     start = time.time()
-    # 2 s per call: float, k=0, then {4, 8} at ~4 s (1.8 s before the deadline, for a loaded
-    # CI machine); {5, 6} could start at 6 s at the earliest, after the 5.8 s deadline
+    # 3 s per call: float, k=0, then {4, 8} at ~6 s (2.5 s before the deadline, for a loaded
+    # CI machine); {5, 6} could start at 9 s at the earliest, after the 8.5 s deadline
     with ThreadPoolExecutor(2) as pool:
-        result = run("binary", faulty(log=str(log), seconds=2.0), 2, max_seconds=5.8,
+        result = run("binary", faulty(log=str(log), seconds=3.0), 2, max_seconds=8.5,
                      executor=pool)
     calls = read_calls(log)
     assert result.status == "budget_exhausted"
     assert [c["fallbacks"] for c in calls] in ([12, 0, 4, 8], [12, 0, 8, 4])
-    assert max(c["start"] for c in calls) < start + 5.8  # {5, 6} were never started
+    assert max(c["start"] for c in calls) < start + 8.5  # {5, 6} were never started
     assert len(result.history) == len(calls)  # every evaluation that ran is a record
 
 
