@@ -254,6 +254,17 @@ def test_sensitivity_with_the_output_scope_scores_at_the_model_output(tmp_path, 
     assert evaluations(tmp_path) == []  # calibration passes only, no evaluation
 
 
+def test_sensitivity_calibrates_as_run_does_so_both_rank_the_same_scores(tmp_path, capsys):
+    quant = "{default: {weight: {bits: 4}, activation: {bits: 6}}, bias_correction: true}"
+    job = write_job(tmp_path, quant=quant)
+    assert main(["sensitivity", str(job), "-q"]) == EXIT_OK
+    ranked = json.loads((tmp_path / "out" / "sensitivity.json").read_text())["ranking"]
+    assert main(["run", str(job), "-q"]) == EXIT_OK
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    searched = {row["name"]: row["score"] for row in report["layers"]}
+    assert {r["name"]: r["score"] for r in ranked} == pytest.approx(searched, rel=1e-9)
+
+
 def test_export_without_the_export_module_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "autoquant.export", None)
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == EXIT_ERROR
