@@ -15,7 +15,7 @@ agreement; `benchmarks.encoder`):
   output; ``gradient``: that error carried to the model's output by the gradient, the
   default; ``output``: the model's output with one layer quantized), the default
   ``binary`` search runs on that ranking: layers kept quantized and evaluations;
-- ``binary`` with ``refine=True`` on the default ranking;
+- ``binary`` with ``refine=True`` on the layer-scope and on the default (gradient) ranking;
 - the greedy full-evaluation oracle: layers in order of their measured single-layer loss,
   each kept quantized if the plan still passes (N evaluations after the N single-layer
   ones).
@@ -197,11 +197,13 @@ def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOP
         probe = _run(case, sensitivity_scope="subset", audit=10 ** 6)
         lines.append(_row("binary, evaluate_subset", probe, n_layers or 0,
                           time.perf_counter() - start))
-    start = time.perf_counter()
-    refined = _run(case, strategy_options={"refine": True}, audit=0 if once else 10 ** 6,
-                   sensitivity_scope="layer")
-    lines.append(_row("binary + refine, cosine, layer", refined, 0 if once else n_layers or 0,
-                      time.perf_counter() - start, losses if once else None))
+    for scope in ("layer", "gradient"):
+        start = time.perf_counter()
+        refined = _run(case, strategy_options={"refine": True}, audit=0 if once else 10 ** 6,
+                       sensitivity_scope=scope)
+        lines.append(_row(f"binary + refine, cosine, {scope}", refined,
+                          0 if once else n_layers or 0, time.perf_counter() - start,
+                          losses if once else None))
     start = time.perf_counter()
     order = sorted(losses, key=lambda layer: losses[layer])
     oracle = _run(case, strategy=GreedyOracle(order))
