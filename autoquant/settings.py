@@ -190,6 +190,7 @@ class SearchSettings:
             raise SettingError("executor", str(err).removeprefix("executor ")) from None
 
     def _check_sensitivity(self) -> None:
+        from autoquant.sensitivity.output import SCOPES
         from autoquant.sensitivity.ranking import SENSITIVITY_METRICS, SensitivityMetric
 
         if isinstance(self.sensitivity, str):
@@ -201,7 +202,7 @@ class SearchSettings:
                   and issubclass(self.sensitivity, SensitivityMetric)):
             raise SettingError("sensitivity", f"must be a metric name or a SensitivityMetric "
                                               f"class, got {self.sensitivity!r:.60}")
-        if self.sensitivity_scope not in ("auto", "layer", "gradient", "output", "subset"):
+        if self.sensitivity_scope not in SCOPES:
             raise SettingError("sensitivity_scope", "must be 'auto', 'layer' (each layer's "
                                "own output), 'gradient' (its estimate at the model's output), "
                                "'output' (the model's) or 'subset' (the evaluator's "

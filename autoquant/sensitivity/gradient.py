@@ -97,7 +97,6 @@ class _Pass:
     calls: int = 0  # model calls with a graph from a layer to the output
     rows: int = 0
     signal: float = 0.0
-    reached: set[str] = field(default_factory=set)
     generator: torch.Generator | None = None
     error: Exception | None = None
 
@@ -170,7 +169,6 @@ class _Pass:
         for (name, _, error), grad in zip(self.pairs, grads, strict=True):
             if grad is None:
                 continue
-            self.reached.add(name)
             products = _slices(grad.float() * error.float())
             self.estimate[name] += weight * float(torch.sum(products * products))
 
@@ -208,7 +206,7 @@ def compute_gradient_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
     names = qmodel.searchable
     record = _Pass(metric=name, estimate=dict.fromkeys(names, 0.0))
     qmodel.apply_plan(qmodel.quant_plan())
-    grads = {p: p.requires_grad for p in qmodel.model.parameters()}
+    flags = {p: p.requires_grad for p in qmodel.model.parameters()}
     hooks = [qmodel.model.register_forward_pre_hook(record.before_model, with_kwargs=True),
              qmodel.model.register_forward_hook(record.after_model, with_kwargs=True)]
     for layer_name, layer in qmodel.layers.items():
@@ -218,13 +216,13 @@ def compute_gradient_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
             hooks.append(layer.register_forward_hook(
                 lambda mod, _a, out, n=layer_name: record.after_layer(n, mod, out)))
     try:
-        for param in grads:
+        for param in flags:
             if param.is_floating_point():
                 param.requires_grad_(True)  # the graph; only activation gradients are taken
         qmodel.calibration_pass(calibrate, QuantState.COMPARE, "(gradient sensitivity pass)",
                                 hooks)
     finally:
-        for param, flag in grads.items():
+        for param, flag in flags.items():
             param.requires_grad_(flag)
     if record.error is not None:
         raise record.error

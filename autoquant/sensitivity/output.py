@@ -75,7 +75,8 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
         raise ConfigError(f"sensitivity_scope must be one of {list(SCOPES)}, got {scope!r:.40}")
     if dump_dir is not None:
         raise ConfigError("dump_dir writes the inputs the layer-scope pass sees; use it with "
-                          "sensitivity_scope='layer' (the default)")
+                          "sensitivity_scope='layer' (or 'auto', the default, which ranks "
+                          "by the layer scope when dump_dir is set)")
     if scope == "output":
         return compute_output_sensitivity(qmodel, calibrate, metric)
     if scope == "gradient":
