@@ -35,6 +35,7 @@ from autoquant.batches import first_tensor
 from autoquant.errors import ConfigError
 from autoquant.quant.layers import QuantState
 from autoquant.quant.qmodel import Calibrate, QuantModel
+from autoquant.quant.wrapping import all_finite
 from autoquant.sensitivity.ranking import (
     NONFINITE_SCORE,
     LayerSensitivity,
@@ -184,7 +185,7 @@ class _Pass:
                 self.outputs.append(y)
                 self.marks.append(_mark(args, kwargs))
             elif k < len(self.reference) and y.shape == self.reference[k].shape:
-                if not bool(torch.isfinite(y).all()):
+                if not all_finite(y):
                     self.nonfinite = True
                 elif self.metric is not None:
                     self.metric.update(self.reference[k], y)

@@ -19,6 +19,7 @@ from autoquant.evaluators import FidelityEvaluator
 from autoquant.io.checkpoint import load_state_dict_file
 from autoquant.io.names import STATE_FILE
 from autoquant.quant.qmodel import QuantModel
+from autoquant.quant.wrapping import all_finite
 from autoquant.sensitivity.ranking import NONFINITE_SCORE, compute_sensitivity
 from tests.helpers.synthetic import BatchCalibrator, DropEvaluator, mlp
 
@@ -53,6 +54,18 @@ def test_a_layer_with_nan_quantized_output_is_ranked_most_sensitive_not_identica
     ranking = compute_sensitivity(qmodel, calibrate)
     assert ranking[0].name == "6" and ranking[0].score == NONFINITE_SCORE
     assert all(r.score > -1.0 for r in ranking[1:])  # the others keep their cosine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16,
+                                   torch.float64])
+def test_all_finite_sees_one_nan_or_infinity_in_any_float_dtype(dtype):
+    x = torch.randn(4, 33, 7).to(dtype)
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[3, 32, 6] = bad
+        assert not all_finite(y), bad
+    assert all_finite(torch.full((3,), torch.finfo(dtype).max, dtype=dtype))  # no overflow
 
 
 def test_nan_or_inf_weights_are_refused_naming_the_layer():

@@ -42,6 +42,21 @@ def test_per_tensor_fake_quant_equals_formula(bits, symmetric):
     assert (out - x).abs().max() <= scale.item() / 2 + 1e-6
 
 
+def test_fake_quant_leaves_its_input_alone_and_is_the_same_under_autograd():
+    torch.manual_seed(1)
+    x = torch.randn(64, 5) * 3
+    kept = x.clone()
+    scale, zp = compute_qparams(x.min().reshape(1), x.max().reshape(1), 8, False)
+    qmin, qmax = qrange(8, False)
+    fast = fake_quantize(x, scale, zp, qmin, qmax)  # the in-place path, on a new tensor
+    leaf = x.clone().requires_grad_(True)
+    graphed = fake_quantize(leaf, scale, zp, qmin, qmax)  # out of place: autograd sees it
+    assert torch.equal(x, kept) and torch.equal(fast, graphed.detach())
+    assert graphed.requires_grad
+    torch.testing.assert_close(fast, formula(x, scale.item(), zp.item(), qmin, qmax),
+                               atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
 @pytest.mark.parametrize("axis", [0, 1])
 def test_per_channel_fake_quant_equals_formula_on_each_channel(bits, axis):
