@@ -64,8 +64,10 @@ class SearchResult:
             latency), empty before one.
         checks: trust checks (`autoquant.search.trust`): ``holdout`` (float and final metric on the
             evaluator's held-out data), ``audit`` (per-layer measured drops and Spearman's
-            rho against the proxy ranking) and ``monotonicity`` (pass/fail violations
-            among the prefix plans evaluated); a key is absent when its check did not run.
+            rho against the proxy ranking), ``monotonicity`` (pass/fail violations
+            among the prefix plans evaluated) and ``idle_fallbacks`` (spans of evaluated
+            prefixes whose extra fallbacks did not lower the loss); a key is absent when its
+            check did not run.
         determinism: the evaluator determinism check (``check_determinism=True``): the two
             float metrics, their difference and whether they agree; None if not checked.
         closest: when no quantized plan passed, the one with the lowest loss (reported,
@@ -168,6 +170,9 @@ class SearchResult:
                          f"{_fmt(audit['spearman_rho'])}")
         if self.checks.get("monotonicity"):
             lines.append(f"monotonicity violations: {len(self.checks['monotonicity'])}")
+        if self.checks.get("idle_fallbacks"):
+            lines.append("fallbacks that did not lower the loss: " + "; ".join(
+                ", ".join(idle["layers"]) for idle in self.checks["idle_fallbacks"][:3]))
         return "\n".join(lines)
 
     def _layer_line(self) -> str:

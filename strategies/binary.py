@@ -17,9 +17,18 @@ to be trusted as minimal.
 
 When the bisection would answer "every layer falls back" (only the float model passes),
 it does not say so before it has tried the best single layers: up to ``rescue`` (3)
-refinement evaluations re-quantize the layers one at a time, least sensitive first. The
-bisection only ever tried the least sensitive layer alone, and a misleading ranking can
-put a harmless layer anywhere; a layer that passes alone stays quantized.
+refinement evaluations re-quantize the layers one at a time. The bisection only ever tried
+the least sensitive layer alone, and a misleading ranking can put a harmless layer
+anywhere; a layer that passes alone stays quantized.
+
+The bisection's own losses also say where the ranking misleads. Between two evaluated
+prefixes k < k', falling back the layers ``ranking[k:k']`` should lower the loss; when it
+does not (the loss at k' is no lower than at k), those layers are harmless to re-quantize as
+far as the evaluator can tell, and the ranking was wrong to put them first. Up to
+``notice`` (2) refinement evaluations then re-quantize fallen-back layers before the search
+answers. Every refinement tries the layers in the order of that evidence: the least loss
+gained per layer fallen back first (a span's gain split evenly over its layers), ties most
+similar to float first.
 """
 
 from __future__ import annotations
@@ -47,22 +56,26 @@ class BinarySearchStrategy(SearchStrategy):
             non-monotone ranking (which then triggers refinement). One extra evaluation.
         rescue: the most refinement evaluations spent before answering "all float" when
             `refine` is off (0: answer at once).
+        notice: the most refinement evaluations spent, when `refine` is off, after a span
+            of fallbacks that did not lower the loss (0: never).
     """
 
     name = "binary"
 
     def __init__(self, refine: bool | int = False, verify: bool = False,
-                 rescue: int = 3) -> None:
+                 rescue: int = 3, notice: int = 2) -> None:
         if not isinstance(refine, (bool, int)) or (not isinstance(refine, bool) and refine < 0):
             raise ConfigError(f"refine must be a bool or an int >= 0, got {refine!r}")
         if not isinstance(verify, bool):
             raise ConfigError(f"verify must be a bool, got {verify!r}")
-        if isinstance(rescue, bool) or not isinstance(rescue, int) or rescue < 0:
-            raise ConfigError(f"rescue must be an int >= 0 (evaluations), got {rescue!r}")
-        super().__init__(refine=refine, verify=verify, rescue=rescue)
+        for key, value in (("rescue", rescue), ("notice", notice)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key} must be an int >= 0 (evaluations), got {value!r}")
+        super().__init__(refine=refine, verify=verify, rescue=rescue, notice=notice)
         self.refine = refine
         self.verify = verify
         self.rescue = rescue
+        self.notice = notice
 
     def setup(self, context: SearchContext) -> None:
         super().setup(context)
@@ -81,14 +94,15 @@ class BinarySearchStrategy(SearchStrategy):
         self._batch_passed: dict[str, bool] = {}
         self._tried: set[str] = set()
         self._joint: list[str] = []  # passing layers of a batch whose union is asked next
+        self._losses: dict[int, float] = {}  # evaluated prefix k -> its loss
 
     def estimate(self) -> int:
         width = self.context.workers if self.context else 1
         rounds = math.ceil(math.log(self.n + 1, width + 1)) if self.n else 0
         if self.refine:
             extra = self.n if self.refine is True else int(self.refine)
-        else:  # the rescue, when the answer would be "float only"
-            extra = min(self.rescue, max(self.n - 1, 0))
+        else:  # the rescue (the answer would be "float only") or the notice
+            extra = max(min(self.rescue, max(self.n - 1, 0)), min(self.notice, self.n))
         extra *= width  # with workers, a batch's later passes are tried again
         return 1 + rounds * width + (1 if self.verify else 0) + extra
 
@@ -98,27 +112,48 @@ class BinarySearchStrategy(SearchStrategy):
         self._asked[plan_key(plan)] = k
         return plan
 
+    def _gains(self) -> dict[str, float]:
+        """Loss gained per layer fallen back, for each layer of a span between two evaluated
+        prefixes up to the answer (the span's gain split evenly over its layers)."""
+        assert self.context is not None and self.best_k is not None
+        ks = sorted(k for k, loss in self._losses.items()
+                    if k <= self.best_k and math.isfinite(loss))
+        gains = {}
+        for lo, hi in zip(ks, ks[1:], strict=False):
+            for name in self.context.ranking[lo:hi]:
+                gains[name] = (self._losses[lo] - self._losses[hi]) / (hi - lo)
+        return gains
+
     def _start_refinement(self) -> None:
         assert self.context is not None and self.best_k is not None
         forced = bool(self.violations) and not self.refine
-        rescue = not self.refine and not forced and self.best_k == self.n and self.n > 0 \
-            and self.rescue > 0
-        if not self.refine and not forced and not rescue:
+        self._current = list(self.context.ranking[:self.best_k])
+        gains = self._gains()
+        idle = [n for n in self._current if gains.get(n, math.inf) <= 0]
+        budget = len(self._current) if self.refine is True or forced else int(self.refine)
+        if not self.refine and not forced:  # the rescue and the notice
+            rescue = self.rescue if self.best_k == self.n else 0
+            budget = max(rescue, self.notice if idle else 0)
+        if budget == 0 or not self._current:
             self.phase = "done"
             return
-        self._current = list(self.context.ranking[:self.best_k])
-        # most similar to float first: the fallen-back layers in reverse ranking order
-        self._todo = list(reversed(self._current))
+        # least gained per layer first; ties (and layers without a measured span) most
+        # similar to float first, i.e. in reverse ranking order
+        order = list(reversed(self._current))
+        self._todo = sorted(order, key=lambda n: gains.get(n, math.inf))
         # layers to try (a batch's later passes are tried again for free: workers > 1)
-        self._refine_left = len(self._todo) if self.refine is True or forced else \
-            self.rescue if rescue else int(self.refine)
+        self._refine_left = budget
         self._tried = set()
         if forced:
             logger.warning("non-monotone pass/fail %s: refining the binary result",
                            self.violations)
-        if rescue:
+        elif not self.refine and self.best_k == self.n and self.rescue:
             logger.info("every layer fell back: trying up to %d layer(s) re-quantized one at "
-                        "a time before answering 'float only'", self.rescue)
+                        "a time before answering 'float only'", budget)
+        elif not self.refine:
+            logger.info("falling back %s did not lower the loss: the ranking misleads here; "
+                        "trying up to %d layer(s) re-quantized before answering",
+                        ", ".join(idle[:5]) + (" ..." if len(idle) > 5 else ""), budget)
         self.phase = "refine"
 
     def ask(self) -> list[QuantPlan]:
@@ -172,6 +207,7 @@ class BinarySearchStrategy(SearchStrategy):
     def tell(self, plan: QuantPlan, record: TrialRecord) -> None:
         self._known[plan_key(plan)] = record.passed
         if self.phase == "first":
+            self._losses[0] = record.loss
             if record.passed:
                 self.best_k, self.phase = 0, "done"
             else:
@@ -193,6 +229,7 @@ class BinarySearchStrategy(SearchStrategy):
                 self._end_refine_batch()
             return
         k = self._asked[plan_key(plan)]
+        self._losses[k] = record.loss
         self.search.update(k, record.passed)
         for pair in self.search.violations:
             if pair not in self.violations:

@@ -141,6 +141,11 @@ def check_lines(report: dict[str, Any]) -> list[str]:
     if checks.get("monotonicity"):
         lines.append(f"Monotonicity violations: {len(checks['monotonicity'])} (a pass at k "
                      "and a fail at more fallbacks: the ranking misleads)")
+    for idle in (checks.get("idle_fallbacks") or [])[:5]:
+        lines.append(f"Falling back {markdown_text(', '.join(idle.get('layers') or []))} "
+                     f"(k {idle.get('from_k')} to {idle.get('to_k')}) did not lower the loss "
+                     f"({_fmt(idle.get('loss_from'))} to {_fmt(idle.get('loss_to'))}): the "
+                     "ranking misleads there")
     parallel = checks.get("parallel")
     if parallel:
         lines.append(f"Trials ran on {markdown_text(parallel.get('executor'))}, "

@@ -18,7 +18,7 @@ from autoquant.search.deploy_check import DeployCheck, evaluate_deployed, search
 from autoquant.search.loop import SearchOutcome, TrialRunner
 from autoquant.search.parallel import open_trial_executor
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
-from autoquant.search.trust import monotonicity_violations, ranking_audit
+from autoquant.search.trust import idle_fallbacks, monotonicity_violations, ranking_audit
 from autoquant.sensitivity.ranking import LayerSensitivity
 from autoquant.settings import SearchSettings
 
@@ -106,6 +106,7 @@ def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
         outcome, deployed = search_until_deployed(
             runner, new_strategy, context, qmodel.float_plan(), deploy, progress)
         checks["monotonicity"] = monotonicity_violations(runner.history, context)
+        checks["idle_fallbacks"] = idle_fallbacks(runner.history, context)
         if runner.resume_check is not None:
             checks["resume"] = runner.resume_check
         if settings.audit:

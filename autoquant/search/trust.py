@@ -13,6 +13,9 @@
 - **Monotonicity**: the prefix searches assume that falling back more of the ranking never
   hurts. Every evaluated prefix plan (the k worst-ranked layers fallen back) is checked for
   a pass at k and a fail at some k' > k; each such pair is reported.
+- **Idle fallbacks**: between two consecutive evaluated prefixes k < k', falling back the
+  layers ranked k..k'-1 should lower the loss; each span where it did not is reported (the
+  ranking put first layers the evaluator finds harmless; `binary` re-quantizes them first).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "holdout_check",
     "ranking_audit",
     "monotonicity_violations",
+    "idle_fallbacks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,19 +152,44 @@ def ranking_audit(runner: TrialRunner, context: SearchContext, count: int) -> di
     return {"layers": rows, "spearman_rho": rho, "complete": complete}
 
 
+def _prefixes(records: Sequence[TrialRecord], context: SearchContext
+              ) -> dict[int, TrialRecord]:
+    """The records whose plan is exactly ``context.plan(fallback=ranking[:k])`` (the k
+    worst-ranked layers at their fallback), by k."""
+    ranking = list(context.ranking)
+    out = {}
+    for record in records:
+        back = [n for n in ranking if record.plan.get(n, FLOAT) != context.quant_schemes[n]]
+        k = len(back)
+        if record.plan == context.plan(fallback=ranking[:k]):
+            out.setdefault(k, record)
+    return out
+
+
+def idle_fallbacks(records: Sequence[TrialRecord], context: SearchContext
+                   ) -> list[dict[str, Any]]:
+    """Spans between consecutive evaluated prefixes k < k' whose loss did not drop: falling
+    back ``ranking[k:k']`` gained nothing the evaluator could measure."""
+    prefixes = {k: r for k, r in _prefixes(records, context).items()
+                if math.isfinite(r.loss)}
+    ks = sorted(prefixes)
+    out = [{"layers": list(context.ranking[lo:hi]), "from_k": lo, "to_k": hi,
+            "loss_from": prefixes[lo].loss, "loss_to": prefixes[hi].loss}
+           for lo, hi in zip(ks, ks[1:], strict=False) if prefixes[hi].loss >= prefixes[lo].loss]
+    if out:
+        logger.info("falling back %s did not lower the loss: the ranking put layers first "
+                    "that the evaluator finds harmless",
+                    "; ".join(", ".join(v["layers"]) for v in out[:3]))
+    return out
+
+
 def monotonicity_violations(records: Sequence[TrialRecord], context: SearchContext
                             ) -> list[dict[str, Any]]:
     """Pairs (pass at k, fail at k' > k) among the records whose plan is exactly
     ``context.plan(fallback=ranking[:k])`` (the k worst-ranked layers at their fallback)."""
-    ranking = list(context.ranking)
-    passes: set[int] = set()
-    fails: set[int] = set()
-    for record in records:
-        back = [n for n in ranking if record.plan.get(n, FLOAT) != context.quant_schemes[n]]
-        k = len(back)
-        if record.plan != context.plan(fallback=ranking[:k]):
-            continue
-        (passes if record.passed else fails).add(k)
+    prefixes = _prefixes(records, context)
+    passes = {k for k, r in prefixes.items() if r.passed}
+    fails = {k for k, r in prefixes.items() if not r.passed}
     out = []
     for k in sorted(passes):
         for k2 in sorted(fails):

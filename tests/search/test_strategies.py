@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import autoquant as aq
 from autoquant.errors import ConfigError
+from autoquant.report.render import check_lines
 from autoquant.search.testing import (
     SyntheticEvaluator,
     linear_stack,
@@ -54,16 +55,42 @@ def test_refinement_requantizes_layers_a_bad_ranking_sent_back() -> None:
     # the proxy puts two harmless layers (drop 0) first; binary must fall them back too
     drops = {**{str(i): 0.0 for i in range(4)}, **{str(i): 4 / 1024 for i in range(4, 8)}}
     order = ["0", "1", "4", "5", "6", "7", "2", "3"]
-    plain, _ = run("binary", drops, 8 / 1024, named_ranking(order))
+    plain, _ = run("binary", drops, 8 / 1024, named_ranking(order),
+                   strategy_options={"notice": 0})
     refined, _ = run("binary", drops, 8 / 1024, named_ranking(order),
                      strategy_options={"refine": True})
     assert set(plain.fallback_layers) == {"0", "1", "4", "5"}
     assert set(refined.fallback_layers) == {"4", "5"}
     assert refined.met and refined.loss <= 8 / 1024
-    # refinement tries each of the 4 fallbacks once, most similar to float first; the
-    # first move ({0, 1, 4}) is the bisection's k=3 prefix, known to fail: not re-asked
-    assert refined.num_evaluations == plain.num_evaluations + 3
-    assert refined.history[-3].fallback_layers == ["0", "1", "5"]
+    # the bisection's prefixes k=0 and k=2 scored the same loss: the harmless "1" and "0"
+    # are tried first, then "5" and "4" (each fails), one evaluation each
+    assert refined.num_evaluations == plain.num_evaluations + 4
+    assert [r.fallback_layers for r in refined.history[-4:]] == [
+        ["0", "4", "5"], ["4", "5"], ["4"], ["5"]]
+
+
+def test_binary_notices_fallbacks_that_did_not_lower_the_loss_and_requantizes_them() -> None:
+    drops = {**{str(i): 0.0 for i in range(4)}, **{str(i): 4 / 1024 for i in range(4, 8)}}
+    order = ["0", "1", "4", "5", "6", "7", "2", "3"]  # the harmless 0 and 1 ranked worst
+    ignored, _ = run("binary", drops, 8 / 1024, named_ranking(order),
+                     strategy_options={"notice": 0})
+    noticed, evaluator = run("binary", drops, 8 / 1024, named_ranking(order))
+    # falling back 0 and 1 (k=0 -> k=2) left the loss at 16/1024: two evaluations re-quantize
+    # them, and the search keeps the optimum of 6/8 within the bound ceil(log2 9) + 4
+    assert set(ignored.fallback_layers) == {"0", "1", "4", "5"}
+    assert set(noticed.fallback_layers) == {"4", "5"} and noticed.met
+    assert noticed.num_evaluations == ignored.num_evaluations + 2 == evaluator.calls
+    assert noticed.num_evaluations <= 4 + 4
+    # the report says where the ranking misled
+    assert noticed.checks["idle_fallbacks"] == [
+        {"layers": ["0", "1"], "from_k": 0, "to_k": 2, "loss_from": 16 / 1024,
+         "loss_to": 16 / 1024}]
+    lines = check_lines({"checks": noticed.checks, "settings": {}})
+    assert any(line.startswith("Falling back 0, 1 (k 0 to 2) did not lower the loss")
+               for line in lines), lines
+    # a ranking the losses never contradict costs nothing extra
+    exact, _ = run("binary")
+    assert exact.num_evaluations == 6
 
 
 def test_refinement_budget_caps_the_extra_evaluations() -> None:
@@ -96,6 +123,8 @@ def test_binary_options_are_validated() -> None:
         run("binary", strategy_options={"refine": -1})
     with pytest.raises(ConfigError, match="strategy_options"):
         run("binary", strategy_options={"refnie": True})
+    with pytest.raises(ConfigError, match="notice must be an int >= 0"):
+        run("binary", strategy_options={"notice": -1})
 
 
 def test_bisection_points_split_the_range_evenly() -> None:

@@ -86,7 +86,7 @@ def test_report_carries_checks_and_effective_bits(tmp_path) -> None:
     result = run(SyntheticEvaluator(DROPS), audit=2)
     result.save(tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["checks"]) == {"monotonicity", "audit", "holdout"}
+    assert set(report["checks"]) == {"monotonicity", "idle_fallbacks", "audit", "holdout"}
     quantized = len(result.quantized_layers)
     expected = (quantized * 8 + (6 - quantized) * 32) / 6  # equal-size layers
     assert report["effective_bits"] == {"weights": expected, "activations": expected}
