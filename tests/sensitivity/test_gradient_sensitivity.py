@@ -206,3 +206,61 @@ def test_an_in_place_activation_after_a_layer_does_not_change_its_estimate():
     want = _scores(plain, batches, "gradient", config=config)
     assert _scores(in_place, batches, "gradient", config=config) == pytest.approx(want)
     assert min(want, key=want.get) == "0"  # and the estimate is not trivial
+
+
+def _pass_with_saved_bytes(model: nn.Module, batches: list[torch.Tensor], frozen: bool
+                           ) -> tuple[dict[str, float], int]:
+    from autoquant.api import _calibrate
+    from autoquant.calibration.refine import calibrate_model
+    from autoquant.quant.qmodel import QuantModel
+    from autoquant.sensitivity.gradient import _run_pass
+
+    qmodel = QuantModel(model, aq.QuantConfig(), (batches[0],))
+    calibrate = _calibrate(None, batches)
+    calibrate_model(qmodel, calibrate)
+    qmodel.apply_plan(qmodel.quant_plan())
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size() if not isinstance(t, nn.Parameter) else 0
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        record = _run_pass(qmodel, calibrate, "cosine", frozen=frozen)
+    assert record.error is None and not record.unrooted
+    return dict(record.estimate), saved[0]
+
+
+def test_frozen_weights_give_the_same_estimates_and_save_no_layer_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(),
+                          nn.Linear(64, 4)).eval()
+    batches = [torch.randn(64, 16) for _ in range(3)]
+    frozen, frozen_bytes = _pass_with_saved_bytes(model, batches, True)
+    graphed, graphed_bytes = _pass_with_saved_bytes(model, batches, False)
+    assert frozen == pytest.approx(graphed, rel=1e-5) and min(frozen.values()) > 0
+    # what remains saved: GELU's input, tanh's output (a Linear saves no input), and the
+    # first layer's output copy that roots the graph
+    assert frozen_bytes < 0.7 * graphed_bytes
+
+
+class TupleHooked(nn.Module):
+    """A Linear whose user hook returns a tuple: its output cannot become a graph root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.fc.register_forward_hook(lambda _m, _a, out: (out, out.detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.fc(x)
+        return self.head(torch.tanh(y))
+
+
+def test_a_first_layer_whose_output_is_a_tuple_is_still_estimated():
+    torch.manual_seed(0)
+    batches = [torch.randn(32, 16) for _ in range(2)]
+    scores = _scores(TupleHooked().eval(), batches, "gradient", config=None)
+    output = _scores(TupleHooked().eval(), batches, "output", config=None)
+    assert scores["fc"] < 1.0  # a rerun with the weights in the graph reached it
+    assert sorted(scores, key=scores.get) == sorted(output, key=output.get)
