@@ -189,12 +189,12 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["auto", "layer", "gradient", "output"],
                         help="minilm: the sensitivity scope of the search (default auto)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)  # before every model, the encoder's too
     if "minilm" in args.models:
         encoder_rows(args.encoder_settings, args.search_settings, args.budget, args.scope)
         args.models = [m for m in args.models if m != "minilm"]
         if not args.models:
             return
-    torch.set_num_threads(args.threads)
     from examples.digits.model import make_loaders
 
     _, val_loader = make_loaders(batch_size=64)
