@@ -203,13 +203,14 @@ class _LayerRefiner:
                 x_q = fake_quantize(xs, scale, zp, qmin, qmax, axis)
                 self.scores[cand].update(ys, layer._run_module(x_q, weight_q, rest, kwargs))
         for scheme, weight_q in self.weights.items():
-            diff = (y - layer._run_module(x, weight_q, rest, kwargs)).double()
+            diff = y - layer._run_module(x, weight_q, rest, kwargs)
             dim = _output_dim(layer.module, diff)
-            per_channel = diff.transpose(0, dim).reshape(diff.shape[dim], -1)
-            total = per_channel.sum(dim=1)
+            # float32 sums over every axis but the channel's, accumulated in float64: a
+            # float64 copy of the whole output (and its transpose) cost more than the op
+            total = diff.float().sum(dim=[d for d in range(diff.dim()) if d != dim]).double()
             prev = self.shift_sum.get(scheme)
             self.shift_sum[scheme] = total if prev is None else prev + total
-            self.shift_count[scheme] += per_channel.shape[1]
+            self.shift_count[scheme] += diff.numel() // diff.shape[dim]
 
     def finish(self) -> None:
         layer = self.layer
