@@ -39,6 +39,7 @@ import math
 from autoquant.errors import ConfigError
 from autoquant.plan import QuantPlan, plan_key
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
+from autoquant.search.trust import prefix_spans
 from autoquant.strategies._bisect import Bisection
 
 __all__ = ["BinarySearchStrategy"]
@@ -116,10 +117,9 @@ class BinarySearchStrategy(SearchStrategy):
         """Loss gained per layer fallen back, for each layer of a span between two evaluated
         prefixes up to the answer (the span's gain split evenly over its layers)."""
         assert self.context is not None and self.best_k is not None
-        ks = sorted(k for k, loss in self._losses.items()
-                    if k <= self.best_k and math.isfinite(loss))
         gains = {}
-        for lo, hi in zip(ks, ks[1:], strict=False):
+        upto = {k: loss for k, loss in self._losses.items() if k <= self.best_k}
+        for lo, hi in prefix_spans(upto):
             for name in self.context.ranking[lo:hi]:
                 gains[name] = (self._losses[lo] - self._losses[hi]) / (hi - lo)
         return gains

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autoquant.errors import ConfigError
@@ -39,6 +39,7 @@ __all__ = [
     "ranking_audit",
     "monotonicity_violations",
     "idle_fallbacks",
+    "prefix_spans",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,16 +167,21 @@ def _prefixes(records: Sequence[TrialRecord], context: SearchContext
     return out
 
 
+def prefix_spans(losses: Mapping[int, float]) -> list[tuple[int, int]]:
+    """Consecutive pairs (k, k') of the evaluated prefixes whose loss is finite: the spans
+    ``ranking[k:k']`` whose fallback the loss difference measures."""
+    ks = sorted(k for k, loss in losses.items() if math.isfinite(loss))
+    return list(zip(ks, ks[1:], strict=False))
+
+
 def idle_fallbacks(records: Sequence[TrialRecord], context: SearchContext
                    ) -> list[dict[str, Any]]:
     """Spans between consecutive evaluated prefixes k < k' whose loss did not drop: falling
     back ``ranking[k:k']`` gained nothing the evaluator could measure."""
-    prefixes = {k: r for k, r in _prefixes(records, context).items()
-                if math.isfinite(r.loss)}
-    ks = sorted(prefixes)
+    losses = {k: r.loss for k, r in _prefixes(records, context).items()}
     out = [{"layers": list(context.ranking[lo:hi]), "from_k": lo, "to_k": hi,
-            "loss_from": prefixes[lo].loss, "loss_to": prefixes[hi].loss}
-           for lo, hi in zip(ks, ks[1:], strict=False) if prefixes[hi].loss >= prefixes[lo].loss]
+            "loss_from": losses[lo], "loss_to": losses[hi]}
+           for lo, hi in prefix_spans(losses) if losses[hi] >= losses[lo]]
     if out:
         logger.info("falling back %s did not lower the loss: the ranking put layers first "
                     "that the evaluator finds harmless",
