@@ -66,8 +66,10 @@ class SearchResult:
             evaluator's held-out data), ``audit`` (per-layer measured drops and Spearman's
             rho against the proxy ranking), ``monotonicity`` (pass/fail violations
             among the prefix plans evaluated) and ``idle_fallbacks`` (spans of evaluated
-            prefixes whose extra fallbacks did not lower the loss); a key is absent when its
-            check did not run.
+            prefixes whose extra fallbacks did not lower the loss) and
+            ``disputed_fallbacks`` (fallen-back layers that each layer's own output error,
+            the gradient scope's second opinion, ranks among the least sensitive); a key
+            is absent when its check did not run.
         determinism: the evaluator determinism check (``check_determinism=True``): the two
             float metrics, their difference and whether they agree; None if not checked.
         closest: when no quantized plan passed, the one with the lowest loss (reported,
@@ -173,6 +175,9 @@ class SearchResult:
         if self.checks.get("idle_fallbacks"):
             lines.append("fallbacks that did not lower the loss: " + "; ".join(
                 ", ".join(idle["layers"]) for idle in self.checks["idle_fallbacks"][:3]))
+        if self.checks.get("disputed_fallbacks"):
+            lines.append("disputed fallbacks: " + ", ".join(
+                row["layer"] for row in self.checks["disputed_fallbacks"][:5]))
         return "\n".join(lines)
 
     def _layer_line(self) -> str:

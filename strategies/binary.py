@@ -26,9 +26,13 @@ prefixes k < k', falling back the layers ``ranking[k:k']`` should lower the loss
 does not (the loss at k' is no lower than at k), those layers are harmless to re-quantize as
 far as the evaluator can tell, and the ranking was wrong to put them first. Up to
 ``notice`` (2) refinement evaluations then re-quantize fallen-back layers before the search
-answers. Every refinement tries the layers in the order of that evidence: the least loss
-gained per layer fallen back first (a span's gain split evenly over its layers), ties most
-similar to float first.
+answers. A ranking measured at the model's output (the gradient scope) also brings a
+second opinion from the same pass, each layer's own output error: a fallen-back layer that
+it does not rank among its best_k most sensitive is disputed, and the same ``notice``
+evaluations are spent then. Every refinement tries the layers in the order of the
+evidence: the least loss gained per layer fallen back first (a span's gain split evenly
+over its layers); ties least sensitive by the ranking and the second opinion together
+(the sum of the two ranks), then most similar to float first.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import math
 from autoquant.errors import ConfigError
 from autoquant.plan import QuantPlan, plan_key
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
-from autoquant.search.trust import prefix_spans
+from autoquant.search.trust import disputed_fallbacks, local_ranks, prefix_spans
 from autoquant.strategies._bisect import Bisection
 
 __all__ = ["BinarySearchStrategy"]
@@ -58,7 +62,7 @@ class BinarySearchStrategy(SearchStrategy):
         rescue: the most refinement evaluations spent before answering "all float" when
             `refine` is off (0: answer at once).
         notice: the most refinement evaluations spent, when `refine` is off, after a span
-            of fallbacks that did not lower the loss (0: never).
+            of fallbacks that did not lower the loss or on a disputed fallback (0: never).
     """
 
     name = "binary"
@@ -130,17 +134,21 @@ class BinarySearchStrategy(SearchStrategy):
         self._current = list(self.context.ranking[:self.best_k])
         gains = self._gains()
         idle = [n for n in self._current if gains.get(n, math.inf) <= 0]
+        disputed = [row["layer"] for row in disputed_fallbacks(self.context, self._current)]
         budget = len(self._current) if self.refine is True or forced else int(self.refine)
         if not self.refine and not forced:  # the rescue and the notice
             rescue = self.rescue if self.best_k == self.n else 0
-            budget = max(rescue, self.notice if idle else 0)
+            budget = max(rescue, self.notice if idle or disputed else 0)
         if budget == 0 or not self._current:
             self.phase = "done"
             return
-        # least gained per layer first; ties (and layers without a measured span) most
-        # similar to float first, i.e. in reverse ranking order
-        order = list(reversed(self._current))
-        self._todo = sorted(order, key=lambda n: gains.get(n, math.inf))
+        # least gained per layer first; ties (and layers without a measured span) least
+        # sensitive first by the ranking and its second opinion together (the sum of the
+        # two ranks), then by the ranking alone (reverse ranking order)
+        rank = {name: i for i, name in enumerate(self.context.ranking)}
+        local = local_ranks(self.context)
+        self._todo = sorted(self._current, key=lambda n: (
+            gains.get(n, math.inf), -(rank[n] + local.get(n, rank[n])), -rank[n]))
         # layers to try (a batch's later passes are tried again for free: workers > 1)
         self._refine_left = budget
         self._tried = set()
@@ -150,10 +158,15 @@ class BinarySearchStrategy(SearchStrategy):
         elif not self.refine and self.best_k == self.n and self.rescue:
             logger.info("every layer fell back: trying up to %d layer(s) re-quantized one at "
                         "a time before answering 'float only'", budget)
-        elif not self.refine:
+        elif not self.refine and idle:
             logger.info("falling back %s did not lower the loss: the ranking misleads here; "
                         "trying up to %d layer(s) re-quantized before answering",
                         ", ".join(idle[:5]) + (" ..." if len(idle) > 5 else ""), budget)
+        elif not self.refine:
+            logger.info("%s fell back, but each layer's own output error ranks it among the "
+                        "least sensitive: trying up to %d layer(s) re-quantized before "
+                        "answering", ", ".join(disputed[:5]) + (" ..." if len(disputed) > 5
+                                                               else ""), budget)
         self.phase = "refine"
 
     def ask(self) -> list[QuantPlan]:

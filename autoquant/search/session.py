@@ -18,7 +18,12 @@ from autoquant.search.deploy_check import DeployCheck, evaluate_deployed, search
 from autoquant.search.loop import SearchOutcome, TrialRunner
 from autoquant.search.parallel import open_trial_executor
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
-from autoquant.search.trust import idle_fallbacks, monotonicity_violations, ranking_audit
+from autoquant.search.trust import (
+    disputed_fallbacks,
+    idle_fallbacks,
+    monotonicity_violations,
+    ranking_audit,
+)
 from autoquant.sensitivity.ranking import LayerSensitivity
 from autoquant.settings import SearchSettings
 
@@ -53,6 +58,7 @@ def build_context(qmodel: QuantModel, ranking: Sequence[LayerSensitivity],
         options=dict(settings.strategy_options),
         workers=settings.workers if width is None else width,
         params=params,
+        local_scores={r.name: r.local for r in ranking if r.local is not None},
     )
 
 
@@ -107,6 +113,11 @@ def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
             runner, new_strategy, context, qmodel.float_plan(), deploy, progress)
         checks["monotonicity"] = monotonicity_violations(runner.history, context)
         checks["idle_fallbacks"] = idle_fallbacks(runner.history, context)
+        if context.local_scores:
+            final = outcome.best.plan if outcome.best is not None else {}
+            checks["disputed_fallbacks"] = disputed_fallbacks(
+                context, [n for n in context.ranking
+                          if final.get(n, context.quant_schemes[n]) != context.quant_schemes[n]])
         if runner.resume_check is not None:
             checks["resume"] = runner.resume_check
         if settings.audit:

@@ -66,6 +66,8 @@ class SearchContext:
         workers: how many plans the core can evaluate at once.
         options: strategy-specific options from the user.
         params: each layer's parameter count (for effective-bits objectives).
+        local_scores: each layer's layer-scope cosine, measured in the same pass when the
+            ranking was measured at the model's output (a second opinion); else empty.
     """
 
     ranking: tuple[str, ...]
@@ -76,6 +78,7 @@ class SearchContext:
     workers: int = 1
     options: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, int] = field(default_factory=dict)
+    local_scores: Mapping[str, float] = field(default_factory=dict)
 
     def plan(self, fallback: Iterable[str] = (), overrides: Mapping[str, str] | None = None
              ) -> QuantPlan:

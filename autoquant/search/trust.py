@@ -16,6 +16,11 @@
 - **Idle fallbacks**: between two consecutive evaluated prefixes k < k', falling back the
   layers ranked k..k'-1 should lower the loss; each span where it did not is reported (the
   ranking put first layers the evaluator finds harmless; `binary` re-quantizes them first).
+- **Disputed fallbacks**: a ranking measured at the model's output (the gradient scope)
+  comes with a second opinion from the same pass, each layer's own output error. A
+  fallen-back layer that this second opinion does not rank among its as many most
+  sensitive layers as fell back is disputed: the two measures disagree about it, and
+  `binary` tries re-quantizing such layers before it answers.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ __all__ = [
     "monotonicity_violations",
     "idle_fallbacks",
     "prefix_spans",
+    "local_ranks",
+    "disputed_fallbacks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -208,3 +215,24 @@ def monotonicity_violations(records: Sequence[TrialRecord], context: SearchConte
             ", ".join(f"pass at {v['pass_at']}, fail at {v['fail_at']}" for v in out[:5]),
         )
     return out
+
+
+def local_ranks(context: SearchContext) -> dict[str, int]:
+    """Each layer's rank by the second opinion (``context.local_scores``, 0 = most
+    sensitive; ties in ranking order); empty unless every searchable layer has a score."""
+    if not context.ranking or any(n not in context.local_scores for n in context.ranking):
+        return {}
+    order = sorted(context.ranking, key=lambda n: context.local_scores[n])  # stable
+    return {name: rank for rank, name in enumerate(order)}
+
+
+def disputed_fallbacks(context: SearchContext, fallback: Sequence[str]
+                       ) -> list[dict[str, Any]]:
+    """The `fallback` layers that the second opinion does not rank among its
+    ``len(fallback)`` most sensitive: ``{"layer", "rank", "local_rank"}`` each."""
+    local = local_ranks(context)
+    if not local:
+        return []
+    rank = {name: i for i, name in enumerate(context.ranking)}
+    return [{"layer": n, "rank": rank[n], "local_rank": local[n]}
+            for n in fallback if local[n] >= len(fallback)]

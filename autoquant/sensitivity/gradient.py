@@ -52,6 +52,7 @@ from autoquant.quant.wrapping import DIRECT_KINDS
 from autoquant.sensitivity.metrics import MAX_SQNR_DB
 from autoquant.sensitivity.ranking import (
     NONFINITE_SCORE,
+    CosineSimilarity,
     LayerSensitivity,
     SensitivityMetric,
     metric_name,
@@ -72,13 +73,22 @@ class NoGradient(ConfigError):
 
 class _Error:
     """A layer's comparator in the pass: keeps the last call's output error for the forward
-    hook, which pairs it with the output that carries the graph."""
+    hook, which pairs it with the output that carries the graph, and folds the layer-scope
+    cosine of the same outputs (the ranking's second opinion, three norms a call)."""
 
     def __init__(self) -> None:
         self.pending: torch.Tensor | None = None
+        self.local = CosineSimilarity()
 
     def update(self, y_float: torch.Tensor, y_quant: torch.Tensor) -> None:
+        wide = torch.promote_types(y_float.dtype, torch.float32)  # no copy of a half output
+
+        def norm(t: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.vector_norm(t, dtype=wide).float()
+
+        na, nb = norm(y_float), norm(y_quant)
         self.pending = y_quant.sub_(y_float)  # y_quant is ours to consume
+        self.local.norms.append(torch.stack([na, nb, norm(self.pending)]))
 
 
 def _slices(t: torch.Tensor) -> torch.Tensor:
@@ -270,10 +280,14 @@ def compute_gradient_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
                           "layer to the model's output (a non-differentiable output such as "
                           "argmax or integer ids, or a model that detaches); use "
                           "sensitivity_scope='output' or 'layer'")
-    rows = []
+    rows, local = [], {}
     for layer_name in names:
         layer = qmodel.layers[layer_name]
         score = NONFINITE_SCORE if layer.nonfinite else record.score(layer_name)
         rows.append((score, layer_name, layer.calls))
+        cosine = layer.comparator.local.score()
+        local[layer_name] = NONFINITE_SCORE if layer.nonfinite or not math.isfinite(cosine) \
+            else cosine
         layer.comparator, layer.nonfinite = None, False
-    return ranked(qmodel, rows, f"{name}, model output by gradient, 1 pass", start, "gradient")
+    return ranked(qmodel, rows, f"{name}, model output by gradient, 1 pass", start, "gradient",
+                  local)

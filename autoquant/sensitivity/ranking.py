@@ -119,7 +119,8 @@ class LayerSensitivity:
 
     `aliases` are the other qualified names of a shared module (one unit, one scheme);
     `scope` is where the score was measured (``"layer"``, ``"gradient"``, ``"output"``,
-    ``"subset"``).
+    ``"subset"``); `local` is the layer-scope cosine of the layer's own output, measured in
+    the same pass when the score was measured elsewhere (a second opinion; None if not).
     """
 
     name: str
@@ -128,6 +129,7 @@ class LayerSensitivity:
     calls: int
     aliases: tuple[str, ...] = ()
     scope: str = "layer"
+    local: float | None = None
 
     def __post_init__(self) -> None:
         # rows read back from JSON carry a list; keep rows comparable and hashable
@@ -206,13 +208,17 @@ def metric_name(metric_cls: type[SensitivityMetric]) -> str:
 
 
 def ranked(qmodel: QuantModel, rows: list[tuple[float, str, int]], what: str,
-           start: float, scope: str = "layer") -> list[LayerSensitivity]:
+           start: float, scope: str = "layer", local: dict[str, float] | None = None
+           ) -> list[LayerSensitivity]:
     """``(score, name, calls)`` rows as the ranking: lowest score (most sensitive) first,
-    ties in the model's layer order; logged with `what` and the time since `start`."""
+    ties in the model's layer order; logged with `what` and the time since `start`.
+    `local`: each layer's layer-scope score from the same pass, if it measured one."""
     names = qmodel.searchable
     rows = sorted(rows, key=lambda r: (r[0], names.index(r[1])))
     logger.info("sensitivity (%s) of %d layers in %.2fs", what, len(rows),
                 time.perf_counter() - start)
     aliases = getattr(qmodel, "aliases", {})
-    return [LayerSensitivity(name, score, rank, calls, tuple(aliases.get(name, ())), scope)
+    local = local or {}
+    return [LayerSensitivity(name, score, rank, calls, tuple(aliases.get(name, ())), scope,
+                             local.get(name))
             for rank, (score, name, calls) in enumerate(rows)]

@@ -93,6 +93,45 @@ def test_binary_notices_fallbacks_that_did_not_lower_the_loss_and_requantizes_th
     assert exact.num_evaluations == 6
 
 
+def _with_local(order: list[str], local_order: list[str]) -> list[LayerSensitivity]:
+    """A ranking with a second opinion: `local_order` ranks the layers most sensitive first."""
+    local = {n: float(i) for i, n in enumerate(local_order)}
+    return [LayerSensitivity(n, float(i), i, 1, local=local[n]) for i, n in enumerate(order)]
+
+
+def test_binary_requantizes_a_fallback_its_second_opinion_disputes() -> None:
+    # the ranking puts the harmless "0" first, but every span of the bisection still lowers
+    # the loss (no idle fallback); each layer's own output error ranks "0" least sensitive
+    drops = {"0": 0.0, **{str(i): 4 / 1024 for i in (4, 5, 6)},
+             **{str(i): 1 / 1024 for i in (1, 2, 3, 7)}}
+    order = ["0", "4", "5", "6", "1", "2", "3", "7"]
+    local = ["4", "5", "6", "1", "2", "3", "7", "0"]
+    plain, _ = run("binary", drops, 8 / 1024, named_ranking(order))
+    assert set(plain.fallback_layers) == {"0", "4", "5"} and not plain.checks["idle_fallbacks"]
+    assert "disputed_fallbacks" not in plain.checks  # no second opinion, no dispute
+    disputed, evaluator = run("binary", drops, 8 / 1024, _with_local(order, local))
+    assert set(disputed.fallback_layers) == {"4", "5"} and disputed.met
+    # re-quantizing "0" passes, the next try ("5") fails: the notice's two evaluations
+    assert disputed.num_evaluations == plain.num_evaluations + 2 == evaluator.calls
+    assert disputed.num_evaluations <= 4 + 4
+    assert disputed.checks["disputed_fallbacks"] == []  # "0" is quantized again
+    # second opinions that agree with the ranking cost nothing
+    agreed, _ = run("binary", drops, 8 / 1024, _with_local(order, order))
+    assert agreed.num_evaluations == plain.num_evaluations
+
+
+def test_a_disputed_fallback_that_stays_is_reported() -> None:
+    drops = {str(i): (8 if i == 0 else 1) / 1024 for i in range(8)}
+    order = [str(i) for i in range(8)]
+    result, _ = run("binary", drops, 8 / 1024, _with_local(order, order[1:] + ["0"]))
+    assert result.fallback_layers == ["0"] and result.met
+    assert result.checks["disputed_fallbacks"] == [{"layer": "0", "rank": 0, "local_rank": 7}]
+    lines = check_lines({"checks": result.checks, "settings": {}})
+    assert any(line.startswith("0 fell back, but its own output error ranks it 8th most sensitive")
+               for line in lines), lines
+    assert "disputed fallbacks: 0" in result.summary()
+
+
 def test_refinement_budget_caps_the_extra_evaluations() -> None:
     plain, _ = run("binary")
     capped, _ = run("binary", strategy_options={"refine": 2})  # the k=4 prefix is free

@@ -43,6 +43,19 @@ def test_gradient_scope_orders_layers_as_the_output_scope_does(model_and_batches
         assert 1 - gradient[name] == pytest.approx(1 - output[name], rel=0.3, abs=1e-7)
 
 
+def test_the_gradient_pass_carries_the_layer_scope_cosine_as_a_second_opinion(
+        model_and_batches):
+    model, batches = model_and_batches
+    layer = _scores(model, batches, "layer")
+    rows = aq.sensitivity_analysis(model, calibration_data=batches, config=CONFIG,
+                                   sensitivity_scope="gradient")
+    local = {r.name: r.local for r in rows}
+    assert local == pytest.approx(layer, rel=1e-6)  # the same pass, the same cosine
+    assert min(local, key=local.get) == "noisy" != rows[0].name  # ... a different opinion
+    assert all(r.local is None for r in aq.sensitivity_analysis(
+        model, calibration_data=batches, config=CONFIG, sensitivity_scope="layer"))
+
+
 @pytest.mark.parametrize("metric", ["mse", "kl"])
 def test_mse_and_kl_estimates_match_the_measured_output_divergence(model_and_batches, metric):
     model, batches = model_and_batches
