@@ -28,8 +28,9 @@ far as the evaluator can tell, and the ranking was wrong to put them first. Up t
 ``notice`` (2) refinement evaluations then re-quantize fallen-back layers before the search
 answers. A ranking measured at the model's output (the gradient scope) also brings a
 second opinion from the same pass, each layer's own output error: a fallen-back layer that
-it does not rank among its best_k most sensitive is disputed, and the same ``notice``
-evaluations are spent then. Every refinement tries the layers in the order of the
+it does not rank among its best_k most sensitive is disputed. With no loss evidence beside
+it, a dispute spends one evaluation on re-quantizing a disputed layer and one more for each
+that passes, up to ``notice``. Every refinement tries the layers in the order of the
 evidence: the least loss gained per layer fallen back first (a span's gain split evenly
 over its layers); ties least sensitive by the ranking and the second opinion together
 (the sum of the two ranks), then most similar to float first.
@@ -93,6 +94,7 @@ class BinarySearchStrategy(SearchStrategy):
         self._current: list[str] = []  # fallback layers of the best passing plan (refinement)
         self._todo: list[str] = []
         self._refine_left = 0
+        self._grants = 0  # evaluations a passing re-quantization adds (a dispute alone)
         self._pending = 0
         self._known: dict[str, bool] = {}
         self._batch: dict[str, str] = {}
@@ -136,21 +138,26 @@ class BinarySearchStrategy(SearchStrategy):
         idle = [n for n in self._current if gains.get(n, math.inf) <= 0]
         disputed = [row["layer"] for row in disputed_fallbacks(self.context, self._current)]
         budget = len(self._current) if self.refine is True or forced else int(self.refine)
+        rescue = self.rescue if self.best_k == self.n else 0
         if not self.refine and not forced:  # the rescue and the notice
-            rescue = self.rescue if self.best_k == self.n else 0
             budget = max(rescue, self.notice if idle or disputed else 0)
         if budget == 0 or not self._current:
             self.phase = "done"
             return
+        # only a dispute (no loss evidence): the disputed layers first, one evaluation, and
+        # one more for each that passes (a second opinion that was wrong costs one)
+        only = set(disputed) if not (self.refine or forced or idle or rescue) else set()
         # least gained per layer first; ties (and layers without a measured span) least
         # sensitive first by the ranking and its second opinion together (the sum of the
         # two ranks), then by the ranking alone (reverse ranking order)
         rank = {name: i for i, name in enumerate(self.context.ranking)}
         local = local_ranks(self.context)
         self._todo = sorted(self._current, key=lambda n: (
-            gains.get(n, math.inf), -(rank[n] + local.get(n, rank[n])), -rank[n]))
+            n not in only, gains.get(n, math.inf), -(rank[n] + local.get(n, rank[n])),
+            -rank[n]))
         # layers to try (a batch's later passes are tried again for free: workers > 1)
-        self._refine_left = budget
+        self._refine_left = 1 if only else budget
+        self._grants = budget - 1 if only else 0
         self._tried = set()
         if forced:
             logger.warning("non-monotone pass/fail %s: refining the binary result",
@@ -232,6 +239,7 @@ class BinarySearchStrategy(SearchStrategy):
             if record.passed:  # every step one worker takes would pass: take them all
                 for layer in passed:
                     self._current.remove(layer)
+                self._grant(len(passed))
             else:
                 self._current.remove(passed[0])
                 self._todo[:0] = passed[1:]
@@ -265,8 +273,15 @@ class BinarySearchStrategy(SearchStrategy):
         passed = [n for n in self._batch.values() if self._batch_passed[n]]
         if len(passed) == 1:
             self._current.remove(passed[0])
+            self._grant(1)
         elif passed:
             self._joint = passed
+
+    def _grant(self, passes: int) -> None:
+        """After a dispute alone started the refinement: one more evaluation per pass."""
+        more = min(passes, self._grants)
+        self._refine_left += more
+        self._grants -= more
 
     def _finish_bisection(self) -> None:
         if self.search.hi > self.n:

@@ -111,7 +111,7 @@ def test_binary_requantizes_a_fallback_its_second_opinion_disputes() -> None:
     assert "disputed_fallbacks" not in plain.checks  # no second opinion, no dispute
     disputed, evaluator = run("binary", drops, 8 / 1024, _with_local(order, local))
     assert set(disputed.fallback_layers) == {"4", "5"} and disputed.met
-    # re-quantizing "0" passes, the next try ("5") fails: the notice's two evaluations
+    # re-quantizing "0" passes, which earns one more try ("5"), which fails: two in all
     assert disputed.num_evaluations == plain.num_evaluations + 2 == evaluator.calls
     assert disputed.num_evaluations <= 4 + 4
     assert disputed.checks["disputed_fallbacks"] == []  # "0" is quantized again
@@ -120,11 +120,15 @@ def test_binary_requantizes_a_fallback_its_second_opinion_disputes() -> None:
     assert agreed.num_evaluations == plain.num_evaluations
 
 
-def test_a_disputed_fallback_that_stays_is_reported() -> None:
-    drops = {str(i): (8 if i == 0 else 1) / 1024 for i in range(8)}
+def test_a_wrong_second_opinion_costs_one_evaluation_and_is_reported() -> None:
+    drops = {str(i): (4 if i < 2 else 1) / 1024 for i in range(8)}
     order = [str(i) for i in range(8)]
-    result, _ = run("binary", drops, 8 / 1024, _with_local(order, order[1:] + ["0"]))
-    assert result.fallback_layers == ["0"] and result.met
+    ranking = _with_local(order, order[1:] + ["0"])  # "0" least sensitive by its own output
+    plain, _ = run("binary", drops, 8 / 1024, ranking, strategy_options={"notice": 0})
+    result, evaluator = run("binary", drops, 8 / 1024, ranking)
+    assert result.fallback_layers == plain.fallback_layers == ["0", "1"] and result.met
+    # re-quantizing "0" fails: no second evaluation for the dispute
+    assert result.num_evaluations == plain.num_evaluations + 1 == evaluator.calls
     assert result.checks["disputed_fallbacks"] == [{"layer": "0", "rank": 0, "local_rank": 7}]
     lines = check_lines({"checks": result.checks, "settings": {}})
     assert any(line.startswith("0 fell back, but its own output error ranks it 8th most sensitive")
