@@ -91,10 +91,13 @@ class _Error:
         self.local.norms.append(torch.stack([na, nb, norm(self.pending)]))
 
 
-def _slices(t: torch.Tensor) -> torch.Tensor:
-    """`t` summed per slice of its first dimension (a 0-d or 1-d tensor is one slice), in
-    float32 (a cascade sum; a float64 sum converts every element and costs about 6x more)."""
-    return t.reshape(t.shape[0] if t.dim() >= 2 else 1, -1).sum(dim=1).double()
+def _slice_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The dot product of `a` and `b` per slice of their first dimension (a 0-d or 1-d
+    tensor is one slice), in float32: one batched BLAS dot, no product tensor (3x faster
+    than summing ``a * b``, to about 1e-4 of the slice's dot: far below the probe's noise)."""
+    rows = a.shape[0] if a.dim() >= 2 else 1
+    return torch.bmm(a.reshape(rows, 1, -1).float(), b.reshape(rows, -1, 1).float()
+                     ).reshape(rows).double()
 
 
 @dataclass
@@ -200,7 +203,7 @@ class _Pass:
         for (name, _, error), grad in zip(self.pairs, grads, strict=True):
             if grad is None:
                 continue
-            products = _slices(grad.float() * error.float())
+            products = _slice_dots(grad, error)
             self.estimate[name] += weight * float(torch.sum(products * products))
 
     def score(self, name: str) -> float:
