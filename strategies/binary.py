@@ -10,7 +10,8 @@ evaluations. Every accepted k was evaluated (no extrapolated result). With
 Refinement (``refine=True`` or a number of evaluations) then tries to re-quantize each
 fallen-back layer alone, most similar to float first (highest sensitivity score), keeping
 every move that still passes. It only ever moves from a passing plan to another passing
-plan with one more layer quantized, so the result is never worse than plain binary.
+plan with one more layer quantized, so the result is never worse than plain binary. A
+layer whose re-quantization already failed (a bisection prefix) is not tried again.
 If the bisection sees a pass at k and a fail at some k' > k (the ranking is not monotone
 for this evaluator), refinement runs even if it was not asked for: the prefix answer is not
 to be trusted as minimal.
@@ -152,9 +153,13 @@ class BinarySearchStrategy(SearchStrategy):
         # two ranks), then by the ranking alone (reverse ranking order)
         rank = {name: i for i, name in enumerate(self.context.ranking)}
         local = local_ranks(self.context)
-        self._todo = sorted(self._current, key=lambda n: (
+        # a layer whose re-quantization already failed (a bisection prefix) is not tried:
+        # with fewer layers fallen back later, it could only fail again (unless pass/fail
+        # was seen not to be monotone: then every layer is tried)
+        self._todo = [n for n in sorted(self._current, key=lambda n: (
             n not in only, gains.get(n, math.inf), -(rank[n] + local.get(n, rank[n])),
-            -rank[n]))
+            -rank[n])) if forced or self._known.get(plan_key(self.context.plan(
+                fallback=[m for m in self._current if m != n]))) is not False]
         # layers to try (a batch's later passes are tried again for free: workers > 1)
         self._refine_left = 1 if only else budget
         self._grants = budget - 1 if only else 0
