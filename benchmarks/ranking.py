@@ -171,8 +171,11 @@ def _rho(result: aq.SearchResult, losses: dict[str, float]) -> float | None:
     return spearman([-scores[n] for n in names], [losses[n] for n in names])
 
 
-def _row(label: str, result: aq.SearchResult, audited: int, seconds: float,
+def _row(label: str, result: aq.SearchResult, seconds: float,
          losses: dict[str, float] | None = None) -> str:
+    """One table row; the evaluations are the search's own: the audit's are left out (those
+    it actually ran: an audit plan the search had evaluated came from the cache)."""
+    audited = sum(1 for r in result.history if r.label.startswith("audit "))
     audit = result.checks.get("audit") or {}
     rho = audit.get("spearman_rho") if losses is None else _rho(result, losses)
     kept = f"{len(result.quantized_layers)}/{len(result.layers)}"
@@ -191,7 +194,6 @@ def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOP
     lines = [f"### {name} (W{bits}, max_loss {case[4]} {case[5]})", "",
              "| ranking / strategy | rho | layers kept | evaluations | status | "
              "sensitivity s | wall s |", "|---|---:|---:|---:|---|---:|---:|"]
-    n_layers = None
     losses: dict[str, float] = {}
     once = name in AUDIT_ONCE
     for scope in scopes:
@@ -200,28 +202,25 @@ def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOP
             audit = 0 if once and losses else 10 ** 6
             probe = _run(case, sensitivity=metric, sensitivity_scope=scope, audit=audit)
             if audit:
-                n_layers = len(probe.checks["audit"]["layers"])
                 losses = {r["layer"]: r["loss"] for r in probe.checks["audit"]["layers"]}
-            lines.append(_row(f"binary, {metric}, {scope}", probe, n_layers if audit else 0,
+            lines.append(_row(f"binary, {metric}, {scope}", probe,
                               time.perf_counter() - start, losses if once else None))
     if not extras:
         return lines
     if callable(getattr(case[1], "evaluate_subset", None)):  # the evaluator's own metric
         start = time.perf_counter()
         probe = _run(case, sensitivity_scope="subset", audit=10 ** 6)
-        lines.append(_row("binary, evaluate_subset", probe, n_layers or 0,
-                          time.perf_counter() - start))
+        lines.append(_row("binary, evaluate_subset", probe, time.perf_counter() - start))
     for scope in ("layer", "gradient"):
         start = time.perf_counter()
         refined = _run(case, strategy_options={"refine": True}, audit=0 if once else 10 ** 6,
                        sensitivity_scope=scope)
         lines.append(_row(f"binary + refine, cosine, {scope}", refined,
-                          0 if once else n_layers or 0, time.perf_counter() - start,
-                          losses if once else None))
+                          time.perf_counter() - start, losses if once else None))
     start = time.perf_counter()
     order = sorted(losses, key=lambda layer: losses[layer])
     oracle = _run(case, strategy=GreedyOracle(order))
-    lines.append(_row("greedy oracle (measured single-layer losses)", oracle, 0,
+    lines.append(_row("greedy oracle (measured single-layer losses)", oracle,
                       time.perf_counter() - start).replace(
         f"| {oracle.num_evaluations} |", f"| {oracle.num_evaluations} + {len(order)} |", 1))
     return lines
