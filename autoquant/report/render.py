@@ -56,15 +56,6 @@ def markdown_text(text: Any) -> str:
     return html.escape(str(text), quote=False).replace("|", "\\|")
 
 
-def _ordinal(rank: Any) -> str:
-    """A 0-based rank as an English ordinal (0 -> "1st")."""
-    if not isinstance(rank, int):
-        return "?"
-    n = rank + 1
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
 def _bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -157,8 +148,8 @@ def check_lines(report: dict[str, Any]) -> list[str]:
                      "ranking misleads there")
     for row in (checks.get("disputed_fallbacks") or [])[:5]:
         lines.append(f"{markdown_text(str(row.get('layer')))} fell back, but its own output "
-                     f"error ranks it {_ordinal(row.get('local_rank'))} most sensitive (the "
-                     f"ranking: {_ordinal(row.get('rank'))}): the two measures disagree")
+                     f"error ranks it {row.get('local_rank', -2) + 1} (the ranking: "
+                     f"{row.get('rank', -2) + 1}; 1 = most sensitive): the measures disagree")
     parallel = checks.get("parallel")
     if parallel:
         lines.append(f"Trials ran on {markdown_text(parallel.get('executor'))}, "
