@@ -132,8 +132,8 @@ def test_a_wrong_second_opinion_costs_one_evaluation_and_is_reported() -> None:
     assert result.num_evaluations == plain.num_evaluations + 1 == evaluator.calls
     assert result.checks["disputed_fallbacks"] == [{"layer": "0", "rank": 0, "local_rank": 7}]
     lines = check_lines({"checks": result.checks, "settings": {}})
-    assert any(line.startswith("0 fell back, but its own output error ranks it 8 (the ranking: 1; 1 = most sensitive)")
-               for line in lines), lines
+    assert any(line.startswith("0 fell back, but its own output error ranks it 8 (the "
+                               "ranking: 1; 1 = most sensitive)") for line in lines), lines
     assert "disputed fallbacks: 0" in result.summary()
 
 
