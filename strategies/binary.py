@@ -247,6 +247,7 @@ class BinarySearchStrategy(SearchStrategy):
                 self._grant(len(passed))
             else:
                 self._current.remove(passed[0])
+                self._grant(1)
                 self._todo[:0] = passed[1:]
             return
         if self.phase == "refine":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -119,6 +121,11 @@ def test_binary_requantizes_a_fallback_its_second_opinion_disputes() -> None:
     # second opinions that agree with the ranking cost nothing
     agreed, _ = run("binary", drops, 8 / 1024, _with_local(order, order))
     assert agreed.num_evaluations == plain.num_evaluations
+    # two workers at a time reach the same plan
+    with ThreadPoolExecutor(2) as pool:
+        wide, _ = run("binary", drops, 8 / 1024, _with_local(order, local), executor=pool,
+                      workers=2)
+    assert wide.plan == disputed.plan
 
 
 def test_a_wrong_second_opinion_costs_one_evaluation_and_is_reported() -> None:
