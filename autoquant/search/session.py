@@ -114,10 +114,8 @@ def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
         checks["monotonicity"] = monotonicity_violations(runner.history, context)
         checks["idle_fallbacks"] = idle_fallbacks(runner.history, context)
         if context.local_scores:
-            final = outcome.best.plan if outcome.best is not None else {}
             checks["disputed_fallbacks"] = disputed_fallbacks(
-                context, [n for n in context.ranking
-                          if final.get(n, context.quant_schemes[n]) != context.quant_schemes[n]])
+                context, outcome.best.fallback_layers if outcome.best is not None else [])
         if runner.resume_check is not None:
             checks["resume"] = runner.resume_check
         if settings.audit:
