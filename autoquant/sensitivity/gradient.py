@@ -88,7 +88,7 @@ class _Error:
 
         na, nb = norm(y_float), norm(y_quant)
         self.pending = y_quant.sub_(y_float)  # y_quant is ours to consume
-        self.local.norms.append(torch.stack([na, nb, norm(self.pending)]))
+        self.local.add_norms(na, nb, norm(self.pending))
 
 
 def _slice_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,11 @@ class CosineSimilarity(SensitivityMetric):
         a, b = y_float.reshape(-1).float(), y_quant.reshape(-1).float()
         na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
         nd = torch.linalg.vector_norm(b.sub_(a))  # in place: y_quant is ours to consume
+        self.add_norms(na, nb, nd)
+
+    def add_norms(self, na: torch.Tensor, nb: torch.Tensor, nd: torch.Tensor) -> None:
+        """Fold one call given ``|y_float|``, ``|y_quant|`` and ``|y_quant - y_float|``
+        (0-d float32 tensors), for a pass that computes the difference itself."""
         self.norms.append(torch.stack([na, nb, nd]))
 
     def score(self) -> float:
