@@ -148,18 +148,7 @@ class BinarySearchStrategy(SearchStrategy):
         # only a dispute (no loss evidence): the disputed layers first, one evaluation, and
         # one more for each that passes (a second opinion that was wrong costs one)
         only = set(disputed) if not (self.refine or forced or idle or rescue) else set()
-        # least gained per layer first; ties (and layers without a measured span) least
-        # sensitive first by the ranking and its second opinion together (the sum of the
-        # two ranks), then by the ranking alone (reverse ranking order)
-        rank = {name: i for i, name in enumerate(self.context.ranking)}
-        local = local_ranks(self.context)
-        # a layer whose re-quantization already failed (a bisection prefix) is not tried:
-        # with fewer layers fallen back later, it could only fail again (unless pass/fail
-        # was seen not to be monotone: then every layer is tried)
-        self._todo = [n for n in sorted(self._current, key=lambda n: (
-            n not in only, gains.get(n, math.inf), -(rank[n] + local.get(n, rank[n])),
-            -rank[n])) if forced or self._known.get(plan_key(self.context.plan(
-                fallback=[m for m in self._current if m != n]))) is not False]
+        self._todo = self._refinement_order(gains, only, forced)
         # layers to try (a batch's later passes are tried again for free: workers > 1)
         self._refine_left = 1 if only else budget
         self._grants = budget - 1 if only else 0
@@ -180,6 +169,26 @@ class BinarySearchStrategy(SearchStrategy):
                         "answering", ", ".join(disputed[:5]) + (" ..." if len(disputed) > 5
                                                                else ""), budget)
         self.phase = "refine"
+
+    def _refinement_order(self, gains: dict[str, float], first: set[str], forced: bool
+                          ) -> list[str]:
+        """The fallen-back layers to try re-quantizing, in order: `first` ahead, then the
+        least loss gained per layer; ties (and layers without a measured span) least
+        sensitive first by the ranking and its second opinion together (the sum of the two
+        ranks), then by the ranking alone (reverse ranking order). A layer whose
+        re-quantization already failed (a bisection prefix) is left out: with fewer layers
+        fallen back later it could only fail again (unless pass/fail was seen not to be
+        monotone, `forced`: then every layer is tried)."""
+        assert self.context is not None
+        rank = {name: i for i, name in enumerate(self.context.ranking)}
+        local = local_ranks(self.context)
+        order = sorted(self._current, key=lambda n: (
+            n not in first, gains.get(n, math.inf), -(rank[n] + local.get(n, rank[n])),
+            -rank[n]))
+        if forced:
+            return order
+        return [n for n in order if self._known.get(plan_key(self.context.plan(
+            fallback=[m for m in self._current if m != n]))) is not False]
 
     def ask(self) -> list[QuantPlan]:
         assert self.context is not None
