@@ -184,11 +184,13 @@ def prefix_spans(losses: Mapping[int, float]) -> list[tuple[int, int]]:
 def idle_fallbacks(records: Sequence[TrialRecord], context: SearchContext
                    ) -> list[dict[str, Any]]:
     """Spans between consecutive evaluated prefixes k < k' whose loss did not drop: falling
-    back ``ranking[k:k']`` gained nothing the evaluator could measure."""
+    back ``ranking[k:k']`` gained nothing the evaluator could measure. A span from a loss
+    of 0 or less is not one: there was no loss to lower (an all-INT8 plan as good as
+    float is not a sign that every layer is harmless to fall back)."""
     losses = {k: r.loss for k, r in _prefixes(records, context).items()}
     out = [{"layers": list(context.ranking[lo:hi]), "from_k": lo, "to_k": hi,
             "loss_from": losses[lo], "loss_to": losses[hi]}
-           for lo, hi in prefix_spans(losses) if losses[hi] >= losses[lo]]
+           for lo, hi in prefix_spans(losses) if losses[hi] >= losses[lo] > 0]
     if out:
         logger.info("falling back %s did not lower the loss: the ranking put layers first "
                     "that the evaluator finds harmless",

@@ -53,6 +53,15 @@ def test_greedy_finds_the_same_optimum_one_layer_at_a_time() -> None:
     assert [len(r.fallback_layers) for r in result.history] == [12, 0, 1, 2, 3, 4, 5]
 
 
+def test_an_all_int8_plan_as_good_as_float_reports_no_idle_fallbacks() -> None:
+    # every layer harmless: k=0 passes at loss 0, the float baseline is k=N at loss 0;
+    # that span is not "falling back every layer gained nothing": nothing fell back
+    result, _ = run("binary", dict.fromkeys(map(str, range(6)), 0.0), 0.01)
+    assert result.met and not result.fallback_layers and result.num_evaluations == 2
+    assert result.checks["idle_fallbacks"] == []
+    assert "did not lower the loss" not in result.summary()
+
+
 def test_refinement_requantizes_layers_a_bad_ranking_sent_back() -> None:
     # the proxy puts two harmless layers (drop 0) first; binary must fall them back too
     drops = {**{str(i): 0.0 for i in range(4)}, **{str(i): 4 / 1024 for i in range(4, 8)}}
