@@ -4,11 +4,13 @@ the wrapper class that fake-quantizes it (`QuantLayer`, or a subclass from
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from autoquant.quant.layers import QuantLayer
 
-__all__ = ["register_layer_kind", "layer_kinds", "weight_axis_of", "wrapper_class_of"]
+__all__ = ["register_layer_kind", "layer_kinds", "weight_axis_of", "wrapper_class_of",
+           "unquantized_weight_modules"]
 
 
 # module type -> output-channel axis of its weight (per-channel quantization axis)
@@ -59,3 +61,19 @@ def weight_axis_of(module: nn.Module) -> int | None:
         if isinstance(module, kind):
             return axis
     return None
+
+
+def unquantized_weight_modules(model: nn.Module, quantized: set[str]) -> dict[str, list[str]]:
+    """Modules that own a floating weight of 2 or more dimensions (a matrix product or a
+    convolution, most likely) but are no quantizable kind, by class name: they stay float
+    silently unless someone says so. Modules inside a quantizable one are left out."""
+    found: dict[str, list[str]] = {}
+    inside = tuple(f"{name}." for name in quantized)
+    for name, module in model.named_modules():
+        if not name or name in quantized or name.startswith(inside) or \
+                weight_axis_of(module) is not None:
+            continue
+        weight = module._parameters.get("weight")
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() >= 2:
+            found.setdefault(type(module).__name__, []).append(name)
+    return found

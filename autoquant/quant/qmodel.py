@@ -18,6 +18,7 @@ from autoquant.batches import call_model
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError, EvaluatorError, ModelError
 from autoquant.plan import FLOAT, QuantPlan
+from autoquant.quant.adapt import adapt_library_modules
 from autoquant.quant.copying import (
     bake_weight_reparametrizations,
     check_model_devices,
@@ -26,7 +27,12 @@ from autoquant.quant.copying import (
 )
 from autoquant.quant.dataflow import OutputUse, output_uses
 from autoquant.quant.fold import fold_conv_bn
-from autoquant.quant.kind_registry import layer_kinds, weight_axis_of, wrapper_class_of
+from autoquant.quant.kind_registry import (
+    layer_kinds,
+    unquantized_weight_modules,
+    weight_axis_of,
+    wrapper_class_of,
+)
 from autoquant.quant.kinds import QuantEmbedding  # noqa: F401 - registers the extra layer kinds
 from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.shared import layers_sharing_parameters, module_aliases
@@ -72,6 +78,17 @@ def find_quantizable_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def _warn_unquantized(model: nn.Module, names: list[str]) -> None:
+    """Say which weight-carrying modules stay float because autoquant does not know them."""
+    for kind, where in unquantized_weight_modules(model, set(names)).items():
+        logger.warning(
+            "%d %s module(s) have a weight but are no quantizable kind, so they stay float "
+            "(%s); if %s computes a matrix product or a convolution, make it quantizable "
+            "with autoquant.register_layer_kind(%s, weight_axis=<its output-channel axis>)",
+            len(where), kind, ", ".join(where[:3]) + (", ..." if len(where) > 3 else ""),
+            kind, kind)
+
+
 def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]) -> None:
     """A config naming a shared module by a second name gets a pointed error."""
     canonical = {alias: name for name, others in aliases.items() for alias in others}
@@ -108,6 +125,7 @@ def _working_copy(model: nn.Module) -> nn.Module:
     check_model_devices(work)
     work.eval()
     bake_weight_reparametrizations(work)
+    adapt_library_modules(work)
     return work
 
 
@@ -142,8 +160,12 @@ class QuantModel:
             kinds = ", ".join(sorted(k.__name__ for k in layer_kinds()))
             raise ModelError(
                 f"{type(model).__name__} has no quantizable layer ({kinds}); there is nothing "
-                "to quantize"
+                "to quantize. A module type of your own becomes one with "
+                "autoquant.register_layer_kind(type, weight_axis=...); a functional "
+                "F.linear / F.conv call on a bare parameter is not a layer: make it an "
+                "nn.Linear / nn.Conv module"
             )
+        _warn_unquantized(self.model, names)
         _check_no_alias_in_config(config, module_aliases(self.model))
         config.check_layers(names)
         self.folded: list[tuple[str, str]] = fold_conv_bn(self.model) if config.fold_bn else []

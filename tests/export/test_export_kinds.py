@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import autoquant as aq
 from autoquant.errors import ExportError
 from autoquant.export import export_onnx
+from autoquant.export.onnx_export import export_checked
 from autoquant.export.prepare import export_copy as _export_copy
 from autoquant.quant.layers import QuantLayer
 from tests.helpers.synthetic import BatchCalibrator, DropEvaluator, mlp
@@ -318,3 +319,38 @@ def test_linear_on_a_1d_input_stays_exact_in_onnxruntime(mode, tmp_path) -> None
         with torch.no_grad():
             ref = qmodel(x)
         assert float((ort_run(path, x) - ref).abs().max()) <= 1e-5 * (1 + float(ref.abs().max()))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D`` as ``transformers.pytorch_utils`` defines it: a
+    Linear whose weight is stored (in, out). Named as that class is, without transformers."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.nf,))
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+def test_gpt2_conv1d_is_quantized_per_output_channel_and_runs_integer_kernels(
+        tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 5, 8, generator=gen) for _ in range(2)]
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(16, 8), nn.GELU(), Conv1D(4, 16)).eval()
+    with torch.no_grad():
+        model[0].weight[:, 3] *= 50  # one output channel 50x wider: per-channel scales
+    qmodel = aq.quantize(model, Calib(data))
+    assert isinstance(qmodel[0], QuantLayer) and isinstance(qmodel[2], QuantLayer)
+    scale = qmodel[0].weight_qparams(8)[0]
+    assert scale.numel() == 16 and float(scale[3]) > 20 * float(scale[0])
+    path, figures = export_checked(qmodel, tmp_path / "m.onnx", (data[0],))
+    assert figures["integer_kernels"]["summary"].startswith("2 of 2")
+    check_parity(qmodel, path, torch.randn(3, 5, 8, generator=gen))

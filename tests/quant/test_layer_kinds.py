@@ -314,6 +314,43 @@ def test_transformer_encoder_layer_fast_path_does_not_bypass_the_wrappers() -> N
     assert (fast - reference).abs().max() > 1e-4
 
 
+def test_transformer_encoder_with_a_padding_mask_runs_its_quantized_attention() -> None:
+    # torch packs a padded batch into a nested tensor before the layers (the encoder's own
+    # fast path), which the quantized attention cannot read; the copy computes it padded
+    torch.manual_seed(8)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    x, pad = torch.randn(3, 5, 8), torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    qm = QuantModel(model, aq.QuantConfig())
+    with torch.no_grad():  # where torch would pack the batch
+        qm.calibrate(lambda m, _where: m(x, src_key_padding_mask=pad))
+    assert model.use_nested_tensor and not qm.model.use_nested_tensor
+    with qm.state(QuantState.FLOAT), torch.no_grad():
+        out = qm.model(x, src_key_padding_mask=pad)
+        reference = model(x, src_key_padding_mask=pad)
+    keep = ~pad  # torch zeroes the padded positions; every other one is the same
+    torch.testing.assert_close(out[keep], reference[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_with_a_weight_of_an_unknown_kind_is_named_in_a_warning(caplog) -> None:
+    class Scaled(nn.Module):  # a matrix product autoquant cannot know of
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight
+
+    model = nn.Sequential(nn.Linear(4, 4), Scaled(), nn.LayerNorm(4)).eval()
+    with caplog.at_level("WARNING", logger="autoquant"):
+        qm = QuantModel(model, aq.QuantConfig())
+    assert list(qm.layers) == ["0"]
+    warned = [r.getMessage() for r in caplog.records if "no quantizable kind" in r.getMessage()]
+    assert len(warned) == 1 and "1 Scaled module(s)" in warned[0] and "(1)" in warned[0]
+    assert "register_layer_kind(Scaled" in warned[0] and "LayerNorm" not in warned[0]
+
+
 class _PlainAttention(nn.Module):
     """Attention written with ``@`` and ``torch.matmul``, plus a matmul with a weight."""
 
