@@ -68,8 +68,10 @@ class SearchResult:
             among the prefix plans evaluated) and ``idle_fallbacks`` (spans of evaluated
             prefixes whose extra fallbacks did not lower the loss) and
             ``disputed_fallbacks`` (fallen-back layers that each layer's own output error,
-            the gradient scope's second opinion, ranks among the least sensitive); a key
-            is absent when its check did not run.
+            the gradient scope's second opinion, ranks among the least sensitive) and
+            ``deploy_error`` (why ``verify_deploy`` could not export or run the chosen
+            plan: the answer stands unverified); a key is absent when its check did not
+            run.
         determinism: the evaluator determinism check (``check_determinism=True``): the two
             float metrics, their difference and whether they agree; None if not checked.
         closest: when no quantized plan passed, the one with the lowest loss (reported,
@@ -157,6 +159,9 @@ class SearchResult:
             f"evaluations: {self.num_evaluations}   time: {self.timings.get('total', 0):.1f}s "
             f"({self.timings.get('evaluator', 0):.1f}s in the evaluator)",
         ]
+        if self.checks.get("deploy_error"):
+            lines.append("deployed (onnxruntime): not verified, the export failed (why and "
+                         "the fix: result.checks['deploy_error'])")
         if self.met_on_deploy is not None:
             lines.append(f"deployed (onnxruntime): metric {self.deployed_metric:.6g}, loss "
                          f"{self.deployed_loss:.6g} ({'pass' if self.met_on_deploy else 'FAIL'}"

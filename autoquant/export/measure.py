@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, ExportError
+from autoquant.export.ortmodule import dtype_hint
 from autoquant.export.runtime import (
     flat_outputs,
     interleaved_ms,
@@ -92,7 +93,11 @@ def _optimize(onnx_path: str | Path, out: Path) -> None:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.optimized_model_filepath = str(out)
-    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    try:
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's own error types
+        raise ExportError(f"onnxruntime cannot load the exported graph: {err}"
+                          f"{dtype_hint(err)}") from err
 
 
 def deployment_figures(model: nn.Module, onnx_path: str | Path, example_inputs: Any,

@@ -46,9 +46,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, ExportError
 from autoquant.export.prepare import check_target, export_copy, kernel_notes, model_target
 from autoquant.export.signature import DynamicAxes, varying_axes
 from autoquant.export.trace import DEFAULT_OPSET, Signature, check_opset, to_onnx_bytes
@@ -62,6 +63,17 @@ __all__ = ["DEFAULT_OPSET", "export_onnx", "export_checked", "export_measured",
 logger = logging.getLogger(__name__)
 
 
+def _check_runtime_dtype(model: nn.Module) -> None:
+    """onnxruntime's CPU kernels run float32 and float16 graphs, not bfloat16 or float64
+    convolutions: refuse before tracing, naming the fix."""
+    odd = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float64}
+    if odd:
+        raise ExportError(
+            f"the model computes in {', '.join(sorted(str(d)[6:] for d in odd))}, which "
+            "onnxruntime's CPU kernels do not run; quantize a float32 copy (model.float()) "
+            "to deploy it, or export with check=False for another runtime")
+
+
 def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
                    opset: int | None = None, *, dynamic_batch: bool = True,
                    input_names: Sequence[str] | None = None,
@@ -73,6 +85,8 @@ def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
     """`export_onnx`, returning the path and the check's figures: ``target``, ``host``,
     ``integer_kernels`` (`autoquant.export.measure.kernel_coverage`) and the parity figures
     (`autoquant.export.runtime.check_parity`), or ``parity: "not checked: ..."``."""
+    if check:
+        _check_runtime_dtype(model)
     work, layers = export_copy(model, quantized=True)
     searched = model_target(model)
     check_target(searched, target, allow_target_mismatch)

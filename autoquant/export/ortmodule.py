@@ -47,7 +47,19 @@ def ort_session(path: str | Path, threads: int | None = None,
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime's own error types
-        raise ExportError(f"onnxruntime cannot load {path}: {err}") from err
+        raise ExportError(f"onnxruntime cannot load {path}: {err}{dtype_hint(err)}") from err
+
+
+def dtype_hint(err: BaseException) -> str:
+    """The fix for a graph whose float type onnxruntime's CPU kernels lack, else ''."""
+    text = str(err)
+    for onnx_type, torch_type in (("tensor(bfloat16)", "bfloat16"), ("tensor(double)",
+                                                                    "float64")):
+        if onnx_type in text:
+            return (f". The model computes in {torch_type}, which onnxruntime's CPU kernels "
+                    "do not run (for every op); quantize a float32 copy (model.float()) to "
+                    "deploy it")
+    return ""
 
 
 class OnnxModule(nn.Module):

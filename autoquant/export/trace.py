@@ -163,10 +163,14 @@ def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
             if isinstance(sub, (QDQLayer, QDQMultiLayer)):
                 hint = (f", or keep {layer!r} float (list it in the config's skip_layers, "
                         "or give it the plan entry 'float')")
+        found = re.search(r"Found <class '([\w.]+)'> in output", str(err))
+        fix = (f"return tensors only: the model's output holds a {found.group(1)} (a "
+               "Hugging Face model: config.use_cache=False)" if found else
+               "make that forward traceable (no data-dependent Python control flow, "
+               "inputs as tensors)")
         raise ExportError(
             f"torch.export could not trace the model{where}: {type(err).__name__}: "
-            f"{_first_line(err)}. Make that forward traceable (no data-dependent Python "
-            f"control flow, inputs as tensors){hint}; the search result is unchanged."
+            f"{_first_line(err)}. To export, {fix}{hint}; the search result is unchanged."
         ) from err
     try:
         onnx_program = torch.onnx.export(

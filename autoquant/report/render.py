@@ -150,8 +150,9 @@ def check_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"{markdown_text(str(row.get('layer')))} fell back, but its own output "
                      f"error ranks it {row.get('local_rank', -2) + 1} (the ranking: "
                      f"{row.get('rank', -2) + 1}; 1 = most sensitive): the measures disagree")
-    parallel = checks.get("parallel")
-    if parallel:
+    if checks.get("deploy_error"):
+        lines.append(f"Not verified in onnxruntime: {markdown_text(checks['deploy_error'])}")
+    if parallel := checks.get("parallel"):
         lines.append(f"Trials ran on {markdown_text(parallel.get('executor'))}, "
                      f"{parallel.get('width')} at a time, on "
                      f"{len(parallel.get('workers') or {})} worker(s)"

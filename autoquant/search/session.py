@@ -5,12 +5,13 @@ history (monotonicity, ranking audit). `autoquant.api.auto_quantize` calls `run_
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoquant.errors import ConfigError
+from autoquant.errors import ConfigError, ExportError
 from autoquant.evaluation.adapter import EvaluatorAdapter
 from autoquant.plan import plan_key
 from autoquant.quant.qmodel import QuantModel
@@ -28,6 +29,8 @@ from autoquant.sensitivity.ranking import LayerSensitivity
 from autoquant.settings import SearchSettings
 
 __all__ = ["StageResult", "build_context", "run_stage"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,15 +102,24 @@ def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
         check_determinism=settings.check_determinism,
     )
 
+    checks: dict[str, Any] = {}
+
     def deploy(record: TrialRecord) -> DeployCheck | None:
         if not settings.verify_deploy:
             return None
         assert runner.float_metric is not None  # the baseline ran first
-        return evaluate_deployed(qmodel, record.plan, record.index, evaluator,
-                                 example_inputs, runner.float_metric, settings.deploy_options)
+        try:
+            return evaluate_deployed(qmodel, record.plan, record.index, evaluator,
+                                     example_inputs, runner.float_metric,
+                                     settings.deploy_options)
+        except ExportError as err:  # the search's answer stands, unverified
+            checks["deploy_error"] = str(err)
+            logger.warning("verify_deploy: the chosen plan (trial %d) could not be exported "
+                           "or run in onnxruntime, so it is not verified: %s", record.index,
+                           err)
+            return None
 
     start = time.perf_counter()
-    checks: dict[str, Any] = {}
     try:
         outcome, deployed = search_until_deployed(
             runner, new_strategy, context, qmodel.float_plan(), deploy, progress)
