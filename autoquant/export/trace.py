@@ -136,6 +136,28 @@ def to_onnx_bytes(work: nn.Module, example_inputs: Any, opset: int,
         return _trace_and_translate(work, example_inputs, opset, sig)
 
 
+def _trace_error(err: Exception, work: nn.Module) -> ExportError:
+    """The ExportError of a failed `torch.export`: where (the layer, from the traceback)
+    and the fix."""
+    layer = _layer_from_traceback(err, work)
+    where, hint = "", ""
+    if layer:
+        sub = work.get_submodule(layer)
+        where = f" in layer {layer!r} ({getattr(sub, 'kind', type(sub).__name__)})"
+        if isinstance(sub, (QDQLayer, QDQMultiLayer)):
+            hint = (f", or keep {layer!r} float (list it in the config's skip_layers, "
+                    "or give it the plan entry 'float')")
+    found = re.search(r"Found <class '([\w.]+)'> in output", str(err))
+    fix = (f"return tensors only: the model's output holds a {found.group(1)} (a "
+           "Hugging Face model: config.use_cache=False)" if found else
+           "make that forward traceable (no data-dependent Python control flow, "
+           "inputs as tensors)")
+    return ExportError(
+        f"torch.export could not trace the model{where}: {type(err).__name__}: "
+        f"{_first_line(err)}. To export, {fix}{hint}; the search result is unchanged."
+    )
+
+
 def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
                          sig: Signature) -> bytes:
     args, kwargs = split_inputs(example_inputs)
@@ -155,23 +177,7 @@ def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
         program = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic,
                                       strict=False)
     except Exception as err:
-        layer = _layer_from_traceback(err, work)
-        where, hint = "", ""
-        if layer:
-            sub = work.get_submodule(layer)
-            where = f" in layer {layer!r} ({getattr(sub, 'kind', type(sub).__name__)})"
-            if isinstance(sub, (QDQLayer, QDQMultiLayer)):
-                hint = (f", or keep {layer!r} float (list it in the config's skip_layers, "
-                        "or give it the plan entry 'float')")
-        found = re.search(r"Found <class '([\w.]+)'> in output", str(err))
-        fix = (f"return tensors only: the model's output holds a {found.group(1)} (a "
-               "Hugging Face model: config.use_cache=False)" if found else
-               "make that forward traceable (no data-dependent Python control flow, "
-               "inputs as tensors)")
-        raise ExportError(
-            f"torch.export could not trace the model{where}: {type(err).__name__}: "
-            f"{_first_line(err)}. To export, {fix}{hint}; the search result is unchanged."
-        ) from err
+        raise _trace_error(err, work) from err
     try:
         onnx_program = torch.onnx.export(
             program, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
