@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoquant.errors import ConfigError, ExportError
-from autoquant.export.ortmodule import dtype_hint
+from autoquant.errors import ConfigError
 from autoquant.export.runtime import (
     flat_outputs,
     interleaved_ms,
@@ -60,7 +59,7 @@ def kernel_coverage(onnx_path: str | Path, notes: Mapping[str, str | None]
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        _optimize(onnx_path, optimized)
+        ort_session(onnx_path, optimized_model=optimized)  # writes the optimized graph
         proto = onnx.load(str(optimized), load_external_data=False)
     readers: dict[str, set[str]] = {}
     for node in proto.graph.node:
@@ -81,23 +80,6 @@ def kernel_coverage(onnx_path: str | Path, notes: Mapping[str, str | None]
     total = len(notes)
     return {"integer": integer, "float": floats,
             "summary": f"{len(integer)} of {total} quantized layers run integer kernels"}
-
-
-def _optimize(onnx_path: str | Path, out: Path) -> None:
-    """Write the graph onnxruntime runs (default optimization level) to `out`."""
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ConfigError("onnxruntime is not installed; pip install 'autoquant[onnx]'") \
-            from err
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(out)
-    try:
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime's own error types
-        raise ExportError(f"onnxruntime cannot load the exported graph: {err}"
-                          f"{dtype_hint(err)}") from err
 
 
 def deployment_figures(model: nn.Module, onnx_path: str | Path, example_inputs: Any,

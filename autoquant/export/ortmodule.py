@@ -27,9 +27,11 @@ _TENSOR = object()  # marks where a tensor output goes in the output structure
 
 
 def ort_session(path: str | Path, threads: int | None = None,
-                config: Mapping[str, str] | None = None) -> Any:
+                config: Mapping[str, str] | None = None,
+                optimized_model: str | Path | None = None) -> Any:
     """An onnxruntime CPU session on `path` with default options (all graph optimizations),
-    `threads` intra-op threads when given, and the session `config` entries."""
+    `threads` intra-op threads when given, and the session `config` entries; the graph it
+    optimized is written to `optimized_model` when given."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -44,6 +46,8 @@ def ort_session(path: str | Path, threads: int | None = None,
     options.log_severity_level = 3
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
+    if optimized_model is not None:
+        options.optimized_model_filepath = str(optimized_model)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime's own error types

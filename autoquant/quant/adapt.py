@@ -35,19 +35,15 @@ class Conv1DLinear(nn.Linear):
         return linear
 
 
-def _is(module: nn.Module, qualified: str) -> bool:
-    return any(f"{k.__module__}.{k.__qualname__}" == qualified for k in type(module).__mro__)
-
-
 def adapt_library_modules(model: nn.Module) -> None:
-    """Rewrite `model` (our copy) in place; see the module docstring. A ``Conv1D`` whose
-    class has its own forward (a subclass) is left as it is."""
+    """Rewrite `model` (our copy) in place; see the module docstring. Only the ``Conv1D``
+    class itself is rewritten: a subclass may compute something else."""
     swapped: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if id(child) in swapped:
                 setattr(parent, name, swapped[id(child)])
-            elif _is(child, _CONV1D) and type(child).__qualname__ == "Conv1D" and \
+            elif f"{type(child).__module__}.{type(child).__qualname__}" == _CONV1D and \
                     isinstance(getattr(child, "weight", None), torch.Tensor) and \
                     child.weight.dim() == 2:
                 swapped[id(child)] = Conv1DLinear.from_conv1d(child)
