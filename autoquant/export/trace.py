@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from autoquant.errors import ConfigError, ExportError
+from autoquant.export.movement import fold_weight_movement
 from autoquant.export.qdq import QDQLayer, QDQMultiLayer
 from autoquant.export.qdq_ops import translation_table
 from autoquant.export.signature import (
@@ -197,6 +198,10 @@ def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
         ) from err
     proto = onnx_program.model_proto
     rename_graph(proto, names, sig.input_names, sig.output_names, labels, sig.dynamic_axes)
+    folded = fold_weight_movement(proto)
+    if folded:
+        logger.info("moved %d integer weight(s) into their reader's layout before their "
+                    "DequantizeLinear", folded)
     for node in proto.graph.node:
         # keep the layer path of each node; drop the exporter's debug records (source stack
         # traces with local file paths, FX node dumps), which would double a small file
