@@ -5,6 +5,7 @@ Face ``ModelOutput`` with ``logits``)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,17 +15,44 @@ from torch.nn.utils.rnn import PackedSequence
 
 from autoquant.errors import ModelError
 
-__all__ = ["call_model", "to_device", "model_device", "first_tensor", "primary_tensor"]
+__all__ = ["call_model", "takes_the_dict_whole", "forward_signature", "to_device", "model_device",
+           "first_tensor", "primary_tensor"]
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """``model(*inputs)`` for a tuple or list, ``model(**inputs)`` for a dict (e.g.
-    ``input_ids``, ``attention_mask``), else ``model(inputs)``."""
+    ``input_ids``, ``attention_mask``), else ``model(inputs)``; a dict goes in whole to a
+    forward that takes one argument and no parameter named after any of its keys."""
     if isinstance(inputs, Mapping):
-        return model(**inputs)
+        return model(inputs) if takes_the_dict_whole(forward_signature(model), inputs) else \
+            model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def takes_the_dict_whole(signature: inspect.Signature | None, keys: Any) -> bool:
+    """Whether a forward of `signature` reads a dict with `keys` as one argument
+    (``forward(self, batch)``): no ``**kwargs`` and no parameter named after a key, so that
+    calling it with the keys as keywords could only raise a TypeError."""
+    if signature is None:
+        return False
+    params = list(signature.parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params) or \
+            {p.name for p in params if p.kind is not p.VAR_POSITIONAL} & set(keys):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in params if p.default is p.empty and p.kind not in (
+        p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return bool(positional) and len(required) <= 1
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature of `model`'s forward, or None where it has none to read."""
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from autoquant.batches import call_model
+from autoquant.batches import call_model, takes_the_dict_whole
 from autoquant.errors import ConfigError, ExportError
 
 __all__ = ["OnnxModule", "ort_session"]
@@ -109,7 +109,9 @@ class OnnxModule(nn.Module):
         self.session = ort_session(self.path)
 
     def _tensors(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        if kwargs and self._signature is not None:
+        if kwargs and not args and takes_the_dict_whole(self._signature, kwargs):
+            leaves = tree_flatten(kwargs)[0]  # as the exporter flattens that one dict
+        elif kwargs and self._signature is not None:
             bound = self._signature.bind(*args, **kwargs)
             leaves = tree_flatten(dict(bound.arguments))[0]
         else:

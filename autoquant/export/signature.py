@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoquant.batches import forward_signature, takes_the_dict_whole
 from autoquant.errors import ConfigError
 
 __all__ = ["DynamicAxes", "split_inputs", "input_names_of", "varying_axes", "dynamic_shapes",
@@ -24,15 +25,19 @@ __all__ = ["DynamicAxes", "split_inputs", "input_names_of", "varying_axes", "dyn
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
 
 
-def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def split_inputs(example_inputs: Any, model: nn.Module | None = None
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` of `example_inputs`: a tuple/list of positional inputs, a dict of
-    keyword inputs, or one tensor."""
+    keyword inputs (one positional dict for a `model` whose forward takes it whole, as
+    `autoquant.batches.call_model` calls it), or one tensor."""
     if example_inputs is None:
         raise ConfigError(
             "export needs example_inputs: a tuple of positional inputs (e.g. (x,)) or a dict "
             "of keyword inputs that the model runs on"
         )
     if isinstance(example_inputs, Mapping):
+        if model is not None and takes_the_dict_whole(forward_signature(model), example_inputs):
+            return (example_inputs,), {}
         return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}

@@ -161,7 +161,7 @@ def _trace_error(err: Exception, work: nn.Module) -> ExportError:
 
 def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
                          sig: Signature) -> bytes:
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs, work)
     names = list(sig.input_names) if sig.input_names is not None else \
         input_names_of(work, args, kwargs)
     try:

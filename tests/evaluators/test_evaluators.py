@@ -311,3 +311,24 @@ def test_nested_tuple_outputs_are_searched_in_order_and_a_tensorless_output_is_n
 
     with pytest.raises(ModelError, match=r"returned dict .*no tensor in it.*'logits'"):
         ClassificationEvaluator(batches).evaluate(NoTensor())
+
+
+class _OneDict(nn.Module):
+    """A forward that takes one dict of tensors (``forward(self, batch)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.a(batch["x"]) + self.b(batch["y"])
+
+
+def test_a_forward_that_takes_one_dict_gets_each_dict_batch_whole() -> None:
+    model = _OneDict().eval()
+    inputs = [{"x": torch.randn(5, 3), "y": torch.randn(5, 4)} for _ in range(2)]
+    fidelity = FidelityEvaluator(model, inputs)
+    assert fidelity.evaluate(model) == pytest.approx(1.0)
+    with torch.no_grad():
+        expected = model(inputs[0])
+    assert torch.equal(fidelity.reference_outputs[0], expected)

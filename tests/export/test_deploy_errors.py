@@ -1,4 +1,5 @@
-"""A deployment that cannot be made keeps the search's answer and says why."""
+"""Deploying unusual models: one that cannot be exported keeps the search's answer and says
+why; a forward that takes one dict searches, exports and deploys from dict batches."""
 
 from __future__ import annotations
 
@@ -66,3 +67,23 @@ def test_a_bfloat16_model_is_refused_before_export_naming_the_fix(tmp_path) -> N
     with pytest.raises(aq.ExportError, match=r"bfloat16.*model\.float\(\)"):
         export_checked(qmodel, tmp_path / "m.onnx", (data[0],))
     assert not (tmp_path / "m.onnx").exists()
+
+
+class OneDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(4, 6)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.a(batch["x"]) + self.b(batch["y"])
+
+
+def test_a_forward_that_takes_one_dict_searches_exports_and_deploys_from_dict_batches() -> None:
+    torch.manual_seed(0)
+    batches = [{"x": torch.randn(8, 3), "y": torch.randn(8, 4)} for _ in range(3)]
+    model = OneDict().eval()
+    result = aq.auto_quantize(model, aq.FidelityEvaluator(model, batches), batches[0],
+                              max_loss=0.01, verify_deploy=True)
+    assert "deploy_error" not in result.checks
+    assert result.met_on_deploy and result.deployed_metric == pytest.approx(
+        result.quant_metric, abs=1e-5)
