@@ -187,14 +187,19 @@ class SearchResult:
 
     def _layer_line(self) -> str:
         """``layers quantized: k/N (the schemes); fell back: ...`` with every layer counted
-        once: a layer at a higher-bit rung is quantized *and* fell back from its scheme."""
+        once: a layer at a higher-bit rung is quantized *and* fell back from its scheme; the
+        float layers the search never switched (skipped or never run) are named too."""
         schemes = [self.plan.get(row["name"], "float") for row in self.layers]
         counts = {s: schemes.count(s) for s in dict.fromkeys(schemes) if s != "float"}
         shown = ", ".join(f"{c} {s.upper()}" for s, c in counts.items())
         quantized = sum(counts.values())
+        kept = ", ".join(self.skipped_layers[:5]) + (" ..." if len(self.skipped_layers) > 5
+                                                     else "")
         return (f"layers quantized: {quantized}/{len(self.layers)}"
                 + (f" ({shown})" if shown else "")
-                + f"; fell back: {', '.join(self.fallback_layers) or 'none'}")
+                + f"; fell back: {', '.join(self.fallback_layers) or 'none'}"
+                + (f"; not searched (skip_layers, or never ran in calibration): {kept}"
+                   if kept else ""))
 
     def _size_line(self) -> str:
         """Weight bytes as an export stores them (int8/int16, not bit-packed) vs float32."""

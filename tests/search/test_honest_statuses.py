@@ -93,3 +93,21 @@ def test_trial_labels_tell_apart_plans_with_as_many_fallbacks():
     assert trial_label(a, ["0"]) != trial_label(b, ["1"])
     assert trial_label(a, ["0"]).startswith("fallback 1 [")
     assert trial_label(a, []) == "all quantized"
+
+
+def test_a_layer_the_calibration_never_runs_is_named_as_not_searched():
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.unused, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Unused().eval()
+    batches = [torch.randn(6, 4) for _ in range(2)]
+    result = aq.auto_quantize(model, aq.FidelityEvaluator(model, batches), max_loss=0.01)
+    assert result.skipped_layers == ["unused"] and result.plan.get("unused", "float") == "float"
+    assert "layers quantized: 2/3 (2 W8A8); fell back: none; not searched (skip_layers, or " \
+           "never ran in calibration): unused" in result.summary()
