@@ -38,6 +38,25 @@ _FUSED = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Einsum
                     "Attention", "MultiHeadAttention"})
 
 
+class _Constants:
+    """The graph's constant tensors by name, read into numpy on first use only (a large
+    model's other weights are never copied)."""
+
+    def __init__(self, protos: dict[str, Any]) -> None:
+        self.protos = protos
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.protos
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            from onnx import numpy_helper
+
+            self._arrays[name] = numpy_helper.to_array(self.protos[name])
+        return self._arrays[name]
+
+
 def _attr(node: Any, name: str, default: Any) -> Any:
     from onnx import helper
 
@@ -47,7 +66,7 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
-def _leaf_tensors(node: Any, consts: dict[str, np.ndarray]) -> tuple[np.ndarray, ...] | None:
+def _leaf_tensors(node: Any, consts: _Constants) -> tuple[np.ndarray, ...] | None:
     """A DequantizeLinear of initializers as (integers, scale, zero point), the qparams
     broadcast to the integers' shape; None for a form this pass does not take apart."""
     if len(node.input) < 2 or any(name not in consts for name in node.input if name) or \
@@ -81,7 +100,7 @@ def _dequantize_form(scale: np.ndarray, zp: np.ndarray) -> tuple[int, int] | Non
 
 
 def _run_chain(proto: Any, nodes: list[Any], feeds: dict[str, np.ndarray],
-               outputs: list[str], consts: dict[str, np.ndarray]) -> list[np.ndarray]:
+               outputs: list[str], consts: _Constants) -> list[np.ndarray]:
     """The values of `outputs` of the movement `nodes` on `feeds` (ONNX reference
     semantics of each op, at the model's opset)."""
     from onnx import helper, numpy_helper
@@ -98,7 +117,7 @@ def _run_chain(proto: Any, nodes: list[Any], feeds: dict[str, np.ndarray],
     return ReferenceEvaluator(model).run(outputs, feeds)
 
 
-def _chain(graph: Any, consts: dict[str, np.ndarray]
+def _chain(graph: Any, consts: _Constants
            ) -> tuple[dict[str, tuple[Any, ...]], list[Any], dict[str, Any]]:
     """The foldable part of `graph`: {output of a DequantizeLinear of initializers: (its
     integer initializer's name, its tensors)}, the movement nodes computed from those
@@ -164,15 +183,13 @@ def fold_weight_movement(proto: Any) -> int:
     """Rewrite ``DequantizeLinear(integer initializer) -> data movement -> reader`` as
     ``DequantizeLinear(moved integers) [-> Reshape] -> reader`` in `proto` (in place) for
     readers onnxruntime does not fuse; returns how many weights were folded."""
-    from onnx import numpy_helper
-
     graph = proto.graph
     if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
         return 0  # values read inside a subgraph are not in the node inputs
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts = _Constants({t.name: t for t in graph.initializer})
     for node in graph.node:
         if node.op_type == "Constant" and _attr(node, "value", None) is not None:
-            consts[node.output[0]] = numpy_helper.to_array(_attr(node, "value", None))
+            consts.protos[node.output[0]] = _attr(node, "value", None)
     leaves, nodes, producer = _chain(graph, consts)
     readers: dict[str, list[Any]] = defaultdict(list)
     for node in graph.node:
