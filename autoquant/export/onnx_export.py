@@ -8,8 +8,9 @@ Each quantized layer becomes, in the ONNX graph::
 with the layer's own scales and zero points (per-channel ``axis`` where the weight is
 per-channel); a layer that fell back stays float, a 16-bit layer gets int16 QDQ (opset 21).
 A ``dynamic``-mode layer computes its activation qparams in the graph (ReduceMin/ReduceMax,
-the formula of `autoquant.quant.quantizer.compute_qparams`); a ``weight_only`` layer (and every
-embedding, a DequantizeLinear on its integer table feeding Gather) keeps a float input; a
+the formula of `autoquant.quant.quantizer.compute_qparams`); a ``weight_only`` layer keeps a
+float input, and an ``nn.Embedding`` gathers its integer rows and scales them (the values of
+a DequantizeLinear of the whole table, without dequantizing it on every run); a
 bias correction is an Add after the layer. LSTM/GRU/RNN, MultiheadAttention and QuantMatMul
 wrappers export their own quantized forward with the QDQ ops (`autoquant.export.qdq.QDQMultiLayer`:
 an ONNX LSTM/GRU on dequantized weights, attention as its MatMuls). A part the exporter

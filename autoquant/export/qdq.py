@@ -93,6 +93,13 @@ class QDQLayer(_WrapsModule):
         self.out_spec: tuple | None = None
         if self.integer:
             self._integer_buffers(layer)
+        # an nn.Embedding gathers its integer rows, then dequantizes them: onnxruntime runs
+        # a DequantizeLinear of the whole table before a Gather on every call (10x a float
+        # lookup for a 30k-token vocabulary); the rows' values are the same
+        self.lookup = type(self.module) is nn.Embedding and self.module.max_norm is None \
+            and self.weight_axis in (0, None) and self.act_range is None \
+            and self.bias_delta is None and self.input_inv is None
+        self.zero_points = bool(torch.any(w_zp != 0))
 
     def _integer_buffers(self, layer: QuantLayer) -> None:
         """The int32 bias (bias correction folded in) and the output quantizer, as the
@@ -150,9 +157,24 @@ class QDQLayer(_WrapsModule):
             return dynamic_qdq(x, *self.act_range, self.act_cfg)
         return static_qdq(self, self.act_spec, x)
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding of `ids` as DequantizeLinear of the table computes it, from the
+        gathered integer rows and their scales and zero points (``(q - zp) * s``)."""
+        rows = F.embedding(ids, self.weight_int).float()
+        if self.weight_axis is None:
+            scale, zp = self.weight_scale.reshape(()), self.weight_zero_point.reshape(())
+        else:
+            scale = F.embedding(ids, self.weight_scale.reshape(-1, 1))
+            zp = F.embedding(ids, self.weight_zero_point.reshape(-1, 1))
+        if self.zero_points:
+            rows = rows - zp.float()
+        return (rows * scale).to(self.weight_dtype)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.integer:  # computed without calling the module: run its hooks around us
             return call_with_module_hooks(self.module, self._integer_forward, x)
+        if self.lookup and not args and not kwargs:
+            return call_with_module_hooks(self.module, self._lookup, x)
         x = self._input(x)
         w = dequantize_linear(self.weight_int, self.weight_scale, self.weight_zero_point,
                               self.weight_axis).to(self.weight_dtype)

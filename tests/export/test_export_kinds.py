@@ -142,11 +142,12 @@ def test_embedding_rnn_and_attention_kinds_export_faithfully(case, tmp_path) -> 
                 if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2
                 and sorted(i.dims)[-2] >= 5]
     assert not matrices  # float vectors only (biases, scales)
-    # emb 1, lstm 2, gru 2 (W and R, both directions in each), attn 4 (the packed q|k|v
-    # in-projection as three integer weights, the out-projection), head 1 weights; + the
-    # activation points; + the int32 bias of the head where it runs an integer kernel
+    # lstm 2, gru 2 (W and R, both directions in each), attn 4 (the packed q|k|v
+    # in-projection as three integer weights, the out-projection), head 1 weights (emb: its
+    # integer rows are gathered, then scaled); + the activation points; + the int32 bias
+    # of the head where it runs an integer kernel
     head_bias = int(qmodel.head.integer_kernel)
-    assert ops["DequantizeLinear"] == 10 + acts + head_bias and ops["QuantizeLinear"] == acts
+    assert ops["DequantizeLinear"] == 9 + acts + head_bias and ops["QuantizeLinear"] == acts
     assert ops["ReduceMin"] == ops["ReduceMax"] == dynamic
     x = torch.randint(0, 20, (6, 3), generator=gen)
     check_parity(qmodel, path, x)

@@ -1,5 +1,6 @@
-"""Integer weights reach the op that reads them in its own layout: the exporter's gate
-reordering of an LSTM/GRU is folded into the integers, not repeated on every run."""
+"""Integer weights reach the op that reads them with no per-run work onnxruntime would
+repeat: the exporter's gate reordering of an LSTM/GRU is folded into the integers, and an
+embedding gathers its integer rows before dequantizing them, not the whole table."""
 
 from __future__ import annotations
 
@@ -40,6 +41,31 @@ class Calib(aq.Evaluator):
 
     def evaluate(self, model: nn.Module) -> float:
         return 0.0
+
+
+class Lookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(1000, 16, padding_idx=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids)
+
+
+def test_an_embedding_gathers_integer_rows_and_equals_the_searched_lookup(tmp_path) -> None:
+    from autoquant.export.ortmodule import OnnxModule
+
+    torch.manual_seed(0)
+    data = [torch.randint(0, 1000, (4, 7)) for _ in range(2)]
+    qmodel = aq.quantize(Lookup().eval(), Calib(data))
+    path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
+    graph = onnx.load(str(path)).graph
+    readers = {name: n.op_type for n in graph.node for name in n.input}
+    assert readers["emb.weight_int"] == "Gather"
+    assert "DequantizeLinear" not in [n.op_type for n in graph.node]
+    ids = torch.randint(0, 1000, (3, 7))
+    with torch.no_grad():
+        assert torch.equal(OnnxModule(path)(ids), qmodel(ids))  # bit for bit
 
 
 def _producers(graph) -> dict:

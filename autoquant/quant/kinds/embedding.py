@@ -29,5 +29,6 @@ class QuantEmbedding(QuantLayer):
                          weight_axis)
 
     def kernel_note(self) -> str | None:
-        """A lookup: a Gather of dequantized rows, no integer kernel."""
-        return "float" if self._weight_q is None else "an embedding lookup of dequantized rows"
+        """A lookup, no integer kernel: the export gathers the integer rows, then scales them."""
+        return "float" if self._weight_q is None else \
+            "an embedding lookup (integer rows gathered, then dequantized)"
