@@ -11,7 +11,7 @@ from torch import nn
 from autoquant.plan import parse_scheme
 
 __all__ = ["INTEGER_KERNEL_KINDS", "CONV_KINDS", "bias_ints", "runs_torch_forward",
-           "kernel_note_of"]
+           "slow_integer_kernel", "kernel_note_of"]
 
 INTEGER_KERNEL_KINDS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -39,6 +39,21 @@ def runs_torch_forward(module: nn.Module) -> bool:
     return False
 
 
+def slow_integer_kernel(module: nn.Module) -> str | None:
+    """Why onnxruntime's integer convolution would be slower than its float one for
+    `module` (a 3-D or a grouped, not depthwise, convolution: QLinearConv has no fast path
+    there, about 3x its float Conv); None where it is not."""
+    if isinstance(module, nn.Conv3d):
+        return ("a 3-D convolution: onnxruntime's QLinearConv is about 3x slower than its "
+                "float Conv there, so it runs float on dequantized weights")
+    if isinstance(module, CONV_KINDS) and module.groups > 1 and not (
+            module.groups == module.in_channels):
+        return (f"a grouped convolution (groups={module.groups}, not depthwise): "
+                "onnxruntime's QLinearConv is about 3x slower than its float Conv there, so "
+                "it runs float on dequantized weights")
+    return None
+
+
 def kernel_note_of(layer: Any) -> str | None:
     """None when onnxruntime's CPU provider is expected to run the active `QuantLayer` `layer`
     as an integer kernel; else the reason it runs in float on dequantized weights."""
@@ -51,6 +66,9 @@ def kernel_note_of(layer: Any) -> str | None:
                     "on dequantized weights")
         return (f"onnxruntime's CPU provider has no integer {type(module).__name__} "
                 "kernel: it runs on dequantized weights")
+    slow = slow_integer_kernel(module)
+    if slow is not None:
+        return slow
     if mode == "weight_only":
         return "weight-only: the input stays float, the op runs on dequantized weights"
     if mode == "dynamic":

@@ -41,7 +41,13 @@ from torch.func import functional_call
 from autoquant.config import LayerConfig
 from autoquant.errors import ModelError
 from autoquant.plan import FLOAT, parse_scheme
-from autoquant.quant.integer import CONV_KINDS, bias_ints, kernel_note_of, runs_torch_forward
+from autoquant.quant.integer import (
+    CONV_KINDS,
+    bias_ints,
+    kernel_note_of,
+    runs_torch_forward,
+    slow_integer_kernel,
+)
 from autoquant.quant.qmath import dynamic_fake_quantize, fake_quantize, qrange
 from autoquant.quant.quantizer import ActivationObserver, weight_qparams
 from autoquant.quant.target import deploy_weight_bits, host_target
@@ -212,7 +218,8 @@ class QuantLayer(ForwardsAttributes, nn.Module):
         act = self._act_q
         self.integer_kernel = bool(
             self.config.mode == "static" and act is not None and act[2] is None
-            and a_bits <= 8 and w_bits <= 8 and runs_torch_forward(self.module))
+            and a_bits <= 8 and w_bits <= 8 and runs_torch_forward(self.module)
+            and slow_integer_kernel(self.module) is None)
         self._out_q = None
         if not (self.integer_kernel and isinstance(self.module, CONV_KINDS)):
             return

@@ -358,3 +358,26 @@ def test_gpt2_conv1d_is_quantized_per_output_channel_and_runs_integer_kernels(
     path, figures = export_checked(qmodel, tmp_path / "m.onnx", (data[0],))
     assert figures["integer_kernels"]["summary"].startswith("2 of 2")
     check_parity(qmodel, path, torch.randn(3, 5, 8, generator=gen))
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.regular = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.depthwise(torch.relu(self.grouped(torch.relu(self.regular(x)))))
+
+
+def test_grouped_convolutions_run_float_where_the_integer_kernel_is_slower(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    qmodel = aq.quantize(Grouped().eval(), BatchCalibrator(data))
+    assert qmodel.regular.integer_kernel and qmodel.depthwise.integer_kernel
+    assert not qmodel.grouped.integer_kernel
+    _, figures = export_checked(qmodel, tmp_path / "m.onnx", (data[0],))  # parity checked
+    kernels = figures["integer_kernels"]
+    assert sorted(kernels["integer"]) == ["depthwise", "regular"]
+    assert "grouped convolution (groups=4, not depthwise)" in kernels["float"]["grouped"]
