@@ -132,6 +132,10 @@ class QDQLayer(_WrapsModule):
         shape = x.shape
         if linear and x.dim() != 2:  # a Gemm on 2-D: flatten before the QDQ, not after
             x = x.reshape(-1, shape[-1])
+        padded = not linear and module.padding_mode != "zeros"
+        if padded:  # a reflect/replicate/circular pad copies values: pad before the QDQ,
+            # so that QuantizeLinear -> DequantizeLinear -> Conv fuses into QLinearConv
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         if self.input_inv is not None:
             x = x * self.input_inv
         x = static_qdq(self, self.act_spec, x)
@@ -141,7 +145,13 @@ class QDQLayer(_WrapsModule):
         if self.bias_int is not None:
             b = dequantize_linear(self.bias_int, self.bias_scale, self.bias_zero_point,
                                   self.bias_axis).to(self.weight_dtype)
-        y = F.linear(x, w, b) if linear else module._conv_forward(x, w, b)
+        if linear:
+            y = F.linear(x, w, b)
+        elif padded:
+            conv = getattr(F, f"conv{len(module.kernel_size)}d")
+            y = conv(x, w, b, module.stride, 0, module.dilation, module.groups)
+        else:
+            y = module._conv_forward(x, w, b)
         if self.out_spec is not None:
             y = static_qdq(self, self.out_spec, y)
         if linear and len(shape) != 2:

@@ -23,6 +23,7 @@ from torch import nn
 import autoquant as aq
 from autoquant.errors import ConfigError, ExportError
 from autoquant.export import export_float_onnx, export_onnx, export_saved
+from autoquant.export.onnx_export import export_checked
 from autoquant.export.prepare import export_copy as _export_copy
 from autoquant.export.qdq import QDQLayer
 from autoquant.export.qdq_ops import dequantize_linear
@@ -356,3 +357,14 @@ def test_export_keeps_torch_exporter_noise_off_the_console(tmp_path) -> None:
     assert proc.returncode == 0 and "exported" in proc.stdout, proc.stderr[-2000:]
     assert "torchvision is not installed" not in proc.stderr
     assert "LeafSpec" not in proc.stderr and "FutureWarning" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_convolution_with_a_copying_padding_mode_runs_its_integer_kernel(mode, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    data = _data()
+    qmodel = aq.quantize(model, Calib(data))
+    _, figures = export_checked(qmodel, tmp_path / "m.onnx", (data[0],))  # parity checked
+    assert figures["integer_kernels"]["float"] == {}
