@@ -62,6 +62,7 @@ __all__ = ["DEFAULT_OPSET", "export_onnx", "export_checked", "export_measured",
            "export_float_onnx", "export_saved"]
 
 logger = logging.getLogger(__name__)
+_SLOWER = 1.1  # a latency ratio above this is reported: below, timing noise on small models
 
 
 def _check_runtime_dtype(model: nn.Module) -> None:
@@ -227,7 +228,27 @@ def export_measured(model: nn.Module, path: str | Path, example_inputs: Any,
             figures = deployment_figures(model, out, example_inputs, opset,
                                          float_onnx=baseline)
     figures.update(checked)
+    _warn_if_slower(figures)
     return out, figures
+
+
+def _warn_if_slower(figures: dict[str, Any]) -> None:
+    """Say so when the INT8 file runs slower than the float one (what a user ships it for):
+    what costs the time, and which quantized layers run float."""
+    ratio = figures.get("latency_ratio")
+    if ratio is None or ratio <= _SLOWER:
+        return
+    floats = figures.get("integer_kernels", {}).get("float", {})
+    host = figures.get("host", host_target())
+    logger.warning(
+        "the INT8 file runs at %.2fx the float file's latency in onnxruntime on this CPU "
+        "(%s): the QuantizeLinear/DequantizeLinear pairs around float ops between integer "
+        "kernels (activations such as SiLU or GELU, gates, resizes) cost more than those "
+        "kernels save%s. Layers kept float (skip_layers) trade size for speed%s", ratio, host,
+        f"; {len(floats)} quantized layer(s) run float: {', '.join(list(floats)[:5])}"
+        if floats else "",
+        "; this CPU has no VNNI, on which integer kernels gain less" if host == "x86_avx2"
+        else "")
 
 
 def export_saved(directory: str | Path, onnx_path: str | Path, model: nn.Module | None = None,

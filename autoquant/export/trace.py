@@ -202,6 +202,8 @@ def _trace_and_translate(work: nn.Module, example_inputs: Any, opset: int,
     if folded:
         logger.info("moved %d integer weight(s) into their reader's layout before their "
                     "DequantizeLinear", folded)
+    # the intermediate values' shapes: onnxruntime infers them; a quarter of a small file
+    del proto.graph.value_info[:]
     for node in proto.graph.node:
         # keep the layer path of each node; drop the exporter's debug records (source stack
         # traces with local file paths, FX node dumps), which would double a small file

@@ -87,3 +87,18 @@ def test_a_forward_that_takes_one_dict_searches_exports_and_deploys_from_dict_ba
     assert "deploy_error" not in result.checks
     assert result.met_on_deploy and result.deployed_metric == pytest.approx(
         result.quant_metric, abs=1e-5)
+
+
+def test_an_int8_file_slower_than_float_is_reported_with_the_layers_that_run_float(caplog):
+    from autoquant.export.onnx_export import _warn_if_slower
+
+    figures = {"latency_ratio": 1.8, "host": "x86_avx2",
+               "integer_kernels": {"float": {"rnn": "a recurrent op"}}}
+    with caplog.at_level("WARNING", logger="autoquant.export.onnx_export"):
+        _warn_if_slower(figures)
+        _warn_if_slower({**figures, "latency_ratio": 1.05})  # within timing noise
+        _warn_if_slower({"file_bytes": 10})  # not measured
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "1.80x the float file's latency" in message and "run float: rnn" in message
+    assert "no VNNI" in message
