@@ -10,6 +10,10 @@ graph output): a convolution whose output is not read by exactly one quantizing 
 then gets a quantizer of its own (`autoquant.quant.layers.QuantLayer.requant`), so the deployed
 graph still runs an integer kernel and the search sees that requantization.
 
+The same graph shows a model that reads a layer's parameters outside the layer's forward
+(a tied head ``h @ embed.weight.T``): that product is no layer and runs float, which a
+warning says with the fix.
+
 The graph comes from `torch.fx` with every wrapper as a leaf. A model fx cannot trace gets
 no answer (None): nothing is requantized and the export reports which convolutions then
 run in float. Tracing is a help, never a requirement.
@@ -102,6 +106,41 @@ def _describe(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
     return str(node.target) if node.op == "call_method" else node.op
 
 
+_METADATA = {"shape", "dtype", "device", "size", "dim", "ndim", "numel"}
+
+
+def _warn_direct_reads(graph: torch.fx.Graph, layers: Mapping[str, nn.Module],
+                       modules: Mapping[str, nn.Module]) -> None:
+    """Name the layers whose parameters the model also reads outside their own forward (a
+    tied head ``h @ embed.weight.T``): that computation is no layer, so it runs float."""
+    reads: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        owner = next((n for n in layers if node.op == "get_attr" and
+                      str(node.target).startswith(f"{n}.")), None)
+        if owner is None:
+            continue
+        users, uses = list(node.users), set()
+        while users:
+            user = users.pop()
+            attr = user.args[1] if user.target is getattr and len(user.args) > 1 else \
+                user.target if user.op == "call_method" else None
+            if attr in _METADATA:
+                continue
+            if attr in ("T", "t", "transpose", "permute", "contiguous"):
+                users += list(user.users)
+                continue
+            uses.add(_describe(user, modules))
+        if uses:
+            reads.setdefault(owner, set()).update(uses)
+    for owner, uses in reads.items():
+        logger.warning(
+            "the model reads the parameters of layer %r outside its forward (by %s; e.g. a tied "
+            "head h @ %s.weight.T): that product is no layer, so it computes in float with "
+            "the float weight, unsearched, and the export stores that weight in float too; "
+            "to quantize it, compute it with a module (an nn.Linear whose weight is the "
+            "same Parameter)", owner, ", ".join(sorted(uses)), owner)
+
+
 def output_uses(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, OutputUse] | None:
     """`OutputUse` of every layer in `layers` (``{name: wrapper module}``), or None when
     `model` cannot be traced by `torch.fx` (see the module docstring)."""
@@ -114,6 +153,7 @@ def output_uses(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, 
                     str(err).splitlines()[0][:120] if str(err) else "")
         return None
     modules = dict(model.named_modules(remove_duplicate=False))
+    _warn_direct_reads(graph, layers, modules)
     out: dict[str, OutputUse] = {}
     for node in graph.nodes:
         if node.op != "call_module":

@@ -113,3 +113,31 @@ def test_tied_embedding_and_decoder_are_reported_as_sharing_a_parameter() -> Non
     assert qm.tied == {"emb": ["dec"], "dec": ["emb"]}
     rows = {r["name"]: r["shares_parameters_with"] for r in qm.layer_rows()}
     assert rows == {"emb": ["dec"], "dec": ["emb"]}
+
+
+class TiedHead(nn.Module):
+    """A head that reads the embedding table directly, as tied language models do."""
+
+    def __init__(self, direct: bool) -> None:
+        super().__init__()
+        self.direct = direct
+        self.embed, self.mix = nn.Embedding(50, 8), nn.Linear(8, 8)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.embed(tokens)))
+        weight = self.embed.weight
+        return h @ weight.T if self.direct else h * weight.shape[1]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_product_with_a_layers_own_weight_outside_its_forward_is_named(direct, caplog):
+    tokens = torch.randint(0, 50, (2, 5))
+    with caplog.at_level("WARNING", logger="autoquant.quant.dataflow"):
+        QuantModel(TiedHead(direct).eval(), aq.QuantConfig(), (tokens,))
+    warned = [r.getMessage() for r in caplog.records
+              if "outside its forward" in r.getMessage()]
+    if direct:  # the product runs float: say so, with the fix
+        assert len(warned) == 1 and "layer 'embed'" in warned[0] and "by matmul" in warned[0]
+        assert "nn.Linear whose weight is the same Parameter" in warned[0]
+    else:  # reading its shape is no computation
+        assert warned == []
