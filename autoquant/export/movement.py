@@ -94,9 +94,11 @@ def _dequantize_form(scale: np.ndarray, zp: np.ndarray) -> tuple[int, int] | Non
     varying = [ax for ax in range(scale.ndim) if not (
         np.all(scale == np.take(scale, [0], axis=ax)) and
         np.all(zp == np.take(zp, [0], axis=ax)))]
-    if varying != list(range(varying[0], varying[-1] + 1)) if varying else False:
+    if not varying:
+        return 0, -1
+    if varying != list(range(varying[0], varying[-1] + 1)):
         return None
-    return (varying[0], varying[-1]) if varying else (0, -1)
+    return varying[0], varying[-1]
 
 
 def _run_chain(proto: Any, nodes: list[Any], feeds: dict[str, np.ndarray],
