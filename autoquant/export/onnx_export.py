@@ -56,6 +56,7 @@ from autoquant.export.signature import DynamicAxes, varying_axes
 from autoquant.export.trace import DEFAULT_OPSET, Signature, check_opset, to_onnx_bytes
 from autoquant.io.atomic import atomic_write_bytes
 from autoquant.io.names import REPORT_FILE
+from autoquant.quant.kinds.embedding import LOOKUP_NOTE
 from autoquant.quant.target import host_target, runs_exactly_on
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "export_checked", "export_measured",
@@ -116,12 +117,13 @@ def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
         if coverage is not None:
             figures["integer_kernels"] = coverage
             logger.info("%s", coverage["summary"])
-            if coverage["float"]:
-                shown = "; ".join(f"{n}: {r}" for n, r in list(coverage["float"].items())[:5])
-                more = len(coverage["float"]) - 5
+            # a lookup has no product to run in integers: not worth a warning
+            floats = {n: r for n, r in coverage["float"].items() if r != LOOKUP_NOTE}
+            if floats:
+                shown = "; ".join(f"{n}: {r}" for n, r in list(floats.items())[:5])
+                more = len(floats) - 5
                 logger.warning("%d quantized layer(s) run in float in onnxruntime: %s%s",
-                               len(coverage["float"]), shown,
-                               f" (and {more} more)" if more > 0 else "")
+                               len(floats), shown, f" (and {more} more)" if more > 0 else "")
     out = atomic_write_bytes(path, data)
     logger.info("exported %d QDQ layer(s) to %s (%d bytes, opset %d)", len(layers), out,
                 len(data), opset)
@@ -238,14 +240,15 @@ def _warn_if_slower(figures: dict[str, Any]) -> None:
     ratio = figures.get("latency_ratio")
     if ratio is None or ratio <= _SLOWER:
         return
-    floats = figures.get("integer_kernels", {}).get("float", {})
+    floats = [n for n, r in figures.get("integer_kernels", {}).get("float", {}).items()
+              if r != LOOKUP_NOTE]
     host = figures.get("host", host_target())
     logger.warning(
         "the INT8 file runs at %.2fx the float file's latency in onnxruntime on this CPU "
         "(%s): the QuantizeLinear/DequantizeLinear pairs around float ops between integer "
         "kernels (activations such as SiLU or GELU, gates, resizes) cost more than those "
         "kernels save%s. Layers kept float (skip_layers) trade size for speed%s", ratio, host,
-        f"; {len(floats)} quantized layer(s) run float: {', '.join(list(floats)[:5])}"
+        f"; {len(floats)} quantized layer(s) run float: {', '.join(floats[:5])}"
         if floats else "",
         "; this CPU has no VNNI, on which integer kernels gain less" if host == "x86_avx2"
         else "")

@@ -14,7 +14,10 @@ from torch import nn
 from autoquant.config import LayerConfig
 from autoquant.quant.layers import QuantLayer
 
-__all__ = ["QuantEmbedding"]
+__all__ = ["QuantEmbedding", "LOOKUP_NOTE"]
+
+# why an embedding runs no integer kernel: a lookup has no product to compute in integers
+LOOKUP_NOTE = "an embedding lookup (integer rows gathered, then dequantized)"
 
 
 class QuantEmbedding(QuantLayer):
@@ -30,5 +33,4 @@ class QuantEmbedding(QuantLayer):
 
     def kernel_note(self) -> str | None:
         """A lookup, no integer kernel: the export gathers the integer rows, then scales them."""
-        return "float" if self._weight_q is None else \
-            "an embedding lookup (integer rows gathered, then dequantized)"
+        return "float" if self._weight_q is None else LOOKUP_NOTE
