@@ -11,7 +11,7 @@ from torch import nn
 from autoquant.plan import parse_scheme
 
 __all__ = ["INTEGER_KERNEL_KINDS", "CONV_KINDS", "bias_ints", "runs_torch_forward",
-           "slow_integer_kernel", "kernel_note_of"]
+           "slow_integer_kernel", "has_integer_kernel", "kernel_note_of"]
 
 INTEGER_KERNEL_KINDS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -52,6 +52,13 @@ def slow_integer_kernel(module: nn.Module) -> str | None:
                 "onnxruntime's QLinearConv is about 3x slower than its float Conv there, so "
                 "it runs float on dequantized weights")
     return None
+
+
+def has_integer_kernel(module: nn.Module) -> bool:
+    """Whether onnxruntime runs `module` as a fast integer kernel once its input and weight
+    quantize as that kernel needs: torch's own Linear/Conv forward, not a convolution form
+    whose integer kernel is slower than the float one (`slow_integer_kernel`)."""
+    return runs_torch_forward(module) and slow_integer_kernel(module) is None
 
 
 def kernel_note_of(layer: Any) -> str | None:

@@ -41,13 +41,7 @@ from torch.func import functional_call
 from autoquant.config import LayerConfig
 from autoquant.errors import ModelError
 from autoquant.plan import FLOAT, parse_scheme
-from autoquant.quant.integer import (
-    CONV_KINDS,
-    bias_ints,
-    kernel_note_of,
-    runs_torch_forward,
-    slow_integer_kernel,
-)
+from autoquant.quant.integer import CONV_KINDS, bias_ints, has_integer_kernel, kernel_note_of
 from autoquant.quant.qmath import dynamic_fake_quantize, fake_quantize, qrange
 from autoquant.quant.quantizer import ActivationObserver, weight_qparams
 from autoquant.quant.target import deploy_weight_bits, host_target
@@ -218,8 +212,7 @@ class QuantLayer(ForwardsAttributes, nn.Module):
         act = self._act_q
         self.integer_kernel = bool(
             self.config.mode == "static" and act is not None and act[2] is None
-            and a_bits <= 8 and w_bits <= 8 and runs_torch_forward(self.module)
-            and slow_integer_kernel(self.module) is None)
+            and a_bits <= 8 and w_bits <= 8 and has_integer_kernel(self.module))
         self._out_q = None
         if not (self.integer_kernel and isinstance(self.module, CONV_KINDS)):
             return
@@ -369,9 +362,9 @@ class QuantLayer(ForwardsAttributes, nn.Module):
         return compute(x, *args, **kwargs)  # through functional_call: its hooks run there
 
     def _observe_output(self, y: Any) -> None:
-        # a convolution's output range, for the output quantizer `requant` switches on
+        # an integer convolution's output range, for the output quantizer `requant` uses
         if isinstance(y, torch.Tensor) and isinstance(self.module, CONV_KINDS) and \
-                runs_torch_forward(self.module):
+                has_integer_kernel(self.module):
             self.out_observer.update(torch.relu(y) if self.out_relu else y)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
