@@ -21,13 +21,17 @@ trained digits CNN, validation accuracy) and ``lstm_lm`` (the trained character 
 validation perplexity) are the bundled examples; ``minilm`` (not in the default list: the
 ``bench`` extra) is the pretrained all-MiniLM-L6-v2 encoder of `benchmarks.encoder` with
 the transformer calibration of docs/calibration.md, a 3.4-point budget on its retrieval
-agreement and the output-scope ranking.
+agreement and the output-scope ranking. ``grouped`` (ResNeXt-style groups=8 and depthwise
+convolutions, 32x32, batch 8), ``video`` (two Conv3d, 8 frames of 32x32, batch 4) and
+``gru`` (a 20k-token embedding, a bidirectional GRU 128 wide and a per-token head, 8 x 32
+tokens) are random-init layer forms onnxruntime has no fast integer kernel for.
 
 Usage::
 
     python benchmarks/deploy.py                        # every model
     python benchmarks/deploy.py --models cnn resnet --repeats 50
     python benchmarks/deploy.py --models minilm --repeats 10
+    python benchmarks/deploy.py --models grouped video gru
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from autoquant.export.ortmodule import OnnxModule
 from autoquant.export.runtime import interleaved_ms, ort_feed, ort_session
 from autoquant.quant.target import host_target
 
-__all__ = ["BasicBlock", "ResNet18", "ConvNet", "Case", "CASES", "bench", "main"]
+__all__ = ["BasicBlock", "ResNet18", "ConvNet", "Tagger", "Case", "CASES", "bench", "main"]
 
 
 class BasicBlock(nn.Module):
@@ -206,11 +210,56 @@ def _minilm() -> Case:
                 config=ENCODER_SETTINGS["transformer"], note="top-10 retrieval agreement")
 
 
+def _grouped() -> Case:
+    torch.manual_seed(0)
+
+    def block(groups: int) -> list[nn.Module]:
+        return [nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False),
+                nn.BatchNorm2d(64), nn.ReLU()]
+
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), *block(8), *block(8),
+                          *block(64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return _fidelity_case(_randomize_bn(model), (8, 3, 32, 32))
+
+
+def _video() -> Case:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv3d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, 10))
+    return _fidelity_case(model.eval(), (4, 3, 8, 32, 32))
+
+
+class Tagger(nn.Module):
+    """A token tagger: a 20k-token embedding, a bidirectional GRU, a per-token head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20000, 64)
+        self.gru = nn.GRU(64, 128, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(self.embed(tokens))[0])
+
+
+def _gru() -> Case:
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 20000, (8, 32), generator=gen) for _ in range(2)]
+    return Case(model, FidelityEvaluator(model, data), (data[0],), 0.002,
+                note="cosine fidelity to float")
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "cnn": _cnn, "resnet": _resnet, "transformer": _transformer, "digits": _digits,
-    "lstm_lm": _lstm_lm, "minilm": _minilm,
+    "lstm_lm": _lstm_lm, "minilm": _minilm, "grouped": _grouped, "video": _video,
+    "gru": _gru,
 }
-DEFAULT = ["cnn", "resnet", "transformer", "digits", "lstm_lm"]  # minilm: the bench extra
+# minilm: the bench extra; grouped, video, gru: layer forms onnxruntime has no fast
+# integer kernel for (grouped and 3-D convolutions, a recurrent op), run on request
+DEFAULT = ["cnn", "resnet", "transformer", "digits", "lstm_lm"]
 
 
 def bench(name: str, repeats: int, out_dir: Path) -> dict[str, Any]:
