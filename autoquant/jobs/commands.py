@@ -94,11 +94,11 @@ def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
                                    ranking=journal.ranking, progress=progress)
     finally:
         bars.close()
-    spec = job.config.export
+    spec, onnx_file = job.config.export, None
     if spec is not None:  # the deployed artifact, checked and measured, into the report
         target = Path(spec["path"]).expanduser()
-        result.export_onnx(target if target.is_absolute() else out / target,
-                           strict=spec["strict"], **job.export_options())
+        onnx_file = result.export_onnx(target if target.is_absolute() else out / target,
+                                       strict=spec["strict"], **job.export_options())
     result.save(out)
     reused_records = [r for r in result.history if r in journal.records]
     run = {"resumed": bool(args.resume and reused), "reused_evaluations": len(reused_records),
@@ -110,7 +110,7 @@ def _run_locked(args: argparse.Namespace, job: Any, out: Path) -> int:
     render_report(report, out)
     print(result.summary())
     print(f"results in {out} (report.html, report.md, report.json, quant_config.yaml, "
-          "model_state.pt)")
+          "model_state.pt)" + (f"; the ONNX model in {onnx_file}" if onnx_file else ""))
     if result.status == "float_only":
         return EXIT_FLOAT_ONLY
     return EXIT_OK if result.met else EXIT_NOT_MET

@@ -286,7 +286,8 @@ def test_export_calls_export_saved_with_the_run_directory_and_inputs(tmp_path, m
     assert inputs[0].shape == (2, 8)
 
 
-def test_job_export_section_writes_the_checked_onnx_file_and_the_deployed_metric(tmp_path):
+def test_job_export_section_writes_the_checked_onnx_file_and_the_deployed_metric(tmp_path,
+                                                                                 capsys):
     pytest.importorskip("onnxruntime")
     import onnx
 
@@ -294,6 +295,7 @@ def test_job_export_section_writes_the_checked_onnx_file_and_the_deployed_metric
                                      "dynamic_axes: {x: {0: n}}}", search=", verify_deploy: true")
     assert main(["run", str(job), "-q"]) == EXIT_OK
     out = tmp_path / "out"
+    assert f"the ONNX model in {out / 'model_qdq.onnx'}" in capsys.readouterr().out
     graph = onnx.load(str(out / "model_qdq.onnx")).graph
     assert [i.name for i in graph.input] == ["x"] and [o.name for o in graph.output] == ["y"]
     report = json.loads((out / "report.json").read_text())
