@@ -10,6 +10,7 @@ from torch import nn
 
 from autoquant.errors import ConfigError, ModelError
 from autoquant.evaluators import ClassificationEvaluator, Evaluator, FidelityEvaluator
+from tests.helpers.synthetic import OneDict
 
 
 def _identity_linear() -> nn.Linear:
@@ -313,19 +314,8 @@ def test_nested_tuple_outputs_are_searched_in_order_and_a_tensorless_output_is_n
         ClassificationEvaluator(batches).evaluate(NoTensor())
 
 
-class _OneDict(nn.Module):
-    """A forward that takes one dict of tensors (``forward(self, batch)``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 2), nn.Linear(4, 2)
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.a(batch["x"]) + self.b(batch["y"])
-
-
 def test_a_forward_that_takes_one_dict_gets_each_dict_batch_whole() -> None:
-    model = _OneDict().eval()
+    model = OneDict().eval()
     inputs = [{"x": torch.randn(5, 3), "y": torch.randn(5, 4)} for _ in range(2)]
     fidelity = FidelityEvaluator(model, inputs)
     assert fidelity.evaluate(model) == pytest.approx(1.0)

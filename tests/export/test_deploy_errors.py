@@ -10,7 +10,7 @@ from torch import nn
 import autoquant as aq
 from autoquant.export.onnx_export import export_checked
 from autoquant.report.render import check_lines
-from tests.helpers.synthetic import BatchCalibrator
+from tests.helpers.synthetic import BatchCalibrator, OneDict
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -67,15 +67,6 @@ def test_a_bfloat16_model_is_refused_before_export_naming_the_fix(tmp_path) -> N
     with pytest.raises(aq.ExportError, match=r"bfloat16.*model\.float\(\)"):
         export_checked(qmodel, tmp_path / "m.onnx", (data[0],))
     assert not (tmp_path / "m.onnx").exists()
-
-
-class OneDict(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 6), nn.Linear(4, 6)
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.a(batch["x"]) + self.b(batch["y"])
 
 
 def test_a_forward_that_takes_one_dict_searches_exports_and_deploys_from_dict_batches() -> None:

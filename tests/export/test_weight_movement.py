@@ -12,6 +12,7 @@ from torch import nn
 import autoquant as aq
 from autoquant.export import export_onnx
 from autoquant.export.movement import fold_weight_movement
+from tests.helpers.synthetic import BatchCalibrator
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -31,18 +32,6 @@ class Recurrent(nn.Module):
         return self.head(h[:, -1])
 
 
-class Calib(aq.Evaluator):
-    def __init__(self, data: list[torch.Tensor]) -> None:
-        self.data = data
-
-    def calibration(self, model: nn.Module) -> None:
-        for x in self.data:
-            model(x)
-
-    def evaluate(self, model: nn.Module) -> float:
-        return 0.0
-
-
 class Lookup(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -57,7 +46,7 @@ def test_an_embedding_gathers_integer_rows_and_equals_the_searched_lookup(tmp_pa
 
     torch.manual_seed(0)
     data = [torch.randint(0, 1000, (4, 7)) for _ in range(2)]
-    qmodel = aq.quantize(Lookup().eval(), Calib(data))
+    qmodel = aq.quantize(Lookup().eval(), BatchCalibrator(data))
     path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))
     graph = onnx.load(str(path)).graph
     readers = {name: n.op_type for n in graph.node for name in n.input}
@@ -75,7 +64,7 @@ def _producers(graph) -> dict:
 def test_recurrent_weights_reach_their_op_from_one_dequantize_linear_each(tmp_path) -> None:
     torch.manual_seed(0)
     data = [torch.randn(4, 5, 6) for _ in range(3)]
-    qmodel = aq.quantize(Recurrent().eval(), Calib(data))
+    qmodel = aq.quantize(Recurrent().eval(), BatchCalibrator(data))
     path = export_onnx(qmodel, tmp_path / "m.onnx", (data[0],))  # checks parity itself
     graph = onnx.load(str(path)).graph
     producer = _producers(graph)

@@ -87,3 +87,15 @@ class BatchCalibrator:
 
     def evaluate(self, model: nn.Module) -> float:
         return 0.0
+
+
+class OneDict(nn.Module):
+    """A forward that takes one dict of tensors (``forward(self, batch)``): ``x`` of 3 and
+    ``y`` of 4 features, summed through two Linear layers to `width`."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, width), nn.Linear(4, width)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.a(batch["x"]) + self.b(batch["y"])
