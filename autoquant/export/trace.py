@@ -102,8 +102,8 @@ def _first_line(err: BaseException) -> str:
 _QUIET_LOGGERS = (
     "torch.onnx._internal.exporter._registration",  # "torchvision is not installed ..."
     "onnxscript.optimizer._constant_folding",  # "Skipping constant folding for op Split ..."
-    # a data-dependent branch: "Unable to find user code ..." and the whole traced graph,
-    # before the ExportError that names the layer and the fix
+    # a data-dependent branch: "Unable to find user code ...", before the ExportError that
+    # names the layer and the fix (torch still prints the partial graph to stderr itself)
     "torch.fx.experimental.symbolic_shapes",
 )
 
@@ -114,7 +114,7 @@ def _quiet_exporter() -> Any:
 
     They are: the registry's "torchvision is not installed. Skipping torchvision::nms"
     warnings, onnxscript's "Skipping constant folding for op Split with multiple outputs"
-    (one per attention block), torch.export's dump of the traced graph before it refuses a
+    (one per attention block), torch's "Unable to find user code" before it refuses a
     data-dependent branch, a pytree ``LeafSpec`` FutureWarning raised inside torch, and
     the ``_flat_weights`` note of an RNN traced through ``functional_call`` (QDQMultiLayer
     swaps in the dequantized weights while tracing and restores them).
