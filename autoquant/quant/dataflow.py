@@ -11,8 +11,8 @@ then gets a quantizer of its own (`autoquant.quant.layers.QuantLayer.requant`), 
 graph still runs an integer kernel and the search sees that requantization.
 
 The same graph shows a model that reads a layer's parameters outside the layer's forward
-(a tied head ``h @ embed.weight.T``): that product is no layer and runs float, which a
-warning says with the fix.
+(a tied head ``h @ embed.weight.T``) or calls ``F.scaled_dot_product_attention``: those
+products are no layer and run float, which a warning says with the fix.
 
 The graph comes from `torch.fx` with every wrapper as a leaf. A model fx cannot trace gets
 no answer (None): nothing is requantized and the export reports which convolutions then
@@ -154,6 +154,14 @@ def output_uses(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, 
         return None
     modules = dict(model.named_modules(remove_duplicate=False))
     _warn_direct_reads(graph, layers, modules)
+    fused = sum(node.op == "call_function" and node.target is F.scaled_dot_product_attention
+                for node in graph.nodes)
+    if fused:
+        logger.warning(
+            "the model calls F.scaled_dot_product_attention %d time(s): its two activation "
+            "products (q @ k^T and attention @ v) are no layer, so they run float; to "
+            "quantize them, write the attention with aq.QuantMatMul (docs/layer-kinds.md)",
+            fused)
     out: dict[str, OutputUse] = {}
     for node in graph.nodes:
         if node.op != "call_module":

@@ -141,3 +141,20 @@ def test_a_product_with_a_layers_own_weight_outside_its_forward_is_named(direct,
         assert "nn.Linear whose weight is the same Parameter" in warned[0]
     else:  # reading its shape is no computation
         assert warned == []
+
+
+class FusedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_scaled_dot_product_attention_is_named_as_running_its_products_float(caplog):
+    with caplog.at_level("WARNING", logger="autoquant.quant.dataflow"):
+        QuantModel(FusedAttention().eval(), aq.QuantConfig(), (torch.randn(2, 5, 8),))
+    warned = [r.getMessage() for r in caplog.records if "scaled_dot_product" in r.getMessage()]
+    assert len(warned) == 1 and "1 time(s)" in warned[0] and "aq.QuantMatMul" in warned[0]
