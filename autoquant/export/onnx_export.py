@@ -47,10 +47,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from autoquant.errors import ConfigError, ExportError
+from autoquant.export.ortmodule import CPU_UNSUPPORTED, DTYPE_FIX
 from autoquant.export.prepare import check_target, export_copy, kernel_notes, model_target
 from autoquant.export.signature import DynamicAxes, varying_axes
 from autoquant.export.trace import DEFAULT_OPSET, Signature, check_opset, to_onnx_bytes
@@ -69,12 +69,12 @@ _SLOWER = 1.1  # a latency ratio above this is reported: below, timing noise on 
 def _check_runtime_dtype(model: nn.Module) -> None:
     """onnxruntime's CPU kernels run float32 and float16 graphs, not bfloat16 or float64
     convolutions: refuse before tracing, naming the fix."""
-    odd = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float64}
+    odd = {p.dtype for p in model.parameters()} & set(CPU_UNSUPPORTED)
     if odd:
         raise ExportError(
             f"the model computes in {', '.join(sorted(str(d)[6:] for d in odd))}, which "
-            "onnxruntime's CPU kernels do not run; quantize a float32 copy (model.float()) "
-            "to deploy it, or export with check=False for another runtime")
+            f"onnxruntime's CPU kernels do not run; {DTYPE_FIX}, or export with check=False "
+            "for another runtime")
 
 
 def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
@@ -117,8 +117,7 @@ def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
         if coverage is not None:
             figures["integer_kernels"] = coverage
             logger.info("%s", coverage["summary"])
-            # a lookup has no product to run in integers: not worth a warning
-            floats = {n: r for n, r in coverage["float"].items() if r != LOOKUP_NOTE}
+            floats = _float_layers(coverage)
             if floats:
                 shown = "; ".join(f"{n}: {r}" for n, r in list(floats.items())[:5])
                 more = len(floats) - 5
@@ -234,14 +233,19 @@ def export_measured(model: nn.Module, path: str | Path, example_inputs: Any,
     return out, figures
 
 
+def _float_layers(coverage: dict[str, Any]) -> dict[str, str]:
+    """The quantized layers of a kernel count that run float, with why, but for embedding
+    lookups: a lookup has no product to run in integers, nothing to act on."""
+    return {n: r for n, r in coverage.get("float", {}).items() if r != LOOKUP_NOTE}
+
+
 def _warn_if_slower(figures: dict[str, Any]) -> None:
     """Say so when the INT8 file runs slower than the float one (what a user ships it for):
     what costs the time, and which quantized layers run float."""
     ratio = figures.get("latency_ratio")
     if ratio is None or ratio <= _SLOWER:
         return
-    floats = [n for n, r in figures.get("integer_kernels", {}).get("float", {}).items()
-              if r != LOOKUP_NOTE]
+    floats = list(_float_layers(figures.get("integer_kernels", {})))
     host = figures.get("host", host_target())
     logger.warning(
         "the INT8 file runs at %.2fx the float file's latency in onnxruntime on this CPU "

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from autoquant.batches import call_model, takes_the_dict_whole
 from autoquant.errors import ConfigError, ExportError
 
-__all__ = ["OnnxModule", "ort_session"]
+__all__ = ["OnnxModule", "ort_session", "dtype_hint", "CPU_UNSUPPORTED", "DTYPE_FIX"]
 
 _TENSOR = object()  # marks where a tensor output goes in the output structure
 
@@ -54,15 +54,18 @@ def ort_session(path: str | Path, threads: int | None = None,
         raise ExportError(f"onnxruntime cannot load {path}: {err}{dtype_hint(err)}") from err
 
 
+# float types onnxruntime's CPU kernels do not run for every op: torch dtype -> ONNX name
+CPU_UNSUPPORTED = {torch.bfloat16: "bfloat16", torch.float64: "double"}
+DTYPE_FIX = "quantize a float32 copy (model.float()) to deploy it"
+
+
 def dtype_hint(err: BaseException) -> str:
     """The fix for a graph whose float type onnxruntime's CPU kernels lack, else ''."""
     text = str(err)
-    for onnx_type, torch_type in (("tensor(bfloat16)", "bfloat16"), ("tensor(double)",
-                                                                    "float64")):
-        if onnx_type in text:
-            return (f". The model computes in {torch_type}, which onnxruntime's CPU kernels "
-                    "do not run (for every op); quantize a float32 copy (model.float()) to "
-                    "deploy it")
+    for dtype, onnx_type in CPU_UNSUPPORTED.items():
+        if f"tensor({onnx_type})" in text:
+            return (f". The model computes in {str(dtype)[6:]}, which onnxruntime's CPU "
+                    f"kernels do not run (for every op); {DTYPE_FIX}")
     return ""
 
 
