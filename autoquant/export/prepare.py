@@ -7,7 +7,8 @@ from __future__ import annotations
 from torch import nn
 
 from autoquant.errors import ConfigError, ExportError, InternalError, ModelError
-from autoquant.export.qdq import QDQLayer, QDQMultiLayer
+from autoquant.export.qdq import QDQLayer, QDQMultiLayer, QDQSigmoid
+from autoquant.quant.activations import QuantSigmoid, QuantSiLU, sigmoid_range
 from autoquant.quant.copying import copy_model
 from autoquant.quant.kinds.base import MultiQuantLayer
 from autoquant.quant.layers import QuantLayer, QuantState
@@ -39,7 +40,24 @@ def export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str,
             layers[name] = new.storage_bits  # type: ignore[assignment]
         parent_name, _, child = name.rpartition(".")
         setattr(work.get_submodule(parent_name) if parent_name else work, child, new)
+    _export_sigmoids(work, quantized)
     return work, layers
+
+
+def _export_sigmoids(work: nn.Module, quantized: bool) -> None:
+    """Each `QuantSigmoid`/`QuantSiLU` becomes a `QDQSigmoid` where its quantizer is on
+    (and `quantized`), else the plain torch module (one replacement per shared object)."""
+    memo: dict[int, nn.Module] = {}
+    for parent in list(work.modules()):
+        for key, child in parent._modules.items():
+            if not isinstance(child, (QuantSigmoid, QuantSiLU)):
+                continue
+            if id(child) not in memo:
+                silu = isinstance(child, QuantSiLU)
+                span = sigmoid_range(child) if quantized else None
+                memo[id(child)] = QDQSigmoid(silu, span) if span is not None else \
+                    nn.SiLU(child.inplace) if silu else nn.Sigmoid()
+            parent._modules[key] = memo[id(child)]
 
 
 def refuse_unexportable(work: nn.Module) -> None:

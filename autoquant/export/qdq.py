@@ -22,16 +22,18 @@ from autoquant.export.qdq_ops import (
     broadcast,
     dequantize_linear,
     dynamic_qdq,
+    quantize_linear,
     static_act,
     static_qdq,
     storage_type,
     weight_ints,
 )
+from autoquant.quant.activations import SIGMOID_SCALE
 from autoquant.quant.integer import bias_ints
 from autoquant.quant.layers import QuantLayer
 from autoquant.quant.wrapping import ForwardsAttributes, call_with_module_hooks, no_fast_path
 
-__all__ = ["QDQLayer", "QDQMultiLayer"]
+__all__ = ["QDQLayer", "QDQMultiLayer", "QDQSigmoid"]
 
 
 class _WrapsModule(ForwardsAttributes, nn.Module):
@@ -211,6 +213,25 @@ class QDQLayer(_WrapsModule):
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+
+class QDQSigmoid(nn.Module):
+    """A `QuantSigmoid`/`QuantSiLU` whose quantizer is on, written as the runtime fuses it:
+    ``Sigmoid -> QuantizeLinear -> DequantizeLinear`` (QLinearSigmoid) and, for a SiLU, the
+    product with the input (QLinearMul when the next layer quantizes it)."""
+
+    def __init__(self, silu: bool, span: tuple[int, int]) -> None:
+        super().__init__()
+        self.silu = silu
+        dtype, _ = storage_type(*span)
+        self.register_buffer("sigmoid_scale", torch.tensor(SIGMOID_SCALE, dtype=torch.float32))
+        self.register_buffer("sigmoid_zero_point", torch.tensor(span[0], dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = quantize_linear(torch.sigmoid(x).float(), self.sigmoid_scale,
+                            self.sigmoid_zero_point, None)
+        s = dequantize_linear(q, self.sigmoid_scale, self.sigmoid_zero_point, None).to(x.dtype)
+        return x * s if self.silu else s
 
 
 def _channel_axis(module: nn.Module, input_dim: int) -> int | None:

@@ -13,7 +13,8 @@ from torch import nn
 
 from autoquant.errors import ModelError
 
-__all__ = ["copy_model", "bake_weight_reparametrizations", "uncompiled", "check_model_devices"]
+__all__ = ["copy_model", "bake_weight_reparametrizations", "uncompiled", "check_model_devices",
+           "check_finite_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +125,14 @@ def check_model_devices(model: Any) -> None:
             f"({shown}); materialise the model first, e.g. model.to_empty(device='cpu') "
             "then load_state_dict(...), or build it without device='meta'"
         )
+
+
+def check_finite_weights(name: str, module: nn.Module) -> None:
+    """NaN or inf in a weight makes every scale NaN and every quantized output NaN."""
+    for pname, param in module.named_parameters():
+        bad = int((~torch.isfinite(param.detach())).sum())
+        if bad:
+            raise ModelError(
+                f"layer {name!r}: its parameter {pname!r} holds {bad} NaN or inf value(s), "
+                "so its quantization scales and outputs would be NaN; fix the weights (the "
+                "float model computes garbage with them too), or skip the layer")

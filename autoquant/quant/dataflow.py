@@ -32,7 +32,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OutputUse", "output_uses"]
+__all__ = ["OutputUse", "output_uses", "trace_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +141,12 @@ def _warn_direct_reads(graph: torch.fx.Graph, layers: Mapping[str, nn.Module],
             "same Parameter)", owner, ", ".join(sorted(uses)), owner)
 
 
-def output_uses(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, OutputUse] | None:
-    """`OutputUse` of every layer in `layers` (``{name: wrapper module}``), or None when
-    `model` cannot be traced by `torch.fx` (see the module docstring)."""
-    by_id = {id(m): name for name, m in layers.items()}
+def trace_layers(model: nn.Module, layers: Mapping[str, nn.Module]) -> torch.fx.Graph | None:
+    """The `torch.fx` graph of `model` with every wrapper in `layers` as a leaf, or None
+    when fx cannot trace it; warns about products the graph shows running float."""
+    by_id = {id(m) for m in layers.values()}
     try:
-        graph = _LeafTracer(set(by_id)).trace(model)
+        graph = _LeafTracer(by_id).trace(model)
     except Exception as err:  # any user code may fail symbolic tracing
         logger.info("torch.fx cannot trace %s (%s: %s); convolution outputs are not "
                     "requantized", type(model).__name__, type(err).__name__,
@@ -162,6 +162,19 @@ def output_uses(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, 
             "products (q @ k^T and attention @ v) are no layer, so they run float; to "
             "quantize them, write the attention with aq.QuantMatMul (docs/layer-kinds.md)",
             fused)
+    return graph
+
+
+def output_uses(model: nn.Module, layers: Mapping[str, nn.Module],
+                graph: torch.fx.Graph | None = None) -> dict[str, OutputUse] | None:
+    """`OutputUse` of every layer in `layers` (``{name: wrapper module}``) on `graph`
+    (traced by `trace_layers` when not given), or None when `model` cannot be traced by
+    `torch.fx` (see the module docstring)."""
+    graph = trace_layers(model, layers) if graph is None else graph
+    if graph is None:
+        return None
+    by_id = {id(m): name for name, m in layers.items()}
+    modules = dict(model.named_modules(remove_duplicate=False))
     out: dict[str, OutputUse] = {}
     for node in graph.nodes:
         if node.op != "call_module":

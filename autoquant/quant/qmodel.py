@@ -18,14 +18,16 @@ from autoquant.batches import call_model
 from autoquant.config import QuantConfig
 from autoquant.errors import ConfigError, EvaluatorError, ModelError
 from autoquant.plan import FLOAT, QuantPlan
+from autoquant.quant.activations import quantize_sigmoids
 from autoquant.quant.adapt import adapt_library_modules
 from autoquant.quant.copying import (
     bake_weight_reparametrizations,
+    check_finite_weights,
     check_model_devices,
     copy_model,
     uncompiled,
 )
-from autoquant.quant.dataflow import OutputUse, output_uses
+from autoquant.quant.dataflow import OutputUse, output_uses, trace_layers
 from autoquant.quant.fold import fold_conv_bn
 from autoquant.quant.kind_registry import (
     layer_kinds,
@@ -98,17 +100,6 @@ def _check_no_alias_in_config(config: QuantConfig, aliases: dict[str, list[str]]
                 f"the quant config names {name!r}, which is the same module object as "
                 f"{canonical[name]!r} (a shared module is one unit); use {canonical[name]!r}"
             )
-
-
-def _check_finite_weights(name: str, module: nn.Module) -> None:
-    """NaN or inf in a weight makes every scale NaN and every quantized output NaN."""
-    for pname, param in module.named_parameters():
-        bad = int((~torch.isfinite(param.detach())).sum())
-        if bad:
-            raise ModelError(
-                f"layer {name!r}: its parameter {pname!r} holds {bad} NaN or inf value(s), "
-                "so its quantization scales and outputs would be NaN; fix the weights (the "
-                "float model computes garbage with them too), or skip the layer")
 
 
 def _working_copy(model: nn.Module) -> nn.Module:
@@ -190,7 +181,10 @@ class QuantModel:
         self.all_layers = names
         self.never_executed: list[str] = []
         self.calibration_inputs: list[Any] = []  # the first calibration batches
-        self.output_uses: dict[str, OutputUse] | None = output_uses(self.model, self.layers)
+        graph = trace_layers(self.model, self.layers)
+        self.output_uses: dict[str, OutputUse] | None = \
+            None if graph is None else output_uses(self.model, self.layers, graph)
+        quantize_sigmoids(self.model, self.layers, graph)  # where QLinearSigmoid fuses
         for name, use in (self.output_uses or {}).items():
             self.layers[name].out_relu = use.through_relu
         if example_inputs is not None:
@@ -201,7 +195,7 @@ class QuantModel:
         layers: dict[str, QuantLayer] = {}
         for name in names:
             module = self.model.get_submodule(name)
-            _check_finite_weights(name, module)
+            check_finite_weights(name, module)
             wrapper = wrapper_class_of(module)
             layer = wrapper(module, name, self.config.layer_config(name),
                             weight_axis_of(module))

@@ -1,0 +1,123 @@
+"""Sigmoid outputs quantized where the runtime then runs them in integers.
+
+onnxruntime runs ``DequantizeLinear -> Sigmoid -> QuantizeLinear`` as one QLinearSigmoid
+(a 256-entry table) and ``DQ, DQ -> Mul -> Q`` as QLinearMul. A SiLU (``x * sigmoid(x)``)
+after an integer convolution whose output is requantized (`QuantLayer.requant`) only needs
+a quantizer at the sigmoid's output to run both: without it the deployed graph computes
+the sigmoid and the product in float between a DequantizeLinear and the next layer's
+QuantizeLinear, which on a CPU without VNNI made a SiLU network slower than float.
+
+A sigmoid's output lies in [0, 1], so its quantizer needs no calibration: uint8 with scale
+1/255 and zero point 0. It is for uint8 convolution outputs (the default asymmetric
+activations) only: QLinearSigmoid/QLinearMul take one integer type, and onnxruntime's x86
+CPU kernels fuse int8 activations into none of these ops. The searched
+model computes that quantizer too (`QuantSiLU`, `QuantSigmoid`), so the deployed model is
+the searched one; it is on only while every call of the module reads the output of a
+requantized layer (else the runtime could not fuse it and the quantizer would only cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.fx
+from torch import nn
+
+from autoquant.quant.layers import QuantLayer, QuantState
+from autoquant.quant.qmath import fake_quantize
+
+__all__ = ["QuantSigmoid", "QuantSiLU", "SIGMOID_SCALE", "sigmoid_range",
+           "quantize_sigmoids"]
+
+SIGMOID_SCALE = 1.0 / 255.0  # [0, 1] onto 256 steps
+
+# modules that pass a tensor through unchanged (BatchNorm folded into its conv leaves one)
+_PASS_THROUGH = (nn.Identity, nn.Dropout)
+
+
+def sigmoid_range(module: nn.Module) -> tuple[int, int] | None:
+    """The range [0, 255] of `module`'s uint8 sigmoid quantizer in the current plan, or
+    None while it is off: some call does not read a requantized uint8 layer output."""
+    producers: tuple[QuantLayer, ...] = getattr(module, "producers", ())
+    for layer in producers:
+        if layer.state is not QuantState.QUANTIZE or not layer.requant or \
+                layer._out_q is None or layer._out_q[0] < 0:
+            return None
+    return (0, 255) if producers else None
+
+
+def _sigmoid_q(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    span = sigmoid_range(module)
+    if span is None:
+        return None
+    scale = torch.tensor(SIGMOID_SCALE, device=x.device)
+    return fake_quantize(torch.sigmoid(x), scale, torch.tensor(span[0], device=x.device),
+                         *span).to(x.dtype)
+
+
+class QuantSigmoid(nn.Sigmoid):
+    """`nn.Sigmoid` whose output is quantized to 8 bits (see the module docstring)."""
+
+    producers: tuple[QuantLayer, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = _sigmoid_q(self, x)
+        return super().forward(x) if s is None else s
+
+
+class QuantSiLU(nn.SiLU):
+    """`nn.SiLU` as ``x * q(sigmoid(x))`` with that sigmoid quantizer (module docstring)."""
+
+    producers: tuple[QuantLayer, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = _sigmoid_q(self, x)
+        return super().forward(x) if s is None else x * s
+
+
+_SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.Sigmoid: QuantSigmoid, nn.SiLU: QuantSiLU}
+
+
+def _producer(node: torch.fx.Node, modules: Mapping[str, nn.Module],
+              layers: Mapping[int, QuantLayer]) -> QuantLayer | None:
+    """The layer whose output `node` (an activation call) reads, through no-op modules."""
+    arg = node.args[0] if node.args else None
+    while isinstance(arg, torch.fx.Node) and arg.op == "call_module":
+        module = modules.get(str(arg.target))
+        if id(module) in layers:
+            return layers[id(module)]
+        if type(module) not in _PASS_THROUGH or not arg.args:
+            return None
+        arg = arg.args[0]
+    return None
+
+
+def quantize_sigmoids(model: nn.Module, layers: Mapping[str, QuantLayer],
+                      graph: torch.fx.Graph | None) -> int:
+    """Swap, in place, every ``nn.Sigmoid``/``nn.SiLU`` of `model` that the fx `graph`
+    shows reading quantizable layers' outputs only for its quantizing twin (the same
+    object state, so hooks and aliases carry over); returns how many were swapped."""
+    if graph is None:
+        return 0
+    modules = dict(model.named_modules(remove_duplicate=False))
+    by_id = {id(layer): layer for layer in layers.values()}
+    calls: dict[int, list[QuantLayer | None]] = {}
+    for node in graph.nodes:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if type(module) in _SWAPS:
+            calls.setdefault(id(module), []).append(_producer(node, modules, by_id))
+    swapped: dict[int, nn.Module] = {}
+    for module in modules.values():
+        readers = calls.get(id(module))
+        if readers and None not in readers and id(module) not in swapped:
+            twin = _SWAPS[type(module)].__new__(_SWAPS[type(module)])
+            twin.__dict__.update(module.__dict__)
+            twin.producers = tuple(dict.fromkeys(readers))  # type: ignore[arg-type]
+            swapped[id(module)] = twin
+    for parent in model.modules():
+        children = parent._modules
+        for key, child in children.items():
+            if child is not None and id(child) in swapped:
+                children[key] = swapped[id(child)]
+    return len(swapped)

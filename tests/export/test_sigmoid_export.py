@@ -1,0 +1,103 @@
+"""A sigmoid (alone or in a SiLU) after a requantized integer convolution has its output
+quantized at fixed 8-bit qparams, in the searched model and the export, so that
+onnxruntime runs QLinearSigmoid and QLinearMul instead of float ops between QDQ pairs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autoquant as aq
+from autoquant.quant.activations import SIGMOID_SCALE, QuantSigmoid, QuantSiLU, sigmoid_range
+from autoquant.quant.qmath import fake_quantize
+from autoquant.quant.qmodel import QuantModel
+from tests.helpers.synthetic import BatchCalibrator
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from autoquant.export.onnx_export import export_checked  # noqa: E402
+from autoquant.export.ortmodule import ort_session  # noqa: E402
+from tests.helpers.onnxcheck import check_parity  # noqa: E402
+
+
+class SiLUNet(nn.Module):
+    """Conv-BN-SiLU twice, a conv gated by a sigmoid, and one SiLU module shared by a
+    convolution's output and a sum (that one must stay float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU())
+        self.c2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU())
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.sig = nn.Sigmoid()
+        self.shared = nn.SiLU()
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c2(self.c1(x))
+        y = y * self.sig(self.gate(y))
+        z = self.shared(self.c3(y))
+        return self.head(self.shared(z + y))
+
+
+def _data() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, 12, 12, generator=gen) for _ in range(2)]
+
+
+def _quantized(symmetric: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    config = {"default": {"activation": {"symmetric": True}}} if symmetric else None
+    return aq.quantize(SiLUNet().eval(), BatchCalibrator(_data()), config=config)
+
+
+def test_a_sigmoid_after_a_requantized_convolution_runs_qlinear_sigmoid(tmp_path) -> None:
+    qmodel = _quantized()
+    assert isinstance(qmodel.c1[2], QuantSiLU) and isinstance(qmodel.sig, QuantSigmoid)
+    assert type(qmodel.shared) is nn.SiLU  # one of its calls reads a sum: left alone
+    assert sigmoid_range(qmodel.c1[2]) == (0, 255) and sigmoid_range(qmodel.sig) == (0, 255)
+    x = _data()[0]
+    _, figures = export_checked(qmodel, tmp_path / "m.onnx", (x,))  # parity checked
+    check_parity(qmodel, tmp_path / "m.onnx", x)
+    ort_session(tmp_path / "m.onnx", optimized_model=tmp_path / "opt.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    # c1's, c2's and the gate's sigmoids run as tables; the shared SiLU's two stay float
+    assert ops["QLinearSigmoid"] == 3 and ops["Sigmoid"] + ops["QuickGelu"] == 2
+    assert ops["QLinearMul"] >= 1  # c1's SiLU product: c2 quantizes it
+    assert figures["integer_kernels"]["summary"].startswith("5 of 5")
+
+
+def test_int8_activations_keep_the_sigmoid_float_as_onnxruntime_fuses_none_of_it() -> None:
+    qmodel = _quantized(symmetric=True)  # x86 kernels fuse no int8 activation
+    assert sigmoid_range(qmodel.c1[2]) is None and sigmoid_range(qmodel.sig) is None
+    x = _data()[0]
+    with torch.no_grad():
+        y = qmodel.c1[1](qmodel.c1[0](x))
+        assert torch.equal(qmodel.c1[2](y), F.silu(y))
+
+
+def test_the_searched_silu_quantizes_its_sigmoid_and_the_float_plan_does_not() -> None:
+    torch.manual_seed(0)
+    model = SiLUNet().eval()
+    qm = QuantModel(model, aq.QuantConfig())
+    data = _data()
+    qm.calibrate(lambda m, where: [m(x) for x in data])
+    silu, conv = qm.model.c1[2], qm.layers["c1.0"]
+    qm.apply_plan(qm.quant_plan())
+    with torch.no_grad():
+        y = conv(data[0])
+        expected = y * fake_quantize(torch.sigmoid(y), torch.tensor(SIGMOID_SCALE),
+                                     torch.tensor(0), 0, 255)
+        assert torch.equal(silu(y), expected)
+        assert not torch.equal(silu(y), F.silu(y))
+    qm.apply_plan({**qm.quant_plan(), "c1.0": "float"})  # its producer runs float: off
+    assert sigmoid_range(silu) is None
+    with torch.no_grad():
+        assert torch.equal(silu(y), F.silu(y))
