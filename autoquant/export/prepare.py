@@ -55,7 +55,8 @@ def _export_sigmoids(work: nn.Module, quantized: bool) -> None:
             if id(child) not in memo:
                 silu = isinstance(child, QuantSiLU)
                 span = sigmoid_range(child) if quantized else None
-                memo[id(child)] = QDQSigmoid(silu, span) if span is not None else \
+                out = child.output_qparams() if silu and span is not None else None
+                memo[id(child)] = QDQSigmoid(silu, span, out) if span is not None else \
                     nn.SiLU(child.inplace) if silu else nn.Sigmoid()
             parent._modules[key] = memo[id(child)]
 

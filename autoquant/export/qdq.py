@@ -218,20 +218,26 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 class QDQSigmoid(nn.Module):
     """A `QuantSigmoid`/`QuantSiLU` whose quantizer is on, written as the runtime fuses it:
     ``Sigmoid -> QuantizeLinear -> DequantizeLinear`` (QLinearSigmoid) and, for a SiLU, the
-    product with the input (QLinearMul when the next layer quantizes it)."""
+    product with the input (QLinearMul when the next layer or `out`, the SiLU's own output
+    quantizer ``(scale, zero point, qmin, qmax)``, quantizes it)."""
 
-    def __init__(self, silu: bool, span: tuple[int, int]) -> None:
+    def __init__(self, silu: bool, span: tuple[int, int], out: tuple | None = None) -> None:
         super().__init__()
         self.silu = silu
         dtype, _ = storage_type(*span)
         self.register_buffer("sigmoid_scale", torch.tensor(SIGMOID_SCALE, dtype=torch.float32))
         self.register_buffer("sigmoid_zero_point", torch.tensor(span[0], dtype=dtype))
+        self.out_spec = None if out is None else static_act(
+            self, ("out_scale", "out_zero_point", "out_low", "out_high"), *out, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = quantize_linear(torch.sigmoid(x).float(), self.sigmoid_scale,
                             self.sigmoid_zero_point, None)
         s = dequantize_linear(q, self.sigmoid_scale, self.sigmoid_zero_point, None).to(x.dtype)
-        return x * s if self.silu else s
+        if not self.silu:
+            return s
+        y = x * s
+        return y if self.out_spec is None else static_qdq(self, self.out_spec, y)
 
 
 def _channel_axis(module: nn.Module, input_dim: int) -> int | None:

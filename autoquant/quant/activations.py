@@ -14,6 +14,11 @@ CPU kernels fuse int8 activations into none of these ops. The searched
 model computes that quantizer too (`QuantSiLU`, `QuantSigmoid`), so the deployed model is
 the searched one; it is on only while every call of the module reads the output of a
 requantized layer (else the runtime could not fuse it and the quantizer would only cost).
+
+A SiLU whose product no single quantizing layer reads (a squeeze-excitation's pool and
+gate, a residual sum) also gets an output quantizer of its own, calibrated like a
+convolution's (`QuantLayer.requant`), so that its product and the ops after it (the gate's
+``Mul``, the sum) run in integers too.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from autoquant.quant.dataflow import output_uses
 from autoquant.quant.layers import QuantLayer, QuantState
-from autoquant.quant.qmath import fake_quantize
+from autoquant.quant.qmath import fake_quantize, qrange
+from autoquant.quant.quantizer import ActivationObserver
 
 __all__ = ["QuantSigmoid", "QuantSiLU", "SIGMOID_SCALE", "sigmoid_range",
            "quantize_sigmoids"]
@@ -67,13 +74,46 @@ class QuantSigmoid(nn.Sigmoid):
 
 
 class QuantSiLU(nn.SiLU):
-    """`nn.SiLU` as ``x * q(sigmoid(x))`` with that sigmoid quantizer (module docstring)."""
+    """`nn.SiLU` as ``x * q(sigmoid(x))`` with that sigmoid quantizer, and, where no single
+    quantizing layer reads it, its product quantized too (``out_observer``: the module
+    docstring)."""
 
     producers: tuple[QuantLayer, ...] = ()
+    out_observer: ActivationObserver | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_observer is not None and self.producers and \
+                self.producers[0].state is QuantState.CALIBRATE:
+            y = super().forward(x)
+            self.out_observer.update(y)
+            return y
         s = _sigmoid_q(self, x)
-        return super().forward(x) if s is None else x * s
+        if s is None:
+            return super().forward(x)
+        out = self.output_qparams()
+        y = x * s
+        return y if out is None else fake_quantize(y, *out).to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        for buf in ("out_scale", "out_zero_point"):  # saved filled, registered empty
+            if prefix + buf in state_dict and buf in self._buffers:
+                setattr(self, buf, torch.empty_like(state_dict[prefix + buf]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def output_qparams(self) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """(scale, zero point, qmin, qmax) of the product's quantizer, None without one;
+        taken from the calibration (and kept in the state dict) or a loaded state dict."""
+        observer = self.out_observer
+        if observer is None:
+            return None
+        if observer.has_data:
+            scale, zero_point, qmin, qmax, _ = observer.qparams(8)
+            device = self.out_scale.device
+            self.out_scale, self.out_zero_point = scale.to(device), zero_point.to(device)
+            return self.out_scale, self.out_zero_point, qmin, qmax
+        if not self.out_scale.numel():
+            return None
+        return (self.out_scale, self.out_zero_point, *qrange(8, observer.cfg.symmetric))
 
 
 _SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.Sigmoid: QuantSigmoid, nn.SiLU: QuantSiLU}
@@ -108,16 +148,40 @@ def quantize_sigmoids(model: nn.Module, layers: Mapping[str, QuantLayer],
         if type(module) in _SWAPS:
             calls.setdefault(id(module), []).append(_producer(node, modules, by_id))
     swapped: dict[int, nn.Module] = {}
+    names = {id(m): n for n, m in model.named_modules()}
     for module in modules.values():
         readers = calls.get(id(module))
         if readers and None not in readers and id(module) not in swapped:
-            twin = _SWAPS[type(module)].__new__(_SWAPS[type(module)])
-            twin.__dict__.update(module.__dict__)
-            twin.producers = tuple(dict.fromkeys(readers))  # type: ignore[arg-type]
-            swapped[id(module)] = twin
+            swapped[id(module)] = _twin(module, tuple(dict.fromkeys(readers)))  # type: ignore
     for parent in model.modules():
         children = parent._modules
         for key, child in children.items():
             if child is not None and id(child) in swapped:
                 children[key] = swapped[id(child)]
+    # a SiLU called once whose product no single quantizing layer reads
+    once = {names[i]: twin for i, twin in swapped.items()
+            if isinstance(twin, QuantSiLU) and len(calls[i]) == 1}
+    uses = output_uses(model, layers, graph, sources=once) or {}
+    for name, use in uses.items():
+        if use.others or len(use.consumers) != 1:
+            _add_output_quantizer(once[name])
     return len(swapped)
+
+
+def _twin(module: nn.Module, producers: tuple[QuantLayer, ...]) -> nn.Module:
+    """The quantizing twin of `module`: its state (hooks included) in the subclass."""
+    twin = _SWAPS[type(module)].__new__(_SWAPS[type(module)])
+    twin.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        twin.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])
+    twin.producers = producers  # type: ignore[attr-defined]
+    return twin
+
+
+def _add_output_quantizer(silu: QuantSiLU) -> None:
+    """Give `silu` the calibrated 8-bit output quantizer of its producers' outputs."""
+    cfg = silu.producers[0].out_observer.cfg
+    silu.out_observer = ActivationObserver(cfg)
+    device = silu.producers[0].module.weight.device
+    silu.register_buffer("out_scale", torch.empty(0, device=device))
+    silu.register_buffer("out_zero_point", torch.empty(0, device=device))

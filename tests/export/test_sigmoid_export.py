@@ -1,6 +1,7 @@
 """A sigmoid (alone or in a SiLU) after a requantized integer convolution has its output
 quantized at fixed 8-bit qparams, in the searched model and the export, so that
-onnxruntime runs QLinearSigmoid and QLinearMul instead of float ops between QDQ pairs."""
+onnxruntime runs QLinearSigmoid and QLinearMul instead of float ops between QDQ pairs; a
+SiLU whose product no single quantizing layer reads gets a calibrated output quantizer."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def test_a_sigmoid_after_a_requantized_convolution_runs_qlinear_sigmoid(tmp_path
     assert isinstance(qmodel.c1[2], QuantSiLU) and isinstance(qmodel.sig, QuantSigmoid)
     assert type(qmodel.shared) is nn.SiLU  # one of its calls reads a sum: left alone
     assert sigmoid_range(qmodel.c1[2]) == (0, 255) and sigmoid_range(qmodel.sig) == (0, 255)
+    # c2's product is read by the gate conv and the gating Mul: it is quantized itself
+    assert qmodel.c1[2].output_qparams() is None and qmodel.c2[2].output_qparams() is not None
     x = _data()[0]
     _, figures = export_checked(qmodel, tmp_path / "m.onnx", (x,))  # parity checked
     check_parity(qmodel, tmp_path / "m.onnx", x)
@@ -70,7 +73,9 @@ def test_a_sigmoid_after_a_requantized_convolution_runs_qlinear_sigmoid(tmp_path
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     # c1's, c2's and the gate's sigmoids run as tables; the shared SiLU's two stay float
     assert ops["QLinearSigmoid"] == 3 and ops["Sigmoid"] + ops["QuickGelu"] == 2
-    assert ops["QLinearMul"] >= 1  # c1's SiLU product: c2 quantizes it
+    # c1's product (c2 quantizes it) and c2's (its own quantizer); not the gating Mul,
+    # which c3 and a sum read
+    assert ops["QLinearMul"] == 2
     assert figures["integer_kernels"]["summary"].startswith("5 of 5")
 
 
@@ -101,3 +106,14 @@ def test_the_searched_silu_quantizes_its_sigmoid_and_the_float_plan_does_not() -
     assert sigmoid_range(silu) is None
     with torch.no_grad():
         assert torch.equal(silu(y), F.silu(y))
+
+
+def test_a_saved_silu_output_quantizer_loads_back_with_the_same_outputs(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = SiLUNet().eval()
+    result = aq.auto_quantize(model, aq.FidelityEvaluator(model, _data()), max_loss=0.5)
+    assert result.model.c2[2].output_qparams() is not None
+    loaded = aq.load_quantized(model, result.save(tmp_path / "out"))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
