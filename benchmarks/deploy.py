@@ -24,14 +24,16 @@ the transformer calibration of docs/calibration.md, a 3.4-point budget on its re
 agreement and the output-scope ranking. ``grouped`` (ResNeXt-style groups=8 and depthwise
 convolutions, 32x32, batch 8), ``video`` (two Conv3d, 8 frames of 32x32, batch 4) and
 ``gru`` (a 20k-token embedding, a bidirectional GRU 128 wide and a per-token head, 8 x 32
-tokens) are random-init layer forms onnxruntime has no fast integer kernel for.
+tokens) are random-init layer forms onnxruntime has no fast integer kernel for; ``silu``
+(an EfficientNet-style stem and 3 `MBConv` blocks with squeeze-excitation, 128x128, batch
+4) is one whose sigmoids run as integer tables only with their output quantized.
 
 Usage::
 
     python benchmarks/deploy.py                        # every model
     python benchmarks/deploy.py --models cnn resnet --repeats 50
     python benchmarks/deploy.py --models minilm --repeats 10
-    python benchmarks/deploy.py --models grouped video gru
+    python benchmarks/deploy.py --models grouped video gru silu
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ from autoquant.export.ortmodule import OnnxModule
 from autoquant.export.runtime import interleaved_ms, ort_feed, ort_session
 from autoquant.quant.target import host_target
 
-__all__ = ["BasicBlock", "ResNet18", "ConvNet", "Tagger", "Case", "CASES", "bench", "main"]
+__all__ = ["BasicBlock", "ResNet18", "ConvNet", "MBConv", "Tagger", "Case", "CASES", "bench",
+           "main"]
 
 
 class BasicBlock(nn.Module):
@@ -230,6 +233,28 @@ def _video() -> Case:
     return _fidelity_case(model.eval(), (4, 3, 8, 32, 32))
 
 
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expand, depthwise 3x3, squeeze-excitation (nn.SiLU and
+    nn.Sigmoid modules, as torchvision writes it), 1x1 project, residual when shapes match."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid),
+                                    nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False),
+                                nn.BatchNorm2d(mid), nn.SiLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(mid, mid // 4, 1), nn.SiLU(),
+                                nn.Conv2d(mid // 4, mid, 1), nn.Sigmoid())
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(self.expand(x))
+        y = self.project(y * self.se(y))
+        return x + y if self.residual else y
+
+
 class Tagger(nn.Module):
     """A token tagger: a 20k-token embedding, a bidirectional GRU, a per-token head."""
 
@@ -252,14 +277,22 @@ def _gru() -> Case:
                 note="cosine fidelity to float")
 
 
+def _silu() -> Case:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.SiLU(),
+                          MBConv(32, 32), MBConv(32, 64, stride=2), MBConv(64, 64),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return _fidelity_case(_randomize_bn(model), (4, 3, 128, 128))
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "cnn": _cnn, "resnet": _resnet, "transformer": _transformer, "digits": _digits,
     "lstm_lm": _lstm_lm, "minilm": _minilm, "grouped": _grouped, "video": _video,
-    "gru": _gru,
+    "gru": _gru, "silu": _silu,
 }
 # minilm: the bench extra; grouped, video, gru: layer forms onnxruntime has no fast
 # integer kernel for (grouped and 3-D convolutions, a recurrent op), run on request
-DEFAULT = ["cnn", "resnet", "transformer", "digits", "lstm_lm"]
+DEFAULT = ["cnn", "resnet", "transformer", "digits", "lstm_lm", "silu"]
 
 
 def bench(name: str, repeats: int, out_dir: Path) -> dict[str, Any]:
