@@ -158,6 +158,27 @@ def _replace_with_identity(model: nn.Module, qualified_name: str) -> None:
     setattr(parent, child_name, nn.Identity())
 
 
+def _runs_torch_forward(module: nn.Module) -> bool:
+    """A convolution or BatchNorm subclass that only changes construction (Hugging Face's
+    ``EfficientNetDepthwiseConv2d``) computes what its torch base does, so it folds; one
+    with a forward of its own may transform the weight, so it does not."""
+    if isinstance(module, _BatchNorm):
+        return type(module).forward is _BatchNorm.forward
+    for base in _CONV_DIMS:
+        if isinstance(module, base):
+            return type(module).forward is base.forward and \
+                type(module)._conv_forward is base._conv_forward  # type: ignore[attr-defined]
+    return False
+
+
+class _FoldTracer(torch.fx.Tracer):
+    """fx's tracer with such subclasses as leaves (fx traces into any module outside
+    torch.nn, so the pair would not show as two module calls)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _runs_torch_forward(m) or super().is_leaf_module(m, module_qualified_name)
+
+
 def fold_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
     """Fold eval-mode BatchNorm layers into their preceding convolutions, in place.
 
@@ -184,7 +205,7 @@ def fold_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
         in graph order.
     """
     try:
-        graph_module = torch.fx.symbolic_trace(model)
+        graph = _FoldTracer().trace(model)
     except Exception as exc:  # any trace failure means "skip", never fatal
         logger.info(
             "Conv-BN folding skipped: the model does not trace with torch.fx (%s)",
@@ -192,7 +213,7 @@ def fold_conv_bn(model: nn.Module) -> list[tuple[str, str]]:
         )
         return []
 
-    nodes = list(graph_module.graph.nodes)
+    nodes = list(graph.nodes)
     modules = dict(model.named_modules(remove_duplicate=False))
     # Count calls per module object, so a module registered under two names and
     # called through both is still seen as shared.

@@ -270,3 +270,34 @@ def test_channel_mismatch_is_not_folded() -> None:
     assert fold_conv_bn(model) == []
     assert isinstance(model.bn, nn.BatchNorm2d)
     assert torch.equal(model.conv.weight, weight_before)
+
+
+class PaddedConv(nn.Conv2d):
+    """A subclass that only changes construction (as Hugging Face's depthwise conv)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding="valid", bias=False)
+
+
+class StandardizedConv(nn.Conv2d):
+    """A subclass whose forward transforms the weight: folding a BN scale into it is wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+@pytest.mark.parametrize("conv, folds", [(PaddedConv(3, 4), True),
+                                         (StandardizedConv(3, 4, 3), False)],
+                         ids=["construction_only", "own_forward"])
+def test_a_conv_subclass_folds_only_when_it_runs_torchs_forward(conv, folds) -> None:
+    model = nn.Sequential(conv, nn.BatchNorm2d(4)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_conv_bn(model) == ([("0", "1")] if folds else [])
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert isinstance(model[1], nn.Identity) == folds
