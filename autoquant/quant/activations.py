@@ -136,36 +136,76 @@ def _producer(node: torch.fx.Node, modules: Mapping[str, nn.Module],
 def quantize_sigmoids(model: nn.Module, layers: Mapping[str, QuantLayer],
                       graph: torch.fx.Graph | None) -> int:
     """Swap, in place, every ``nn.Sigmoid``/``nn.SiLU`` of `model` that the fx `graph`
-    shows reading quantizable layers' outputs only for its quantizing twin (the same
-    object state, so hooks and aliases carry over); returns how many were swapped."""
+    shows reading quantizable layers' outputs for its quantizing twin (the same object
+    state, so hooks carry over); returns how many twins were made.
+
+    A module called at several places gets one twin per call when each call is its
+    parents' only one (a block class sharing one ``default_act``), so each call can have
+    an output quantizer of its own; else one twin, only if every call reads a layer."""
     if graph is None:
         return 0
     modules = dict(model.named_modules(remove_duplicate=False))
     by_id = {id(layer): layer for layer in layers.values()}
-    calls: dict[int, list[QuantLayer | None]] = {}
+    calls: dict[int, list[tuple[torch.fx.Node, QuantLayer | None]]] = {}
+    objects: dict[int, nn.Module] = {}
     for node in graph.nodes:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         if type(module) in _SWAPS:
-            calls.setdefault(id(module), []).append(_producer(node, modules, by_id))
-    swapped: dict[int, nn.Module] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    for module in modules.values():
-        readers = calls.get(id(module))
-        if readers and None not in readers and id(module) not in swapped:
-            swapped[id(module)] = _twin(module, tuple(dict.fromkeys(readers)))  # type: ignore
-    for parent in model.modules():
-        children = parent._modules
-        for key, child in children.items():
-            if child is not None and id(child) in swapped:
-                children[key] = swapped[id(child)]
+            objects[id(module)] = module  # type: ignore[assignment]
+            calls.setdefault(id(module), []).append((node, _producer(node, modules, by_id)))
+    single: dict[torch.fx.Node, tuple[str, nn.Module]] = {}  # one call: its name, twin
+    made = 0
+    for ident, sites in calls.items():
+        module = objects[ident]
+        places = _places(model, module, [node for node, _ in sites])
+        if places is None:
+            producers = [producer for _, producer in sites]
+            if None in producers:
+                continue
+            twin = _twin(module, tuple(dict.fromkeys(producers)))  # type: ignore[arg-type]
+            for parent in model.modules():
+                for key, child in parent._modules.items():
+                    if child is module:
+                        parent._modules[key] = twin
+            made += 1
+            if len(sites) == 1:
+                single[sites[0][0]] = (str(sites[0][0].target), twin)
+            continue
+        for (node, producer), (parent, key, path) in zip(sites, places, strict=True):
+            if producer is not None:
+                parent._modules[key] = twin = _twin(module, (producer,))
+                single[node] = (path, twin)
+                made += 1
     # a SiLU called once whose product no single quantizing layer reads
-    once = {names[i]: twin for i, twin in swapped.items()
-            if isinstance(twin, QuantSiLU) and len(calls[i]) == 1}
-    uses = output_uses(model, layers, graph, sources=once) or {}
-    for name, use in uses.items():
+    names = {node: name for node, (name, twin) in single.items() if isinstance(twin, QuantSiLU)}
+    twins = dict(single.values())
+    for name, use in (output_uses(model, layers, graph, sources=names) or {}).items():
         if use.others or len(use.consumers) != 1:
-            _add_output_quantizer(once[name])
-    return len(swapped)
+            _add_output_quantizer(twins[name])  # type: ignore[arg-type]
+    return made
+
+
+def _places(model: nn.Module, module: nn.Module, nodes: list[torch.fx.Node]
+            ) -> list[tuple[nn.Module, str, str]] | None:
+    """(parent, child key, qualified name) of each call of a module called at several
+    places, when every call comes from a different parent holding it under one key."""
+    if len(nodes) < 2:
+        return None
+    places = []
+    for node in nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        parent_name = str(stack[-2][0]) if len(stack) >= 2 else ""
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            return None
+        keys = [k for k, child in parent._modules.items() if child is module]
+        if len(keys) != 1:
+            return None
+        places.append((parent, keys[0], f"{parent_name}.{keys[0]}".lstrip(".")))
+    if len({id(parent) for parent, _, _ in places}) != len(places):
+        return None
+    return places
 
 
 def _twin(module: nn.Module, producers: tuple[QuantLayer, ...]) -> nn.Module:

@@ -167,21 +167,23 @@ def trace_layers(model: nn.Module, layers: Mapping[str, nn.Module]) -> torch.fx.
 
 def output_uses(model: nn.Module, layers: Mapping[str, nn.Module],
                 graph: torch.fx.Graph | None = None,
-                sources: Mapping[str, nn.Module] | None = None) -> dict[str, OutputUse] | None:
-    """`OutputUse` of every layer in `layers` (``{name: wrapper module}``), or of every
-    module in `sources` when given, on `graph` (traced by `trace_layers` when not given);
-    None when `model` cannot be traced by `torch.fx` (see the module docstring)."""
+                sources: Mapping[torch.fx.Node, str] | None = None
+                ) -> dict[str, OutputUse] | None:
+    """`OutputUse` of every layer in `layers` (``{name: wrapper module}``), or of the
+    module calls `sources` names (``{call node: name}``) when given, on `graph` (traced by
+    `trace_layers` when not given); None when `model` cannot be traced by `torch.fx` (see
+    the module docstring)."""
     graph = trace_layers(model, layers) if graph is None else graph
     if graph is None:
         return None
     by_id = {id(m): name for name, m in layers.items()}
-    source_names = by_id if sources is None else {id(m): n for n, m in sources.items()}
     modules = dict(model.named_modules(remove_duplicate=False))
     out: dict[str, OutputUse] = {}
     for node in graph.nodes:
         if node.op != "call_module":
             continue
-        name = source_names.get(id(modules.get(str(node.target))))
+        name = by_id.get(id(modules.get(str(node.target)))) if sources is None \
+            else sources.get(node)
         if name is None or name in out:
             continue
         consumers: list[str] = []

@@ -117,3 +117,43 @@ def test_a_saved_silu_output_quantizer_loads_back_with_the_same_outputs(tmp_path
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model(x))
+
+
+class ConvAct(nn.Module):
+    """Conv-BN-SiLU whose SiLU is one module object shared by every block (a class
+    attribute, as YOLO-style code writes it)."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = self.default_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = ConvAct(3, 8), ConvAct(8, 8), ConvAct(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.c(y + self.b(y))  # a's and b's products are read by a sum
+
+
+def test_a_silu_shared_by_blocks_gets_a_quantizer_per_block(tmp_path) -> None:
+    torch.manual_seed(0)
+    qmodel = aq.quantize(Blocks().eval(), BatchCalibrator(_data()))
+    acts = [qmodel.a.act, qmodel.b.act, qmodel.c.act]
+    assert all(isinstance(act, QuantSiLU) for act in acts) and len(set(map(id, acts))) == 3
+    assert type(ConvAct.default_act) is nn.SiLU  # the class's module is not touched
+    assert [act.output_qparams() is not None for act in acts] == [True, True, True]
+    x = _data()[0]
+    export_checked(qmodel, tmp_path / "m.onnx", (x,))  # parity checked
+    ort_session(tmp_path / "m.onnx", optimized_model=tmp_path / "opt.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert ops["QLinearSigmoid"] == 3 and ops["QLinearMul"] == 3 and ops["QLinearAdd"] == 1
