@@ -15,8 +15,8 @@ The same graph shows a model that reads a layer's parameters outside the layer's
 products are no layer and run float, which a warning says with the fix.
 
 The graph comes from `torch.fx` with every wrapper as a leaf. A model fx cannot trace gets
-no answer (None): nothing is requantized and the export reports which convolutions then
-run in float. Tracing is a help, never a requirement.
+no answer (None) here; its uses are then read off one real forward pass
+(`autoquant.quant.dynflow`). Tracing is a help, never a requirement.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OutputUse", "output_uses", "trace_layers"]
+__all__ = ["OutputUse", "output_uses", "trace_layers", "MOVES", "RELUS", "METADATA"]
 
 logger = logging.getLogger(__name__)
 
 # ops that commute with a per-tensor quantizer (the runtime moves a Q across them)
-_MOVES = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
-          "contiguous", "max_pool1d", "max_pool2d", "max_pool3d"}
-_RELUS = {"relu", "relu_"}
+MOVES = frozenset({"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
+                   "contiguous", "max_pool1d", "max_pool2d", "max_pool3d"})
+RELUS = frozenset({"relu", "relu_"})
 _FUNCTIONS: dict[Any, str] = {
     torch.flatten: "flatten", torch.reshape: "reshape", torch.transpose: "transpose",
     torch.permute: "permute", torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze",
@@ -85,7 +85,7 @@ def _kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str | None:
     """``"relu"``/a move op name when `node` commutes with quantization, else None."""
     if node.op == "call_method":
         name = str(node.target)
-        return name if name in _MOVES or name in _RELUS else None
+        return name if name in MOVES or name in RELUS else None
     if node.op == "call_function":
         return _FUNCTIONS.get(node.target)
     if node.op == "call_module":
@@ -106,7 +106,7 @@ def _describe(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
     return str(node.target) if node.op == "call_method" else node.op
 
 
-_METADATA = {"shape", "dtype", "device", "size", "dim", "ndim", "numel"}
+METADATA = frozenset({"shape", "dtype", "device", "size", "dim", "ndim", "numel"})
 
 
 def _warn_direct_reads(graph: torch.fx.Graph, layers: Mapping[str, nn.Module],
@@ -124,7 +124,7 @@ def _warn_direct_reads(graph: torch.fx.Graph, layers: Mapping[str, nn.Module],
             user = users.pop()
             attr = user.args[1] if user.target is getattr and len(user.args) > 1 else \
                 user.target if user.op == "call_method" else None
-            if attr in _METADATA:
+            if attr in METADATA:
                 continue
             if attr in ("T", "t", "transpose", "permute", "contiguous"):
                 users += list(user.users)
@@ -148,8 +148,8 @@ def trace_layers(model: nn.Module, layers: Mapping[str, nn.Module]) -> torch.fx.
     try:
         graph = _LeafTracer(by_id).trace(model)
     except Exception as err:  # any user code may fail symbolic tracing
-        logger.info("torch.fx cannot trace %s (%s: %s); convolution outputs are not "
-                    "requantized", type(model).__name__, type(err).__name__,
+        logger.info("torch.fx cannot trace %s (%s: %s); the readers of each layer's output "
+                    "are found on a forward pass instead", type(model).__name__, type(err).__name__,
                     str(err).splitlines()[0][:120] if str(err) else "")
         return None
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -197,7 +197,7 @@ def output_uses(model: nn.Module, layers: Mapping[str, nn.Module],
             for user in current.users:
                 kind = _kind(user, modules)
                 if kind is not None and user.args and user.args[0] is current:
-                    stack.append((user, relu or kind in _RELUS))
+                    stack.append((user, relu or kind in RELUS))
                     continue
                 reader = by_id.get(id(modules.get(str(user.target)))) \
                     if user.op == "call_module" else None

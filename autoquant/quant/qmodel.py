@@ -28,6 +28,7 @@ from autoquant.quant.copying import (
     uncompiled,
 )
 from autoquant.quant.dataflow import OutputUse, output_uses, trace_layers
+from autoquant.quant.dynflow import observed_uses
 from autoquant.quant.fold import fold_conv_bn
 from autoquant.quant.kind_registry import (
     layer_kinds,
@@ -185,10 +186,8 @@ class QuantModel:
         self.output_uses: dict[str, OutputUse] | None = \
             None if graph is None else output_uses(self.model, self.layers, graph)
         quantize_sigmoids(self.model, self.layers, graph)  # where QLinearSigmoid fuses
-        for name, use in (self.output_uses or {}).items():
-            self.layers[name].out_relu = use.through_relu
         if example_inputs is not None:
-            self.check_runs(example_inputs)
+            self.check_runs(example_inputs)  # also finds the output uses fx could not
 
     def _wrap(self, names: list[str]) -> dict[str, QuantLayer]:
         """Swap each of `names` for its kind's wrapper, one wrapper at every alias."""
@@ -236,6 +235,9 @@ class QuantModel:
         """Run the float model once on `example_inputs`; a failure is a clear ModelError."""
         with self.state(QuantState.FLOAT), torch.no_grad():
             try:
+                if self.output_uses is None:  # fx could not trace: watch one real pass
+                    self.output_uses = observed_uses(
+                        self.model, self.layers, lambda: call_model(self.model, example_inputs))
                 call_model(self.model, example_inputs)
             except Exception as err:
                 raise ModelError(
@@ -258,8 +260,12 @@ class QuantModel:
             if len(self.calibration_inputs) < _KEPT_BATCHES and not (args and kwargs):
                 self.calibration_inputs.append(dict(kwargs) if kwargs else tuple(args))
 
+        for name, use in (self.output_uses or {}).items():
+            self.layers[name].out_relu = use.through_relu  # before the output observers run
         self.calibration_pass(calibrate, QuantState.CALIBRATE, "",
                               [self.model.register_forward_pre_hook(count, with_kwargs=True)])
+        if self.output_uses is None and self.calibration_inputs:  # fx failed, no example
+            self.check_runs(self.calibration_inputs[0])
         if forwards[0]:
             # a module called at several places in one forward pass is a shared module too
             self.calls_per_forward = {
@@ -331,8 +337,8 @@ class QuantModel:
             if not (layer.integer_kernel and layer.out_range is not None):
                 continue
             if self.output_uses is None:
-                layer.requant_note = ("its output is not requantized (torch.fx cannot trace "
-                                      "the model to find the layer that reads it), so "
+                layer.requant_note = ("its output is not requantized (neither torch.fx nor "
+                                      "a forward pass found the layer that reads it), so "
                                       "QLinearConv cannot fuse")
             elif self.requant_reason(name):
                 layer.requant = True

@@ -1,0 +1,119 @@
+"""Where each layer's output goes, seen on one real forward pass: the fallback of
+`autoquant.quant.dataflow` for models `torch.fx` cannot trace.
+
+Many models do not trace symbolically (``list(x.chunk(2, 1))`` in a YOLO-style block, data-
+dependent Python), and without the consumers of a convolution's output nothing is
+requantized, so every convolution whose output a non-layer op reads runs float in the
+deployed graph (a YOLO-style network: all 17 convolutions, 2.1x float latency). Running the
+model once under a `torch.overrides.TorchFunctionMode` sees every torch op and the tensors
+it reads: a layer's output is followed through the ops that commute with quantization (the
+same list fx uses) to the layers and other ops that read it, giving the same `OutputUse`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from autoquant.quant.dataflow import METADATA, MOVES, RELUS, OutputUse
+
+__all__ = ["observed_uses"]
+
+logger = logging.getLogger(__name__)
+
+_MOVE_OPS = MOVES | RELUS | {"dropout", "relu"}
+
+
+class _Flow(TorchFunctionMode):
+    """Records, per source layer, who reads its output (directly or through moves)."""
+
+    def __init__(self, layers: Mapping[int, str]) -> None:
+        super().__init__()
+        self.layers = layers
+        # tensor id -> (layer, through ReLU, a weak reference that drops the id with the
+        # tensor: ids stay unique without keeping every activation of the pass alive)
+        self.sources: dict[int, tuple[str, bool, weakref.ref]] = {}
+        self.reads: dict[str, list[tuple[str, bool, bool]]] = {}  # (reader, layer?, relu)
+        self.inside = 0  # > 0 while a layer computes: its own ops are not reads
+
+    def track(self, value: Any, source: str, relu: bool) -> None:
+        for leaf in tree_leaves(value):
+            if isinstance(leaf, torch.Tensor):
+                key = id(leaf)
+                self.sources[key] = (source, relu, weakref.ref(
+                    leaf, lambda _ref, key=key: self.sources.pop(key, None)))
+
+    def read(self, value: Any, reader: str, is_layer: bool) -> None:
+        for leaf in tree_leaves(value):
+            if isinstance(leaf, torch.Tensor) and id(leaf) in self.sources:
+                source, relu, _ = self.sources[id(leaf)]
+                self.reads.setdefault(source, []).append((reader, is_layer, relu))
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func)).strip("_")
+        if self.inside or name in METADATA or name == "get":
+            return out
+        first = args[0] if args else None
+        rest = (args[1:], kwargs)
+        if name in _MOVE_OPS and isinstance(first, torch.Tensor) and \
+                id(first) in self.sources and not any(
+                    isinstance(t, torch.Tensor) and id(t) in self.sources
+                    for t in tree_leaves(rest)):
+            source, relu, _ = self.sources[id(first)]
+            self.track(out, source, relu or name in RELUS)
+        else:
+            self.read((args, kwargs), name, False)
+        return out
+
+
+def observed_uses(model: nn.Module, layers: Mapping[str, nn.Module],
+                  run: Callable[[], Any]) -> dict[str, OutputUse] | None:
+    """`OutputUse` of every layer in `layers` (``{name: wrapper}``) as `run` (one forward
+    pass of `model`) shows them; None when the pass fails."""
+    flow = _Flow({id(m): n for n, m in layers.items()})
+    handles = []
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        name = flow.layers[id(module)]
+        if not flow.inside:
+            if args:
+                flow.read(args[0], name, True)
+            flow.read((args[1:], kwargs), type(module).__name__, False)
+        flow.inside += 1
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        flow.inside -= 1
+        if not flow.inside:
+            flow.track(output, flow.layers[id(module)], False)
+
+    for module in {id(m): m for m in layers.values()}.values():
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
+    try:
+        with flow, torch.no_grad():
+            output = run()
+        flow.read(output, "output", False)
+    except Exception as err:  # the caller reports a failing forward itself
+        logger.info("the dataflow pass failed (%s: %s)", type(err).__name__, err)
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    uses = {}
+    for layer in layers:
+        reads = flow.reads.get(flow.layers[id(layers[layer])], [])
+        consumers = tuple(r for r, is_layer, _ in reads if is_layer)
+        others = tuple(r for r, is_layer, _ in reads if not is_layer) or \
+            (() if reads else ("unused",))
+        uses[layer] = OutputUse(consumers, others, bool(reads) and all(r for *_, r in reads))
+    return uses

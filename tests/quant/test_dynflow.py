@@ -1,0 +1,78 @@
+"""A model torch.fx cannot trace still gets its convolution outputs requantized: the
+consumers of each layer's output are read off one real forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autoquant as aq
+from autoquant.quant.dataflow import output_uses, trace_layers
+from autoquant.quant.dynflow import observed_uses
+from autoquant.quant.qmodel import QuantModel
+from tests.helpers.synthetic import BatchCalibrator
+
+
+class Split(nn.Module):
+    """A YOLO-style block: ``list(x.chunk(2, 1))`` is something fx cannot trace."""
+
+    def __init__(self, untraceable: bool = True) -> None:
+        super().__init__()
+        self.untraceable = untraceable
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.silu(self.stem(x))
+        parts = list(y.chunk(2, 1)) if self.untraceable else [y[:, :4], y[:, 4:]]
+        y = torch.cat([parts[0], self.a(parts[1])], 1)
+        z = torch.relu(self.b(y)).flatten(2).reshape(y.shape)
+        return self.head(self.c(z)) + y[:, :2]
+
+
+def _data() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, 8, 8, generator=gen) for _ in range(2)]
+
+
+def test_a_forward_pass_finds_the_readers_fx_finds() -> None:
+    torch.manual_seed(0)
+    qm = QuantModel(Split(untraceable=False).eval(), aq.QuantConfig())
+    traced = output_uses(qm.model, qm.layers)
+    seen = observed_uses(qm.model, qm.layers, lambda: qm.model(_data()[0]))
+    assert traced is not None and seen is not None
+    for name in qm.layers:
+        assert seen[name].consumers == traced[name].consumers, name
+        assert bool(seen[name].others) == bool(traced[name].others), name
+        assert seen[name].through_relu == traced[name].through_relu, name
+    assert seen["b"].consumers == ("c",) and seen["b"].through_relu  # through relu, reshapes
+    assert seen["c"].consumers == ("head",) and not seen["c"].others
+    assert seen["head"].others == ("add",)
+
+
+@pytest.mark.parametrize("with_example", [True, False], ids=["example_inputs", "calibration"])
+def test_an_untraceable_model_gets_its_convolution_outputs_requantized(with_example) -> None:
+    torch.manual_seed(0)
+    model = Split().eval()
+    qm = QuantModel(model, aq.QuantConfig(), (_data()[0],) if with_example else None)
+    assert trace_layers(qm.model, qm.layers) is None  # fx cannot trace it
+    qm.calibrate(lambda m, where: [m(x) for x in _data()])
+    qm.apply_plan(qm.quant_plan())
+    assert qm.output_uses is not None
+    assert [n for n, layer in qm.layers.items() if layer.requant] == ["stem", "a", "head"]
+
+
+def test_an_untraceable_model_deploys_every_convolution_as_an_integer_kernel(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from autoquant.export.onnx_export import export_checked
+
+    torch.manual_seed(0)
+    qmodel = aq.quantize(Split().eval(), BatchCalibrator(_data()))
+    _, figures = export_checked(qmodel, tmp_path / "m.onnx", (_data()[0],))  # parity checked
+    assert figures["integer_kernels"]["summary"].startswith("5 of 5")
