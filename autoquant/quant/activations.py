@@ -23,19 +23,21 @@ convolution's (`QuantLayer.requant`), so that its product and the ops after it (
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 from torch import nn
 
-from autoquant.quant.dataflow import output_uses
+from autoquant.quant.dataflow import OutputUse, output_uses
+from autoquant.quant.integer import CONV_KINDS
 from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.qmath import fake_quantize, qrange
 from autoquant.quant.quantizer import ActivationObserver
 
-__all__ = ["QuantSigmoid", "QuantSiLU", "SIGMOID_SCALE", "sigmoid_range",
-           "quantize_sigmoids"]
+__all__ = ["QuantSigmoid", "QuantSiLU", "SIGMOID_SCALE", "sigmoid_range", "ActivationCall",
+           "UsesOf", "SIGMOID_KINDS", "conv_layer", "quantize_sigmoids", "install_sigmoids"]
 
 SIGMOID_SCALE = 1.0 / 255.0  # [0, 1] onto 256 steps
 
@@ -48,8 +50,9 @@ def sigmoid_range(module: nn.Module) -> tuple[int, int] | None:
     None while it is off: some call does not read a requantized uint8 layer output."""
     producers: tuple[QuantLayer, ...] = getattr(module, "producers", ())
     for layer in producers:
-        if layer.state is not QuantState.QUANTIZE or not layer.requant or \
-                layer._out_q is None or layer._out_q[0] < 0:
+        span = layer.out_range
+        if layer.state is not QuantState.QUANTIZE or not layer.requant or span is None or \
+                span[0] < 0:
             return None
     return (0, 255) if producers else None
 
@@ -117,6 +120,15 @@ class QuantSiLU(nn.SiLU):
 
 
 _SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.Sigmoid: QuantSigmoid, nn.SiLU: QuantSiLU}
+SIGMOID_KINDS = tuple(_SWAPS)  # the module types (exactly) that get quantizing twins
+
+
+def conv_layer(layer: nn.Module | None) -> QuantLayer | None:
+    """`layer` when it is a wrapped convolution (only those requantize their output)."""
+    if isinstance(layer, QuantLayer) and isinstance(layer.__dict__["_modules"].get("module"),
+                                                    CONV_KINDS):
+        return layer
+    return None
 
 
 def _producer(node: torch.fx.Node, modules: Mapping[str, nn.Module],
@@ -126,40 +138,68 @@ def _producer(node: torch.fx.Node, modules: Mapping[str, nn.Module],
     while isinstance(arg, torch.fx.Node) and arg.op == "call_module":
         module = modules.get(str(arg.target))
         if id(module) in layers:
-            return layers[id(module)]
+            return conv_layer(layers[id(module)])
         if type(module) not in _PASS_THROUGH or not arg.args:
             return None
         arg = arg.args[0]
     return None
 
 
+@dataclass(frozen=True)
+class ActivationCall:
+    """One call of an ``nn.Sigmoid``/``nn.SiLU`` module, from the fx graph or a forward pass:
+    the module, the module whose forward made the call (None: unknown), the layer whose
+    output it reads directly (None: something else), and `key`, which names the call for
+    the `UsesOf` function."""
+
+    module: nn.Module
+    parent: nn.Module | None
+    producer: QuantLayer | None
+    key: Hashable
+
+
+# ``{call key: name}`` -> ``{name: OutputUse}`` of those calls' outputs
+UsesOf = Callable[[Mapping[Hashable, str]], Mapping[str, OutputUse]]
+
+
 def quantize_sigmoids(model: nn.Module, layers: Mapping[str, QuantLayer],
                       graph: torch.fx.Graph | None) -> int:
-    """Swap, in place, every ``nn.Sigmoid``/``nn.SiLU`` of `model` that the fx `graph`
-    shows reading quantizable layers' outputs for its quantizing twin (the same object
-    state, so hooks carry over); returns how many twins were made.
-
-    A module called at several places gets one twin per call when each call is its
-    parents' only one (a block class sharing one ``default_act``), so each call can have
-    an output quantizer of its own; else one twin, only if every call reads a layer."""
+    """`install_sigmoids` for the calls the fx `graph` shows (none without a graph)."""
     if graph is None:
         return 0
     modules = dict(model.named_modules(remove_duplicate=False))
     by_id = {id(layer): layer for layer in layers.values()}
-    calls: dict[int, list[tuple[torch.fx.Node, QuantLayer | None]]] = {}
-    objects: dict[int, nn.Module] = {}
+    calls = []
     for node in graph.nodes:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         if type(module) in _SWAPS:
-            objects[id(module)] = module  # type: ignore[assignment]
-            calls.setdefault(id(module), []).append((node, _producer(node, modules, by_id)))
-    single: dict[torch.fx.Node, tuple[str, nn.Module]] = {}  # one call: its name, twin
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            parent = modules.get(str(stack[-2][0]) if len(stack) >= 2 else "")
+            calls.append(ActivationCall(module, parent, _producer(node, modules, by_id),  # type: ignore[arg-type]
+                                        node))
+    return install_sigmoids(model, calls, lambda names: output_uses(
+        model, layers, graph, sources=names) or {})
+
+
+def install_sigmoids(model: nn.Module, calls: list[ActivationCall], uses_of: UsesOf) -> int:
+    """Swap, in place, every ``nn.Sigmoid``/``nn.SiLU`` whose `calls` read quantizable
+    layers' outputs for its quantizing twin (the same object state, so hooks carry over);
+    returns how many twins were made.
+
+    A module called at several places gets one twin per call when each call is its
+    parent's only one (a block class sharing one ``default_act``), so each call can have an
+    output quantizer of its own; else one twin, only if every call reads a layer."""
+    names = {id(m): n for n, m in model.named_modules()}
+    grouped: dict[int, list[ActivationCall]] = {}
+    for call in calls:
+        grouped.setdefault(id(call.module), []).append(call)
+    single: dict[Hashable, tuple[str, nn.Module]] = {}  # a call made once: its name, twin
     made = 0
-    for ident, sites in calls.items():
-        module = objects[ident]
-        places = _places(model, module, [node for node, _ in sites])
+    for sites in grouped.values():
+        module = sites[0].module
+        places = _places(module, sites)
         if places is None:
-            producers = [producer for _, producer in sites]
+            producers = [call.producer for call in sites]
             if None in producers:
                 continue
             twin = _twin(module, tuple(dict.fromkeys(producers)))  # type: ignore[arg-type]
@@ -169,41 +209,37 @@ def quantize_sigmoids(model: nn.Module, layers: Mapping[str, QuantLayer],
                         parent._modules[key] = twin
             made += 1
             if len(sites) == 1:
-                single[sites[0][0]] = (str(sites[0][0].target), twin)
+                single[sites[0].key] = (names.get(id(module), ""), twin)
             continue
-        for (node, producer), (parent, key, path) in zip(sites, places, strict=True):
-            if producer is not None:
-                parent._modules[key] = twin = _twin(module, (producer,))
-                single[node] = (path, twin)
+        for call, (parent, key) in zip(sites, places, strict=True):
+            if call.producer is not None:
+                parent._modules[key] = twin = _twin(module, (call.producer,))
+                single[call.key] = (f"{names.get(id(parent), '')}.{key}".lstrip("."), twin)
                 made += 1
     # a SiLU called once whose product no single quantizing layer reads
-    names = {node: name for node, (name, twin) in single.items() if isinstance(twin, QuantSiLU)}
+    keys = {key: name for key, (name, twin) in single.items() if isinstance(twin, QuantSiLU)}
     twins = dict(single.values())
-    for name, use in (output_uses(model, layers, graph, sources=names) or {}).items():
+    for name, use in uses_of(keys).items():
         if use.others or len(use.consumers) != 1:
             _add_output_quantizer(twins[name])  # type: ignore[arg-type]
     return made
 
 
-def _places(model: nn.Module, module: nn.Module, nodes: list[torch.fx.Node]
-            ) -> list[tuple[nn.Module, str, str]] | None:
-    """(parent, child key, qualified name) of each call of a module called at several
-    places, when every call comes from a different parent holding it under one key."""
-    if len(nodes) < 2:
+def _places(module: nn.Module, sites: list[ActivationCall]
+            ) -> list[tuple[nn.Module, str]] | None:
+    """(parent, child key) of each call of a module called at several places, when every
+    call comes from a different parent holding it under one key."""
+    if len(sites) < 2:
         return None
     places = []
-    for node in nodes:
-        stack = list((node.meta.get("nn_module_stack") or {}).values())
-        parent_name = str(stack[-2][0]) if len(stack) >= 2 else ""
-        try:
-            parent = model.get_submodule(parent_name)
-        except AttributeError:
+    for call in sites:
+        if call.parent is None:
             return None
-        keys = [k for k, child in parent._modules.items() if child is module]
+        keys = [k for k, child in call.parent._modules.items() if child is module]
         if len(keys) != 1:
             return None
-        places.append((parent, keys[0], f"{parent_name}.{keys[0]}".lstrip(".")))
-    if len({id(parent) for parent, _, _ in places}) != len(places):
+        places.append((call.parent, keys[0]))
+    if len({id(parent) for parent, _ in places}) != len(places):
         return None
     return places
 

@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from autoquant.quant.activations import SIGMOID_KINDS, ActivationCall, conv_layer, install_sigmoids
 from autoquant.quant.dataflow import METADATA, MOVES, RELUS, OutputUse
 
 __all__ = ["observed_uses"]
@@ -37,23 +39,23 @@ class _Flow(TorchFunctionMode):
     def __init__(self, layers: Mapping[int, str]) -> None:
         super().__init__()
         self.layers = layers
-        # tensor id -> (layer, through ReLU, a weak reference that drops the id with the
-        # tensor: ids stay unique without keeping every activation of the pass alive)
-        self.sources: dict[int, tuple[str, bool, weakref.ref]] = {}
+        # tensor id -> (source, through ReLU, the source's own tensor?, a weak reference that
+        # drops the id with the tensor: ids stay unique, no activation is kept alive)
+        self.sources: dict[int, tuple[str, bool, bool, weakref.ref]] = {}
         self.reads: dict[str, list[tuple[str, bool, bool]]] = {}  # (reader, layer?, relu)
         self.inside = 0  # > 0 while a layer computes: its own ops are not reads
 
-    def track(self, value: Any, source: str, relu: bool) -> None:
+    def track(self, value: Any, source: str, relu: bool, direct: bool) -> None:
         for leaf in tree_leaves(value):
             if isinstance(leaf, torch.Tensor):
                 key = id(leaf)
-                self.sources[key] = (source, relu, weakref.ref(
+                self.sources[key] = (source, relu, direct, weakref.ref(
                     leaf, lambda _ref, key=key: self.sources.pop(key, None)))
 
     def read(self, value: Any, reader: str, is_layer: bool) -> None:
         for leaf in tree_leaves(value):
             if isinstance(leaf, torch.Tensor) and id(leaf) in self.sources:
-                source, relu, _ = self.sources[id(leaf)]
+                source, relu, _, _ = self.sources[id(leaf)]
                 self.reads.setdefault(source, []).append((reader, is_layer, relu))
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
@@ -65,12 +67,14 @@ class _Flow(TorchFunctionMode):
             return out
         first = args[0] if args else None
         rest = (args[1:], kwargs)
+        if out is first:  # an identity (eval-mode dropout): still the source's own tensor
+            return out
         if name in _MOVE_OPS and isinstance(first, torch.Tensor) and \
                 id(first) in self.sources and not any(
                     isinstance(t, torch.Tensor) and id(t) in self.sources
                     for t in tree_leaves(rest)):
-            source, relu, _ = self.sources[id(first)]
-            self.track(out, source, relu or name in RELUS)
+            source, relu, _, _ = self.sources[id(first)]
+            self.track(out, source, relu or name in RELUS, False)
         else:
             self.read((args, kwargs), name, False)
         return out
@@ -79,26 +83,36 @@ class _Flow(TorchFunctionMode):
 def observed_uses(model: nn.Module, layers: Mapping[str, nn.Module],
                   run: Callable[[], Any]) -> dict[str, OutputUse] | None:
     """`OutputUse` of every layer in `layers` (``{name: wrapper}``) as `run` (one forward
-    pass of `model`) shows them; None when the pass fails."""
+    pass of `model`) shows them; None when the pass fails. The sigmoids the pass shows
+    reading convolutions get their quantizing twins, as on the fx path
+    (`autoquant.quant.activations.install_sigmoids`)."""
     flow = _Flow({id(m): n for n, m in layers.items()})
-    handles = []
+    stack: list[nn.Module] = []
+    calls: list[ActivationCall] = []
 
-    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        name = flow.layers[id(module)]
-        if not flow.inside:
-            if args:
-                flow.read(args[0], name, True)
-            flow.read((args[1:], kwargs), type(module).__name__, False)
-        flow.inside += 1
+    def before(module: nn.Module, args: tuple) -> None:
+        if id(module) in flow.layers and not flow.inside:
+            flow.read(args[:1], flow.layers[id(module)], True)
+            flow.read(args[1:], type(module).__name__, False)
+        elif type(module) in SIGMOID_KINDS and not flow.inside and args:
+            source = flow.sources.get(id(args[0]))
+            producer = layers.get(source[0]) if source is not None and source[2] else None
+            calls.append(ActivationCall(module, stack[-1] if stack else None,
+                                        conv_layer(producer), f"#call{len(calls)}"))
+        flow.inside += id(module) in flow.layers
+        stack.append(module)
 
-    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        flow.inside -= 1
-        if not flow.inside:
-            flow.track(output, flow.layers[id(module)], False)
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        stack.pop()
+        flow.inside -= id(module) in flow.layers
+        if flow.inside:
+            return
+        if id(module) in flow.layers:
+            flow.track(output, flow.layers[id(module)], False, True)
+        elif calls and calls[-1].module is module:
+            flow.track(output, str(calls[-1].key), False, True)
 
-    for module in {id(m): m for m in layers.values()}.values():
-        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
+    handles = [register_module_forward_pre_hook(before), register_module_forward_hook(after)]
     try:
         with flow, torch.no_grad():
             output = run()
@@ -109,11 +123,15 @@ def observed_uses(model: nn.Module, layers: Mapping[str, nn.Module],
     finally:
         for handle in handles:
             handle.remove()
-    uses = {}
-    for layer in layers:
-        reads = flow.reads.get(flow.layers[id(layers[layer])], [])
-        consumers = tuple(r for r, is_layer, _ in reads if is_layer)
-        others = tuple(r for r, is_layer, _ in reads if not is_layer) or \
-            (() if reads else ("unused",))
-        uses[layer] = OutputUse(consumers, others, bool(reads) and all(r for *_, r in reads))
+    uses = {layer: _use(flow.reads.get(flow.layers[id(layers[layer])], []))
+            for layer in layers}
+    install_sigmoids(model, calls, lambda names: {
+        name: _use(flow.reads.get(str(key), [])) for key, name in names.items()})
     return uses
+
+
+def _use(reads: list[tuple[str, bool, bool]]) -> OutputUse:
+    consumers = tuple(r for r, is_layer, _ in reads if is_layer)
+    others = tuple(r for r, is_layer, _ in reads if not is_layer) or \
+        (() if reads else ("unused",))
+    return OutputUse(consumers, others, bool(reads) and all(r for *_, r in reads))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import autoquant as aq
+from autoquant.quant.activations import QuantSiLU, sigmoid_range
 from autoquant.quant.dataflow import output_uses, trace_layers
 from autoquant.quant.dynflow import observed_uses
 from autoquant.quant.qmodel import QuantModel
@@ -22,13 +22,14 @@ class Split(nn.Module):
         super().__init__()
         self.untraceable = untraceable
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.SiLU()
         self.a = nn.Conv2d(4, 4, 3, padding=1)
         self.b = nn.Conv2d(8, 8, 1)
         self.c = nn.Conv2d(8, 8, 3, padding=1)
         self.head = nn.Conv2d(8, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.silu(self.stem(x))
+        y = self.act(self.stem(x))
         parts = list(y.chunk(2, 1)) if self.untraceable else [y[:, :4], y[:, 4:]]
         y = torch.cat([parts[0], self.a(parts[1])], 1)
         z = torch.relu(self.b(y)).flatten(2).reshape(y.shape)
@@ -65,6 +66,9 @@ def test_an_untraceable_model_gets_its_convolution_outputs_requantized(with_exam
     qm.apply_plan(qm.quant_plan())
     assert qm.output_uses is not None
     assert [n for n, layer in qm.layers.items() if layer.requant] == ["stem", "a", "head"]
+    assert isinstance(qm.model.act, QuantSiLU) and sigmoid_range(qm.model.act) == (0, 255)
+    # its product is read by a chunk: quantized too, when the pass came before calibration
+    assert (qm.model.act.output_qparams() is not None) == with_example
 
 
 def test_an_untraceable_model_deploys_every_convolution_as_an_integer_kernel(tmp_path) -> None:
@@ -76,3 +80,13 @@ def test_an_untraceable_model_deploys_every_convolution_as_an_integer_kernel(tmp
     qmodel = aq.quantize(Split().eval(), BatchCalibrator(_data()))
     _, figures = export_checked(qmodel, tmp_path / "m.onnx", (_data()[0],))  # parity checked
     assert figures["integer_kernels"]["summary"].startswith("5 of 5")
+    assert "QLinearSigmoid" in _optimized_ops(tmp_path)
+
+
+def _optimized_ops(tmp_path) -> set[str]:
+    import onnx
+
+    from autoquant.export.ortmodule import ort_session
+
+    ort_session(tmp_path / "m.onnx", optimized_model=tmp_path / "opt.onnx")
+    return {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
