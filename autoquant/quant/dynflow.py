@@ -4,7 +4,7 @@
 Many models do not trace symbolically (``list(x.chunk(2, 1))`` in a YOLO-style block, data-
 dependent Python), and without the consumers of a convolution's output nothing is
 requantized, so every convolution whose output a non-layer op reads runs float in the
-deployed graph (a YOLO-style network: all 17 convolutions, 2.1x float latency). Running the
+deployed graph (a YOLO-style network: all 17 convolutions, 1.9-2.1x float latency). Running the
 model once under a `torch.overrides.TorchFunctionMode` sees every torch op and the tensors
 it reads: a layer's output is followed through the ops that commute with quantization (the
 same list fx uses) to the layers and other ops that read it, giving the same `OutputUse`.
