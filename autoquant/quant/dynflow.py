@@ -8,23 +8,28 @@ deployed graph (a YOLO-style network: all 17 convolutions, 1.9-2.1x float latenc
 model once under a `torch.overrides.TorchFunctionMode` sees every torch op and the tensors
 it reads: a layer's output is followed through the ops that commute with quantization (the
 same list fx uses) to the layers and other ops that read it, giving the same `OutputUse`.
+The same pass finds the Conv -> BatchNorm pairs fx folding could not see, and the sigmoid
+calls `autoquant.quant.activations` quantizes.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from autoquant.quant.activations import SIGMOID_KINDS, ActivationCall, conv_layer, install_sigmoids
 from autoquant.quant.dataflow import METADATA, MOVES, RELUS, OutputUse
+from autoquant.quant.fold import fold_pair
 
 __all__ = ["observed_uses"]
 
@@ -44,6 +49,8 @@ class _Flow(TorchFunctionMode):
         self.sources: dict[int, tuple[str, bool, bool, weakref.ref]] = {}
         self.reads: dict[str, list[tuple[str, bool, bool]]] = {}  # (reader, layer?, relu)
         self.inside = 0  # > 0 while a layer computes: its own ops are not reads
+        self.counts: Counter[int] = Counter()  # calls per module object
+        self.norms: list[tuple[str, nn.Module]] = []  # (layer, BatchNorm reading its output)
 
     def track(self, value: Any, source: str, relu: bool, direct: bool) -> None:
         for leaf in tree_leaves(value):
@@ -80,25 +87,63 @@ class _Flow(TorchFunctionMode):
         return out
 
 
-def observed_uses(model: nn.Module, layers: Mapping[str, nn.Module],
-                  run: Callable[[], Any]) -> dict[str, OutputUse] | None:
+def observed_uses(model: nn.Module, layers: Mapping[str, nn.Module], run: Callable[[], Any],
+                  folded: list[tuple[str, str]] | None = None) -> dict[str, OutputUse] | None:
     """`OutputUse` of every layer in `layers` (``{name: wrapper}``) as `run` (one forward
     pass of `model`) shows them; None when the pass fails. The sigmoids the pass shows
     reading convolutions get their quantizing twins, as on the fx path
-    (`autoquant.quant.activations.install_sigmoids`)."""
+    (`autoquant.quant.activations.install_sigmoids`). With a `folded` list (only before
+    calibration), the BatchNorms the pass shows reading a convolution's output alone are
+    folded into it (`autoquant.quant.fold.fold_pair`), listed there, and the pass is rerun."""
+    seen = _observe(layers, run)
+    if seen is not None and folded is not None and _fold(model, layers, seen, folded):
+        seen = _observe(layers, run)
+    if seen is None:
+        return None
+    flow, calls = seen
+    install_sigmoids(model, calls, lambda names: {
+        name: _use(flow.reads.get(str(key), [])) for key, name in names.items()})
+    return {layer: _use(flow.reads.get(flow.layers[id(layers[layer])], [])) for layer in layers}
+
+
+def _fold(model: nn.Module, layers: Mapping[str, nn.Module],
+          seen: tuple[_Flow, list[ActivationCall]], folded: list[tuple[str, str]]) -> bool:
+    flow = seen[0]
+    names = {id(m): n for n, m in model.named_modules()}
+    done = False
+    for layer, bn in flow.norms:
+        conv = conv_layer(layers.get(layer))
+        if conv is None or flow.counts[id(bn)] != 1 or flow.counts[id(conv)] != 1 or \
+                [r for r, *_ in flow.reads.get(layer, [])] != ["batch_norm"]:
+            continue
+        bn_name = names.get(id(bn), "")
+        if fold_pair(model, conv.module, bn):  # type: ignore[arg-type]
+            folded.append((layer, bn_name))
+            logger.info("folded %s into %s (the pair found on a forward pass)", bn_name, layer)
+            done = True
+    return done
+
+
+def _observe(layers: Mapping[str, nn.Module], run: Callable[[], Any]
+             ) -> tuple[_Flow, list[ActivationCall]] | None:
+    """One pass of `run` under `_Flow`: the reads it saw and the sigmoid calls."""
     flow = _Flow({id(m): n for n, m in layers.items()})
     stack: list[nn.Module] = []
     calls: list[ActivationCall] = []
 
     def before(module: nn.Module, args: tuple) -> None:
+        flow.counts[id(module)] += 1
+        source = flow.sources.get(id(args[0])) if args else None
+        direct = source[0] if source is not None and source[2] else None
         if id(module) in flow.layers and not flow.inside:
             flow.read(args[:1], flow.layers[id(module)], True)
             flow.read(args[1:], type(module).__name__, False)
         elif type(module) in SIGMOID_KINDS and not flow.inside and args:
-            source = flow.sources.get(id(args[0]))
-            producer = layers.get(source[0]) if source is not None and source[2] else None
             calls.append(ActivationCall(module, stack[-1] if stack else None,
-                                        conv_layer(producer), f"#call{len(calls)}"))
+                                        conv_layer(layers.get(direct or "")),
+                                        f"#call{len(calls)}"))
+        elif isinstance(module, _BatchNorm) and not flow.inside and direct is not None:
+            flow.norms.append((direct, module))
         flow.inside += id(module) in flow.layers
         stack.append(module)
 
@@ -123,11 +168,7 @@ def observed_uses(model: nn.Module, layers: Mapping[str, nn.Module],
     finally:
         for handle in handles:
             handle.remove()
-    uses = {layer: _use(flow.reads.get(flow.layers[id(layers[layer])], []))
-            for layer in layers}
-    install_sigmoids(model, calls, lambda names: {
-        name: _use(flow.reads.get(str(key), [])) for key, name in names.items()})
-    return uses
+    return flow, calls
 
 
 def _use(reads: list[tuple[str, bool, bool]]) -> OutputUse:

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.parameter import is_lazy
 
-__all__ = ["fold_conv_bn"]
+__all__ = ["fold_conv_bn", "fold_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,20 @@ def _replace_with_identity(model: nn.Module, qualified_name: str) -> None:
     # setattr registers under the same key in ``_modules``; this covers
     # nn.Sequential / nn.ModuleList children addressed by index ("1").
     setattr(parent, child_name, nn.Identity())
+
+
+def fold_pair(model: nn.Module, conv: _ConvNd, bn: _BatchNorm) -> bool:
+    """Fold `bn` into `conv` and put an ``nn.Identity`` at each of `bn`'s names in `model`,
+    for a pair found without fx (a forward pass saw `bn` read `conv`'s output only);
+    False, with nothing changed, when the pair cannot fold (`_skip_reason`)."""
+    if not _runs_torch_forward(conv) or not _runs_torch_forward(bn) or \
+            _dims(conv, _CONV_DIMS) is None or _dims(bn, _BN_DIMS) is None or \
+            _skip_reason(conv, bn) is not None:
+        return False
+    _fold_into(conv, bn)
+    for name in [n for n, m in model.named_modules(remove_duplicate=False) if m is bn]:
+        _replace_with_identity(model, name)
+    return True
 
 
 def _runs_torch_forward(module: nn.Module) -> bool:

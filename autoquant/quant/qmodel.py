@@ -236,8 +236,10 @@ class QuantModel:
         with self.state(QuantState.FLOAT), torch.no_grad():
             try:
                 if self.output_uses is None:  # fx could not trace: watch one real pass
+                    fold = self.config.fold_bn and not self.calibration_inputs  # uncalibrated
                     self.output_uses = observed_uses(
-                        self.model, self.layers, lambda: call_model(self.model, example_inputs))
+                        self.model, self.layers, lambda: call_model(self.model, example_inputs),
+                        self.folded if fold else None)
                 call_model(self.model, example_inputs)
             except Exception as err:
                 raise ModelError(

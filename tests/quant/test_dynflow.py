@@ -22,6 +22,7 @@ class Split(nn.Module):
         super().__init__()
         self.untraceable = untraceable
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
         self.act = nn.SiLU()
         self.a = nn.Conv2d(4, 4, 3, padding=1)
         self.b = nn.Conv2d(8, 8, 1)
@@ -29,11 +30,20 @@ class Split(nn.Module):
         self.head = nn.Conv2d(8, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.stem(x))
+        y = self.act(self.bn(self.stem(x)))
         parts = list(y.chunk(2, 1)) if self.untraceable else [y[:, :4], y[:, 4:]]
         y = torch.cat([parts[0], self.a(parts[1])], 1)
         z = torch.relu(self.b(y)).flatten(2).reshape(y.shape)
         return self.head(self.c(z)) + y[:, :2]
+
+
+def _split(untraceable: bool = True) -> Split:
+    torch.manual_seed(0)
+    model = Split(untraceable)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
 
 
 def _data() -> list[torch.Tensor]:
@@ -42,8 +52,7 @@ def _data() -> list[torch.Tensor]:
 
 
 def test_a_forward_pass_finds_the_readers_fx_finds() -> None:
-    torch.manual_seed(0)
-    qm = QuantModel(Split(untraceable=False).eval(), aq.QuantConfig())
+    qm = QuantModel(_split(untraceable=False), aq.QuantConfig())
     traced = output_uses(qm.model, qm.layers)
     seen = observed_uses(qm.model, qm.layers, lambda: qm.model(_data()[0]))
     assert traced is not None and seen is not None
@@ -58,17 +67,22 @@ def test_a_forward_pass_finds_the_readers_fx_finds() -> None:
 
 @pytest.mark.parametrize("with_example", [True, False], ids=["example_inputs", "calibration"])
 def test_an_untraceable_model_gets_its_convolution_outputs_requantized(with_example) -> None:
-    torch.manual_seed(0)
-    model = Split().eval()
+    model = _split()
     qm = QuantModel(model, aq.QuantConfig(), (_data()[0],) if with_example else None)
     assert trace_layers(qm.model, qm.layers) is None  # fx cannot trace it
+    # the pass before calibration folds the BatchNorm it saw read the stem alone
+    assert qm.folded == ([("stem", "bn")] if with_example else [])
+    with torch.no_grad():
+        torch.testing.assert_close(qm.model(_data()[0]), model(_data()[0]))
     qm.calibrate(lambda m, where: [m(x) for x in _data()])
     qm.apply_plan(qm.quant_plan())
     assert qm.output_uses is not None
     assert [n for n, layer in qm.layers.items() if layer.requant] == ["stem", "a", "head"]
-    assert isinstance(qm.model.act, QuantSiLU) and sigmoid_range(qm.model.act) == (0, 255)
-    # its product is read by a chunk: quantized too, when the pass came before calibration
-    assert (qm.model.act.output_qparams() is not None) == with_example
+    if with_example:  # the SiLU reads the stem (its BatchNorm folded): a quantizing twin
+        assert isinstance(qm.model.act, QuantSiLU) and sigmoid_range(qm.model.act) == (0, 255)
+        assert qm.model.act.output_qparams() is not None  # its product is read by a chunk
+    else:
+        assert type(qm.model.act) is nn.SiLU  # it reads a BatchNorm, which stayed unfolded
 
 
 def test_an_untraceable_model_deploys_every_convolution_as_an_integer_kernel(tmp_path) -> None:
@@ -76,8 +90,7 @@ def test_an_untraceable_model_deploys_every_convolution_as_an_integer_kernel(tmp
     pytest.importorskip("onnxscript")
     from autoquant.export.onnx_export import export_checked
 
-    torch.manual_seed(0)
-    qmodel = aq.quantize(Split().eval(), BatchCalibrator(_data()))
+    qmodel = aq.quantize(_split(), BatchCalibrator(_data()), example_inputs=(_data()[0],))
     _, figures = export_checked(qmodel, tmp_path / "m.onnx", (_data()[0],))  # parity checked
     assert figures["integer_kernels"]["summary"].startswith("5 of 5")
     assert "QLinearSigmoid" in _optimized_ops(tmp_path)
