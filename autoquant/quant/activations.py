@@ -110,9 +110,10 @@ class QuantSiLU(nn.SiLU):
         if observer is None:
             return None
         if observer.has_data:
-            scale, zero_point, qmin, qmax, _ = observer.qparams(8)
+            scale, zero_point, qmin, qmax, _ = observer.qparams(8)  # cached by the observer
             device = self.out_scale.device
-            self.out_scale, self.out_zero_point = scale.to(device), zero_point.to(device)
+            if scale.to(device) is not self.out_scale:  # new statistics: into the state dict
+                self.out_scale, self.out_zero_point = scale.to(device), zero_point.to(device)
             return self.out_scale, self.out_zero_point, qmin, qmax
         if not self.out_scale.numel():
             return None

@@ -235,12 +235,14 @@ class QuantModel:
         """Run the float model once on `example_inputs`; a failure is a clear ModelError."""
         with self.state(QuantState.FLOAT), torch.no_grad():
             try:
-                if self.output_uses is None:  # fx could not trace: watch one real pass
+                traced = self.output_uses is not None
+                if not traced:  # fx could not trace: one watched pass finds the uses and checks
                     fold = self.config.fold_bn and not self.calibration_inputs  # uncalibrated
                     self.output_uses = observed_uses(
                         self.model, self.layers, lambda: call_model(self.model, example_inputs),
                         self.folded if fold else None)
-                call_model(self.model, example_inputs)
+                if traced or self.output_uses is None:  # a failed watched pass: raise its error
+                    call_model(self.model, example_inputs)
             except Exception as err:
                 raise ModelError(
                     f"the model does not run on example_inputs ({type(err).__name__}: {err}). "
@@ -270,9 +272,7 @@ class QuantModel:
             self.check_runs(self.calibration_inputs[0])
         if forwards[0]:
             # a module called at several places in one forward pass is a shared module too
-            self.calls_per_forward = {
-                n: layer.calls / forwards[0] for n, layer in self.layers.items()
-            }
+            self.calls_per_forward = {n: q.calls / forwards[0] for n, q in self.layers.items()}
             for name, per in self.calls_per_forward.items():
                 if per > 1:
                     logger.info("layer %s runs %.3g times per forward pass: one wrapper, "
