@@ -36,6 +36,7 @@ from autoquant.plan import FLOAT, QuantPlan
 from autoquant.quant.qmodel import QuantModel
 from autoquant.search.loop import BudgetExhausted, TrialRunner
 from autoquant.search.strategy import SearchContext, TrialRecord
+from autoquant.sensitivity.ranking import spearman
 
 __all__ = [
     "check_trust_args",
@@ -50,41 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _ranks(values: Sequence[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2  # ties share their average rank
-        i = j + 1
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rank correlation of `x` and `y` (average ranks for ties).
-
-    None when it is undefined: fewer than two points, or either side constant.
-
-    Example:
-        >>> spearman([1, 2, 3], [10, 30, 20])
-        0.5
-    """
-    if len(x) != len(y) or len(x) < 2:
-        return None
-    rx, ry = _ranks(list(x)), _ranks(list(y))
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    if vx == 0 or vy == 0:
-        return None
-    return cov / math.sqrt(vx * vy)
 
 
 def check_trust_args(holdout: Any, audit: Any) -> None:

@@ -11,9 +11,11 @@ Metrics are plug-ins: subclass `SensitivityMetric` and register it by name
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from autoquant.quant.qmodel import Calibrate, QuantModel
 from autoquant.registry import Registry
 
 __all__ = [
+    "spearman",
     "SensitivityMetric",
     "CosineSimilarity",
     "LayerSensitivity",
@@ -227,3 +230,38 @@ def ranked(qmodel: QuantModel, rows: list[tuple[float, str, int]], what: str,
     return [LayerSensitivity(name, score, rank, calls, tuple(aliases.get(name, ())), scope,
                              local.get(name))
             for rank, (score, name, calls) in enumerate(rows)]
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2  # ties share their average rank
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation of `x` and `y` (average ranks for ties).
+
+    None when it is undefined: fewer than two points, or either side constant.
+
+    Example:
+        >>> spearman([1, 2, 3], [10, 30, 20])
+        0.5
+    """
+    if len(x) != len(y) or len(x) < 2:
+        return None
+    rx, ry = _ranks(list(x)), _ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    if vx == 0 or vy == 0:
+        return None
+    return cov / math.sqrt(vx * vy)
