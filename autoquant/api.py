@@ -144,7 +144,8 @@ def auto_quantize(
     if ranking is None:
         notify("sensitivity", "start", model=qmodel.model)
         ranking = rank_layers(qmodel, adapter.calibrate, settings.sensitivity, dump_dir,
-                              settings.sensitivity_scope, adapter)
+                              settings.sensitivity_scope, adapter,
+                              settings.sensitivity_fraction)
     notify("sensitivity", "end", ranking=list(ranking), reused=reused)
     timings["sensitivity"] = time.perf_counter() - start
     rows = qmodel.layer_rows()
@@ -227,7 +228,7 @@ def sensitivity_analysis(
     model: nn.Module, evaluator: Any = None, example_inputs: Any = None, *,
     config: ConfigLike = None, sensitivity: str | type[SensitivityMetric] = "cosine",
     dump_dir: str | Path | None = None, calibration_data: Iterable[Any] | None = None,
-    sensitivity_scope: str = "auto",
+    sensitivity_scope: str = "auto", sensitivity_fraction: float = 0.25,
 ) -> list[LayerSensitivity]:
     """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation.
 
@@ -236,13 +237,15 @@ def sensitivity_analysis(
     ``"gradient"`` (that error carried to the model's output by the gradient), ``"output"`` (the
     model's output, one layer quantized at a time) or ``"subset"`` (the evaluator's
     ``evaluate_subset``, one layer quantized at a time); see
-    `autoquant.sensitivity.output`."""
+    `autoquant.sensitivity.output`. `sensitivity_fraction`: the share of the calibration
+    rows the gradient scope runs first (`SearchSettings.sensitivity_fraction`)."""
     qmodel = QuantModel(model, resolve_config(config), example_inputs)
     calibrate = _calibrate(evaluator, calibration_data)
     calibrate_model(qmodel, calibrate)
     adapter = EvaluatorAdapter(evaluator) if sensitivity_scope == "subset" and \
         evaluator is not None else None
-    return rank_layers(qmodel, calibrate, sensitivity, dump_dir, sensitivity_scope, adapter)
+    return rank_layers(qmodel, calibrate, sensitivity, dump_dir, sensitivity_scope, adapter,
+                       sensitivity_fraction)
 
 
 def _calibrate(evaluator: Any, calibration_data: Iterable[Any] | None) -> Any:

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence
 from autoquant.errors import ModelError
 
 __all__ = ["call_model", "takes_the_dict_whole", "forward_signature", "to_device", "model_device",
-           "first_tensor", "primary_tensor"]
+           "row_slice", "first_tensor", "primary_tensor"]
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -73,6 +73,19 @@ def to_device(inputs: Any, device: torch.device) -> Any:
         return type(inputs)(to_device(item, device) for item in inputs)
     if isinstance(inputs, Mapping):
         return {key: to_device(value, device) for key, value in inputs.items()}
+    return inputs
+
+
+def row_slice(inputs: Any, batch: int, start: int, stop: int) -> Any:
+    """`inputs` with every tensor whose first dimension is `batch` cut to its rows
+    ``start:stop`` (a view), in tuples, lists and dicts too; other values pass as is."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[start:stop] if inputs.dim() and inputs.shape[0] == batch else inputs
+    if isinstance(inputs, (tuple, list)):
+        items = [row_slice(item, batch, start, stop) for item in inputs]
+        return type(inputs)(*items) if hasattr(inputs, "_fields") else type(inputs)(items)
+    if isinstance(inputs, Mapping):
+        return {key: row_slice(value, batch, start, stop) for key, value in inputs.items()}
     return inputs
 
 

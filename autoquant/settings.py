@@ -78,6 +78,9 @@ class SearchSettings:
             passes) or ``"subset"`` (the
             evaluator's ``evaluate_subset`` on each single-layer plan, N + 1 cheap calls);
             see `autoquant.sensitivity.output`.
+        sensitivity_fraction: the share of the calibration rows (0 < f <= 1) the gradient
+            scope runs first; the other rows run only if the ranking from those has not
+            settled (`autoquant.sensitivity.sampling`). 1.0 runs every row at once.
         max_evaluations: a budget on evaluator calls, the float baseline included (>= 2),
             or None.
         max_seconds: wall-time budget of the whole call: no new evaluation starts after it;
@@ -110,6 +113,7 @@ class SearchSettings:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     sensitivity: Any = "cosine"
     sensitivity_scope: str = "auto"
+    sensitivity_fraction: float = 0.25
     max_evaluations: int | None = None
     max_seconds: float | None = None
     eval_timeout: float | None = None
@@ -202,6 +206,11 @@ class SearchSettings:
                   and issubclass(self.sensitivity, SensitivityMetric)):
             raise SettingError("sensitivity", f"must be a metric name or a SensitivityMetric "
                                               f"class, got {self.sensitivity!r:.60}")
+        fraction = self.sensitivity_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or \
+                not 0.0 < fraction <= 1.0:
+            raise SettingError("sensitivity_fraction", f"must be a number in (0, 1], the share "
+                                                       f"of calibration rows, got {fraction!r:.40}")
         if self.sensitivity_scope not in SCOPES:
             raise SettingError("sensitivity_scope", "must be 'auto', 'layer' (each layer's "
                                "own output), 'gradient' (its estimate at the model's output), "

@@ -176,7 +176,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
             bars("sensitivity", "start", model=qmodel.model)
             ranking = rank_layers(qmodel, adapter.calibrate, job.config.search["sensitivity"],
                                   scope=job.config.search["sensitivity_scope"],
-                                  evaluator=adapter)
+                                  evaluator=adapter,
+                                  fraction=job.config.search["sensitivity_fraction"])
             bars("sensitivity", "end")
     finally:
         bars.close()

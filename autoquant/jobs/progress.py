@@ -1,9 +1,10 @@
 """Progress bars for calibration, sensitivity and the search (tqdm, optional).
 
 `ProgressBars` is a ``progress(stage, event, **info)`` callback for `autoquant.auto_quantize`.
-Calibration and sensitivity bars count forward passes of the model (batches); the search bar
-counts evaluations against the strategy's estimate. Without tqdm, or when disabled (stderr
-is not a terminal, or ``-q``), it does nothing.
+Calibration and sensitivity bars count forward passes of the model (batches; a ranking that
+takes a second pass over them grows its bar by one pass); the search bar counts evaluations
+against the strategy's estimate. Without tqdm, or when disabled (stderr is not a terminal,
+or ``-q``), it does nothing.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ class ProgressBars:
 
     def _count_batches(self, model: Any) -> None:
         def hook(*_: Any) -> None:
-            if self._bar is not None:
-                self._bar.update(1)
+            bar = self._bar
+            if bar is not None:
+                if bar.total is not None and bar.n >= bar.total and self.calibration_batches:
+                    bar.total += self.calibration_batches  # another pass over the batches
+                bar.update(1)
 
         self._hook = model.register_forward_hook(hook)
 

@@ -14,7 +14,10 @@ gradient of ``u . output`` at layer ``l``'s output: one backward pass per calibr
 - ``mse``: ``u`` standard normal (``M = I``): the squared error at the output; scored as
   the SQNR of the output in dB.
 - ``cosine``: ``u`` normal and orthogonal to the float output (``M`` projects out its
-  direction): ``1 - cos ~ |P e|^2 / 2|y|^2``; scored as the estimated mean cosine.
+  direction): ``1 - cos ~ |P e|^2 / 2|y|^2``; scored as ``1 - sum |P e|^2 / 2 sum |y|^2``
+  over the calls (each call's cosine weighted by its output's energy: a call of a few
+  rows near zero cannot swamp the estimate, and the score does not depend on how the
+  rows were split into calls).
 - ``kl``: ``u = onehot(c) - p`` for a class ``c`` drawn from each row's softmax ``p`` (``M``
   is the softmax's Fisher information): ``KL ~ e^T F e / 2``; scored as ``-mean KL``.
 
@@ -22,6 +25,15 @@ Variance: one probe per calibration row. The product ``g_l . e_l`` is summed per
 the layer output's first dimension (the batch, for most layers) and squared per slice, so
 each row is its own sample and cross terms between rows, zero when rows are independent,
 are left out. The probes are seeded: the ranking is reproducible.
+
+Rows: the estimate is a sum over rows, so the pass runs in two stages
+(`autoquant.sensitivity.sampling`): a share of each call's leading rows (``fraction``,
+0.25 by default, and every row until 32 have run), then the other rows only if the ranking
+from the first has not settled: if the estimates from alternate rows rank the layers with
+a Spearman rho below ``SETTLED`` (0.9). A model or calibration that refuses a cut batch
+is run on every row. On all-MiniLM-L6-v2 the first stage settles (split-half rho 0.92)
+on 48 of 128 sentences, at 0.3x the cost of the full pass and with the same rho against
+the measured single-layer losses (0.93).
 
 Cost: the layer pass (float and quantized output of every layer) plus one backward pass
 with respect to the layers' outputs only (no weight gradients). Memory: one forward graph
@@ -36,6 +48,7 @@ differentiable from its quantizable layers to its output; the calibration may ru
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,7 +57,7 @@ from typing import Any
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from autoquant.batches import first_tensor, primary_tensor
+from autoquant.batches import first_tensor, primary_tensor, row_slice
 from autoquant.errors import ConfigError
 from autoquant.quant.layers import QuantState
 from autoquant.quant.qmodel import Calibrate, QuantModel
@@ -58,11 +71,16 @@ from autoquant.sensitivity.ranking import (
     metric_name,
     ranked,
     resolve_metric,
+    spearman,
 )
+from autoquant.sensitivity.sampling import RowShare, row_draws
 
 __all__ = ["GRADIENT_METRICS", "NoGradient", "compute_gradient_sensitivity"]
 
 GRADIENT_METRICS = ("cosine", "mse", "kl")
+logger = logging.getLogger(__name__)
+# the split-half Spearman rho at which the rows run so far have settled the ranking
+SETTLED = 0.9
 _SEED = 0
 
 
@@ -118,24 +136,47 @@ class _Pass:
     grad_modes: list[bool] = field(default_factory=list)
     calls: int = 0  # model calls with a graph from a layer to the output
     rows: int = 0
+    share: RowShare = field(default_factory=lambda: RowShare(1.0))  # the rows it runs
+    sliced: int = 0  # calls run on part of their rows
+    skipping: list[bool] = field(default_factory=list)
+    set_float: Any = None  # set_float(True) runs the layers float for a call it skips
+    # each layer's estimate from alternate rows: their agreement says whether the ranking
+    # has settled (`settled`)
+    halves: dict[str, list[float]] = field(default_factory=dict)
+    # layer calls in model calls that stage 1 had run already (a call counts once)
+    fresh: bool = True
+    repeats: dict[str, int] = field(default_factory=dict)
     signal: float = 0.0
     generator: torch.Generator | None = None
     error: Exception | None = None
 
-    def before_model(self, _module: Any, _args: tuple, _kwargs: dict) -> None:
+    def before_model(self, _module: Any, args: tuple, kwargs: dict) -> Any:
         if torch.is_inference_mode_enabled() and self.error is None:
             self.error = NoGradient(
                 "sensitivity_scope='gradient' needs autograd, but the calibration runs the "
                 "model under torch.inference_mode(); use torch.no_grad() there (the pass "
                 "turns gradients on itself) or sensitivity_scope='output'")
         self.grad_modes.append(torch.is_grad_enabled())
+        span = self.share.span((args, kwargs))
+        skip = span is not None and span[1] >= span[2]
+        self.skipping.append(skip)
+        if skip:  # no row of this call in this stage: it runs float, no twins or graph
+            self.set_float(True)
+            return None
         torch.set_grad_enabled(True)
         self.pairs = []
+        self.fresh = span is None or self.share.stage == 1 or span[1] == 0
+        if span is None or (span[1] == 0 and span[2] == span[0]):
+            return None
+        self.sliced += 1
+        return row_slice((args, kwargs), *span)
 
     def after_layer(self, name: str, layer: Any, output: Any) -> torch.Tensor | None:
         """Pair the layer's error with its output's gradient edge; returns the output made
         a graph root (a copy that requires grad) when the parameters are frozen and the
         output carries no graph yet, else None (the output stays as it is)."""
+        if not self.fresh:
+            self.repeats[name] = self.repeats.get(name, 0) + 1
         error, layer.comparator.pending = layer.comparator.pending, None
         if error is None:
             return None
@@ -156,6 +197,10 @@ class _Pass:
         return root
 
     def after_model(self, _module: Any, _args: tuple, _kwargs: dict, output: Any) -> None:
+        if self.skipping.pop() if self.skipping else False:
+            self.set_float(False)
+            self.grad_modes.pop()
+            return
         try:
             self._backward(first_tensor(output))
         except Exception as err:  # raised after the pass
@@ -168,30 +213,36 @@ class _Pass:
             self.pairs = []  # this call's graph and errors
             torch.set_grad_enabled(self.grad_modes.pop() if self.grad_modes else False)
 
+    def _draws(self, y: torch.Tensor, rows: int, uniform: bool) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=y.device)
+        return row_draws(self.generator, _SEED, self.share.origin, y, rows, uniform)
+
     def _probe(self, out: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The probe direction and the weight of this call's squared products."""
         y = out.detach().float()
-        if self.generator is None:
-            self.generator = torch.Generator(device=y.device).manual_seed(_SEED)
+        rows = y.shape[0] if y.dim() >= 2 else 1
+        flat = y.reshape(rows, -1)
         if self.metric == "kl":
-            rows = y.shape[0] if y.dim() >= 2 else 1
-            p = torch.softmax(y.reshape(rows, -1).double(), dim=1)
-            drawn = torch.multinomial(p, 1, generator=self.generator)
+            p = torch.softmax(flat.double(), dim=1)
+            cdf = torch.cumsum(p, dim=1)
+            drawn = torch.searchsorted(cdf, self._draws(y, rows, True).double() * cdf[:, -1:])
+            drawn = drawn.clamp_(max=p.shape[1] - 1)
             u = -p
             u.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=p.dtype))
             self.rows += rows
             return u.reshape(y.shape).to(out.dtype), 0.5
-        u = torch.randn(y.shape, generator=self.generator, device=y.device)
-        energy = float(torch.linalg.vector_norm(y)) ** 2
+        u = self._draws(y, rows, False).reshape(rows, -1)
+        self.signal += float(torch.linalg.vector_norm(y)) ** 2
         if self.metric == "mse":
-            self.signal += energy
-            return u.to(out.dtype), 1.0
-        flat = y.reshape(-1)
-        norm = math.sqrt(energy)
+            return u.reshape(y.shape).to(out.dtype), 1.0
+        # orthogonal to the call's whole output (a row of one value has no direction of
+        # its own to leave out)
+        norm = float(torch.linalg.vector_norm(flat))
         if norm > 0:
-            unit = flat / norm
-            u = (u.reshape(-1) - torch.dot(u.reshape(-1), unit) * unit).reshape(y.shape)
-        return u.to(out.dtype), (0.5 / energy if energy > 0 else 0.0)
+            unit, u = flat.reshape(-1) / norm, u.reshape(-1)
+            u = u - torch.dot(u, unit) * unit
+        return u.reshape(y.shape).to(out.dtype), 0.5
 
     def _backward(self, out: torch.Tensor) -> None:
         if not self.pairs or not out.requires_grad or not out.is_floating_point():
@@ -203,8 +254,24 @@ class _Pass:
         for (name, _, error), grad in zip(self.pairs, grads, strict=True):
             if grad is None:
                 continue
-            products = _slice_dots(grad, error)
-            self.estimate[name] += weight * float(torch.sum(products * products))
+            squares = _slice_dots(grad, error).square_()
+            odd = self.calls % 2  # alternate rows: the first of each call swaps halves
+            half = float(torch.sum(squares[odd::2]))
+            total = float(torch.sum(squares))
+            self.estimate[name] += weight * total
+            pair = self.halves.setdefault(name, [0.0, 0.0])
+            pair[0] += weight * half
+            pair[1] += weight * (total - half)
+
+    def settled(self, threshold: float) -> bool:
+        """Whether the two halves of the rows rank the layers alike (Spearman's rho at
+        least `threshold`; three layers or more): more rows would not reorder them much."""
+        pairs = list(self.halves.values())
+        if len(pairs) < 3:
+            return False
+        rho = spearman([a for a, _ in pairs], [b for _, b in pairs])
+        logger.debug("gradient sensitivity: split-half rho %s over %d layers", rho, len(pairs))
+        return rho is not None and rho >= threshold
 
     def score(self, name: str) -> float:
         est = self.estimate[name]
@@ -216,46 +283,66 @@ class _Pass:
             if self.signal == 0.0:
                 return -MAX_SQNR_DB
             return max(-MAX_SQNR_DB, min(MAX_SQNR_DB, 10.0 * math.log10(self.signal / est)))
-        return max(-1.0, 1.0 - est / self.calls) if self.calls else 1.0
+        return max(-1.0, 1.0 - est / self.signal) if self.signal > 0 else 1.0
 
 
-def _run_pass(qmodel: QuantModel, calibrate: Calibrate, metric: str, frozen: bool) -> _Pass:
-    """One gradient pass over the calibration; the parameters' `requires_grad` is set for
-    it and restored after. Unfrozen, every parameter requires grad (the graph starts at
-    the weights). Frozen, only the searchable layers that are not Linear or Conv keep it
-    (an Embedding saves its indices alone; an LSTM or attention returns a tuple, which
-    cannot be made a root); a Linear or Conv saves no input then."""
+def _new_pass(qmodel: QuantModel, metric: str, frozen: bool, fraction: float) -> _Pass:
+    """A pass record, with a fresh comparator on every searchable layer."""
     names = qmodel.searchable
-    graphed = set() if not frozen else {
-        id(p) for n in names if type(qmodel.layers[n].module) not in DIRECT_KINDS
-        for p in qmodel.layers[n].module.parameters()}
-    record = _Pass(metric=metric, frozen=frozen, estimate=dict.fromkeys(names, 0.0))
-    flags = {p: p.requires_grad for p in qmodel.model.parameters()}
-    hooks = [qmodel.model.register_forward_pre_hook(record.before_model, with_kwargs=True),
-             qmodel.model.register_forward_hook(record.after_model, with_kwargs=True)]
     for layer_name, layer in qmodel.layers.items():
         layer.calls = 0
         layer.comparator = _Error() if layer_name in names else None
         layer.nonfinite = False
-        if layer_name in names:
-            hooks.append(layer.register_forward_hook(
-                lambda mod, _a, out, n=layer_name: record.after_layer(n, mod, out)))
+    return _Pass(metric=metric, frozen=frozen, estimate=dict.fromkeys(names, 0.0),
+                 share=RowShare(fraction), set_float=lambda on: qmodel.set_state(
+                     QuantState.FLOAT if on else QuantState.COMPARE))
+
+
+def _run_stage(qmodel: QuantModel, calibrate: Calibrate, record: _Pass, stage: int) -> None:
+    """One stage of a gradient pass over the calibration (`RowShare`); the parameters'
+    `requires_grad` is set for it and restored after. Unfrozen, every parameter requires
+    grad (the graph starts at the weights). Frozen, only the searchable layers that are not
+    Linear or Conv keep it (an Embedding saves its indices alone; an LSTM or attention
+    returns a tuple, which cannot be made a root); a Linear or Conv saves no input then."""
+    names = qmodel.searchable
+    graphed = set() if not record.frozen else {
+        id(p) for n in names if type(qmodel.layers[n].module) not in DIRECT_KINDS
+        for p in qmodel.layers[n].module.parameters()}
+    record.share.start_stage(stage)
+    flags = {p: p.requires_grad for p in qmodel.model.parameters()}
+    hooks = [qmodel.model.register_forward_pre_hook(record.before_model, with_kwargs=True),
+             qmodel.model.register_forward_hook(record.after_model, with_kwargs=True)]
+    for layer_name in names:
+        hooks.append(qmodel.layers[layer_name].register_forward_hook(
+            lambda mod, _a, out, n=layer_name: record.after_layer(n, mod, out)))
     try:
         for param in flags:
             if param.is_floating_point():
                 # only activation gradients are taken, never a weight's
-                param.requires_grad_(not frozen or id(param) in graphed)
+                param.requires_grad_(not record.frozen or id(param) in graphed)
         qmodel.calibration_pass(calibrate, QuantState.COMPARE, "(gradient sensitivity pass)",
                                 hooks)
     finally:
         for param, flag in flags.items():
             param.requires_grad_(flag)
+
+
+def _run_pass(qmodel: QuantModel, calibrate: Calibrate, metric: str, frozen: bool,
+              fraction: float = 1.0) -> _Pass:
+    """The gradient pass: `fraction` of the rows, then the rest unless the ranking from
+    those rows has settled (`SETTLED`); every row when `fraction` is 1."""
+    record = _new_pass(qmodel, metric, frozen, fraction)
+    _run_stage(qmodel, calibrate, record, 1)
+    if record.error is None and record.share.left and not record.settled(SETTLED):
+        logger.info("gradient sensitivity: the ranking from %.0f%% of the calibration rows "
+                    "has not settled; running the other rows", 100 * fraction)
+        _run_stage(qmodel, calibrate, record, 2)
     return record
 
 
 def compute_gradient_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
-                                 metric: str | type[SensitivityMetric] = "cosine"
-                                 ) -> list[LayerSensitivity]:
+                                 metric: str | type[SensitivityMetric] = "cosine",
+                                 fraction: float = 1.0) -> list[LayerSensitivity]:
     """Score every searchable layer by the estimated divergence of the model's output when
     that layer alone is quantized (see the module docstring); worst first.
 
@@ -273,9 +360,19 @@ def compute_gradient_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
     start = time.perf_counter()
     names = qmodel.searchable
     qmodel.apply_plan(qmodel.quant_plan())
-    record = _run_pass(qmodel, calibrate, name, frozen=True)
+    try:
+        record = _run_pass(qmodel, calibrate, name, True, fraction)
+    except Exception as err:
+        if fraction >= 1.0:
+            raise
+        # the model or the calibration refused a cut batch: the pass runs every row
+        logger.warning("the gradient sensitivity pass on %.0f%% of the calibration rows "
+                       "failed (%s: %.200s); running it on every row", 100 * fraction,
+                       type(err).__name__, err)
+        fraction = 1.0
+        record = _run_pass(qmodel, calibrate, name, True, fraction)
     if record.unrooted and record.error is None:  # outputs inside tuples: graph via weights
-        record = _run_pass(qmodel, calibrate, name, frozen=False)
+        record = _run_pass(qmodel, calibrate, name, False, fraction)
     if record.error is not None:
         raise record.error
     if not record.calls:
@@ -287,6 +384,7 @@ def compute_gradient_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
     for layer_name in names:
         layer = qmodel.layers[layer_name]
         score = NONFINITE_SCORE if layer.nonfinite else record.score(layer_name)
+        layer.calls -= record.repeats.get(layer_name, 0)
         rows.append((score, layer_name, layer.calls))
         cosine = layer.comparator.local.score()
         local[layer_name] = NONFINITE_SCORE if layer.nonfinite or not math.isfinite(cosine) \

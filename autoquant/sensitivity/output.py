@@ -56,20 +56,21 @@ logger = logging.getLogger(__name__)
 def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                 metric: str | type[SensitivityMetric] = "cosine",
                 dump_dir: str | Path | None = None, scope: str = "layer",
-                evaluator: Any = None) -> list[LayerSensitivity]:
+                evaluator: Any = None, fraction: float = 1.0) -> list[LayerSensitivity]:
     """The sensitivity ranking of `qmodel`, most sensitive first, in `scope`: ``"auto"``
     (``"gradient"`` where it applies, else ``"layer"``; the default), ``"layer"``
     (each layer's own output, one pass), ``"gradient"`` (its error carried to the model's
     output by the gradient, one pass with a backward; `autoquant.sensitivity.gradient`),
     ``"output"`` (the model's output, N + 1 passes) or ``"subset"`` (`evaluator`'s
-    ``evaluate_subset``, an `EvaluatorAdapter`; N + 1 calls).
+    ``evaluate_subset``, an `EvaluatorAdapter`; N + 1 calls). `fraction` is the share of
+    the calibration rows the gradient scope runs first (`autoquant.sensitivity.sampling`).
 
     Raises:
         ConfigError: an unknown scope or metric, `dump_dir` outside the layer scope, or the
             subset scope without an evaluator that has ``evaluate_subset``.
     """
     if scope == "auto":
-        return _auto(qmodel, calibrate, metric, dump_dir)
+        return _auto(qmodel, calibrate, metric, dump_dir, fraction)
     if scope == "layer":
         return compute_sensitivity(qmodel, calibrate, metric, dump_dir)
     if scope not in SCOPES:
@@ -83,7 +84,7 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
     if scope == "gradient":
         from autoquant.sensitivity.gradient import compute_gradient_sensitivity
 
-        return compute_gradient_sensitivity(qmodel, calibrate, metric)
+        return compute_gradient_sensitivity(qmodel, calibrate, metric, fraction)
     if evaluator is None or not evaluator.has_subset:
         name = type(getattr(evaluator, "evaluator", evaluator)).__name__
         raise ConfigError(f"sensitivity_scope='subset' ranks layers with the evaluator's "
@@ -94,7 +95,7 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
 
 
 def _auto(qmodel: QuantModel, calibrate: Calibrate, metric: str | type[SensitivityMetric],
-          dump_dir: str | Path | None) -> list[LayerSensitivity]:
+          dump_dir: str | Path | None, fraction: float) -> list[LayerSensitivity]:
     """The gradient scope, or the layer scope where it cannot apply: a `dump_dir` (the
     layer pass writes the inputs), a metric it cannot estimate, a model without gradients,
     or a forward graph that does not fit in memory (the layer pass keeps none)."""
@@ -106,7 +107,7 @@ def _auto(qmodel: QuantModel, calibrate: Calibrate, metric: str | type[Sensitivi
 
     if dump_dir is None and metric_name(resolve_metric(metric)) in GRADIENT_METRICS:
         try:
-            return compute_gradient_sensitivity(qmodel, calibrate, metric)
+            return compute_gradient_sensitivity(qmodel, calibrate, metric, fraction)
         except Exception as err:
             if not isinstance(err, NoGradient) and not _out_of_memory(err):
                 raise

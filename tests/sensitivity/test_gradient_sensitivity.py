@@ -48,9 +48,9 @@ def test_the_gradient_pass_carries_the_layer_scope_cosine_as_a_second_opinion(
     model, batches = model_and_batches
     layer = _scores(model, batches, "layer")
     rows = aq.sensitivity_analysis(model, calibration_data=batches, config=CONFIG,
-                                   sensitivity_scope="gradient")
+                                   sensitivity_scope="gradient", sensitivity_fraction=1.0)
     local = {r.name: r.local for r in rows}
-    assert local == pytest.approx(layer, rel=1e-6)  # the same pass, the same cosine
+    assert local == pytest.approx(layer, rel=1e-6)  # the same rows, the same cosine
     assert min(local, key=local.get) == "noisy" != rows[0].name  # ... a different opinion
     assert all(r.local is None for r in aq.sensitivity_analysis(
         model, calibration_data=batches, config=CONFIG, sensitivity_scope="layer"))
@@ -70,10 +70,14 @@ def test_mse_and_kl_estimates_match_the_measured_output_divergence(model_and_bat
 
 def test_the_gradient_pass_costs_one_calibration_pass_like_the_layer_pass(model_and_batches):
     model, batches = model_and_batches
-    layer, gradient = Counting(batches), Counting(batches)
+    layer, gradient, staged = Counting(batches), Counting(batches), Counting(batches)
     aq.sensitivity_analysis(model, layer, config=CONFIG, sensitivity_scope="layer")
-    aq.sensitivity_analysis(model, gradient, config=CONFIG, sensitivity_scope="gradient")
+    aq.sensitivity_analysis(model, gradient, config=CONFIG, sensitivity_scope="gradient",
+                            sensitivity_fraction=1.0)
     assert gradient.passes == layer.passes
+    # by default a share of the rows first, and the rest in a second pass if needed
+    aq.sensitivity_analysis(model, staged, config=CONFIG, sensitivity_scope="gradient")
+    assert layer.passes <= staged.passes <= layer.passes + 1
 
 
 def test_the_ranking_is_reproducible_and_leaves_no_gradients_or_flags_behind(
