@@ -137,7 +137,6 @@ class _Pass:
     calls: int = 0  # model calls with a graph from a layer to the output
     rows: int = 0
     share: RowShare = field(default_factory=lambda: RowShare(1.0))  # the rows it runs
-    sliced: int = 0  # calls run on part of their rows
     skipping: list[bool] = field(default_factory=list)
     set_float: Any = None  # set_float(True) runs the layers float for a call it skips
     # each layer's estimate from alternate rows: their agreement says whether the ranking
@@ -168,7 +167,6 @@ class _Pass:
         self.fresh = span is None or self.share.stage == 1 or span[1] == 0
         if span is None or (span[1] == 0 and span[2] == span[0]):
             return None
-        self.sliced += 1
         return row_slice((args, kwargs), *span)
 
     def after_layer(self, name: str, layer: Any, output: Any) -> torch.Tensor | None:
