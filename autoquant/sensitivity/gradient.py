@@ -332,8 +332,9 @@ def _run_pass(qmodel: QuantModel, calibrate: Calibrate, metric: str, frozen: boo
     record = _new_pass(qmodel, metric, frozen, fraction)
     _run_stage(qmodel, calibrate, record, 1)
     if record.error is None and record.share.left and not record.settled(SETTLED):
-        logger.info("gradient sensitivity: the ranking from %.0f%% of the calibration rows "
-                    "has not settled; running the other rows", 100 * fraction)
+        share = record.share
+        logger.info("gradient sensitivity: the ranking from %d of %d calibration rows has "
+                    "not settled; running the other rows", share.ran, share.ran + share.left)
         _run_stage(qmodel, calibrate, record, 2)
     return record
 
