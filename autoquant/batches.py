@@ -64,29 +64,30 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _map_tensors(inputs: Any, fn: Any) -> Any:
+    """`inputs` with `fn` applied to every tensor, in tuples (named ones too), lists and
+    dicts; other values pass as is."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, (tuple, list)):
+        items = [_map_tensors(item, fn) for item in inputs]
+        return type(inputs)(*items) if hasattr(inputs, "_fields") else type(inputs)(items)
+    if isinstance(inputs, Mapping):
+        return {key: _map_tensors(value, fn) for key, value in inputs.items()}
+    return inputs
+
+
 def to_device(inputs: Any, device: torch.device) -> Any:
     """Move a tensor, or every tensor in a tuple/list/dict, to `device` (other values pass
     as is)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(item, device) for item in inputs)
-    if isinstance(inputs, Mapping):
-        return {key: to_device(value, device) for key, value in inputs.items()}
-    return inputs
+    return _map_tensors(inputs, lambda t: t.to(device))
 
 
 def row_slice(inputs: Any, batch: int, start: int, stop: int) -> Any:
     """`inputs` with every tensor whose first dimension is `batch` cut to its rows
     ``start:stop`` (a view), in tuples, lists and dicts too; other values pass as is."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[start:stop] if inputs.dim() and inputs.shape[0] == batch else inputs
-    if isinstance(inputs, (tuple, list)):
-        items = [row_slice(item, batch, start, stop) for item in inputs]
-        return type(inputs)(*items) if hasattr(inputs, "_fields") else type(inputs)(items)
-    if isinstance(inputs, Mapping):
-        return {key: row_slice(value, batch, start, stop) for key, value in inputs.items()}
-    return inputs
+    return _map_tensors(inputs, lambda t: t[start:stop] if t.dim() and t.shape[0] == batch
+                        else t)
 
 
 def _find_tensor(output: Any, depth: int = 0) -> torch.Tensor | None:
