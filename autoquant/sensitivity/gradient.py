@@ -231,12 +231,12 @@ class _Pass:
             self.rows += rows
             return u.reshape(y.shape).to(out.dtype), 0.5
         u = self._draws(y, rows, False).reshape(rows, -1)
-        self.signal += float(torch.linalg.vector_norm(y)) ** 2
+        norm = float(torch.linalg.vector_norm(flat))
+        self.signal += norm * norm
         if self.metric == "mse":
             return u.reshape(y.shape).to(out.dtype), 1.0
         # orthogonal to the call's whole output (a row of one value has no direction of
         # its own to leave out)
-        norm = float(torch.linalg.vector_norm(flat))
         if norm > 0:
             unit, u = flat.reshape(-1) / norm, u.reshape(-1)
             u = u - torch.dot(u, unit) * unit
