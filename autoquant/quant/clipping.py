@@ -64,36 +64,58 @@ def entropy_range(
     candidates = list(range(levels, num_bins + 1, step))
     if candidates[-1] != num_bins:
         candidates.append(num_bins)
-    best_kl, best_i = None, num_bins
-    for i in candidates:
-        kl = _kl_for_threshold(hist, i, levels)
-        # candidates grow, so `<=` keeps the widest threshold among equal divergences
-        if best_kl is None or kl <= best_kl:
-            best_kl, best_i = kl, i
-    threshold = torch.tensor(best_i * amax / num_bins, dtype=torch.float32, device=lo.device)
+    kls = _kl_for_thresholds(hist, torch.tensor(candidates, device=hist.device), levels)
+    # candidates grow, so the last minimum keeps the widest threshold among equal
+    # divergences (equal to float64 rounding: the sums come from prefix sums)
+    finite = torch.isfinite(kls)
+    best = len(candidates) - 1
+    if bool(finite.any()):
+        low = float(kls[finite].min())
+        best = int(torch.nonzero(kls <= low + 1e-12 * max(1.0, abs(low))).max())
+    threshold = torch.tensor(candidates[best] * amax / num_bins, dtype=torch.float32,
+                             device=lo.device)
     return torch.maximum(lo, -threshold), torch.minimum(hi, threshold)
 
 
-def _kl_for_threshold(hist: torch.Tensor, i: int, levels: int) -> float:
-    ref = hist[:i].clone()
-    ref[i - 1] += hist[i:].sum()
-    kept = hist[:i]
-    group = torch.arange(i, device=hist.device) * levels // i
-    nonzero = (kept > 0).double()
-    group_sum = torch.zeros(levels, dtype=torch.float64, device=hist.device).index_add_(
-        0, group, kept)
-    group_nz = torch.zeros(levels, dtype=torch.float64, device=hist.device).index_add_(
-        0, group, nonzero)
-    expanded = torch.where(
-        kept > 0, group_sum[group] / group_nz[group].clamp(min=1.0), torch.zeros_like(kept))
-    p = ref / ref.sum()
-    q_total = expanded.sum()
-    if q_total <= 0:
-        return float("inf")
-    q = expanded / q_total
-    mask = p > 0
-    q_masked = q[mask].clamp(min=1e-12)
-    return float((p[mask] * torch.log(p[mask] / q_masked)).sum())
+def _kl_for_thresholds(hist: torch.Tensor, thresholds: torch.Tensor,
+                       levels: int) -> torch.Tensor:
+    """KL(P || Q) for every threshold (a bin count) at once, inf where Q has no mass.
+
+    P is the histogram cut at the threshold with the tail folded into its last bin; Q
+    merges the kept bins into `levels` groups and spreads each group's mass evenly over its
+    non-empty bins. Within a group every non-empty bin has the same q, so the divergence
+    needs only per-group sums: prefix sums over the bins give them for every threshold in
+    O(thresholds x levels), not O(thresholds x bins) (96 thresholds of a 4096-bin histogram
+    in well under a millisecond).
+    """
+    dtype, device = hist.dtype, hist.device
+    zero = torch.zeros(1, dtype=dtype, device=device)
+    counts = torch.cat([zero, torch.cumsum(hist, 0)])
+    occupied = torch.cat([zero, torch.cumsum((hist > 0).to(dtype), 0)])
+    hlogh = torch.cat([zero, torch.cumsum(torch.xlogy(hist, hist), 0)])
+    total = counts[-1]
+    i = thresholds.to(torch.int64)
+    g = torch.arange(levels + 1, device=device)
+    edges = (g[None, :] * i[:, None] + levels - 1) // levels  # first bin of each group
+    group_sum = counts[edges[:, 1:]] - counts[edges[:, :-1]]
+    group_nz = occupied[edges[:, 1:]] - occupied[edges[:, :-1]]
+    kept = counts[i]  # = Q's total mass
+    tail = total - kept
+    last = hist[i - 1]
+    # q of a non-empty bin in each group; log q times the group's mass, summed
+    q_group = group_sum / (group_nz.clamp(min=1.0) * kept.clamp(min=1e-300)[:, None])
+    cross = torch.where(group_sum > 0, group_sum * torch.log(q_group.clamp(min=1e-300)),
+                        torch.zeros_like(group_sum)).sum(dim=1)
+    q_last = torch.where(last > 0, q_group[:, -1], torch.zeros_like(last)).clamp(min=1e-12)
+    cross = cross - torch.where(last > 0, last * torch.log(q_last), torch.zeros_like(last))
+    # every bin but the last: sum of p log p - p log q, with p = h / total
+    body = (hlogh[i - 1] - counts[i - 1] * torch.log(total) - cross) / total
+    ref_last = last + tail
+    p_last = ref_last / total
+    last_term = torch.where(ref_last > 0, p_last * torch.log(p_last.clamp(min=1e-300) / q_last),
+                            torch.zeros_like(p_last))
+    kl = body + last_term
+    return torch.where(kept > 0, kl, torch.full_like(kl, float("inf")))
 
 
 def mse_weight_range(
