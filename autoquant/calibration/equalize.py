@@ -58,14 +58,14 @@ STRENGTHS: tuple[float, ...] = (0.5, 0.65, 0.75, 0.85, 0.95)
 SCORE_ROWS = 256
 
 
-def strided_rows(x: torch.Tensor, y: torch.Tensor, rows_of_x: bool) -> tuple[torch.Tensor,
-                                                                            torch.Tensor]:
-    """At most `SCORE_ROWS` evenly strided rows of `x` and of its output `y`: rows of the
-    last axis (a Linear: every token is a row) when `rows_of_x`, else samples (axis 0)."""
+def strided_rows(*tensors: torch.Tensor, rows_of_x: bool) -> tuple[torch.Tensor, ...]:
+    """At most `SCORE_ROWS` evenly strided rows of each of `tensors` (a layer's input and,
+    often, its output): rows of the last axis (a Linear: every token is a row) when
+    `rows_of_x`, else samples (axis 0). The stride comes from the first tensor."""
     if rows_of_x:
-        x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    stride = -(-x.shape[0] // SCORE_ROWS)
-    return (x[::stride], y[::stride]) if stride > 1 else (x, y)
+        tensors = tuple(t.reshape(-1, t.shape[-1]) for t in tensors)
+    stride = -(-tensors[0].shape[0] // SCORE_ROWS)
+    return tuple(t[::stride] for t in tensors) if stride > 1 else tensors
 
 
 def _in_observer_pass(layer: QuantLayer) -> bool:
@@ -136,7 +136,7 @@ class _Scorer:
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(
                 output, torch.Tensor):
             return
-        x, y = strided_rows(args[0].detach().float(), output.detach().float(), True)
+        x, y = strided_rows(args[0].detach().float(), output.detach().float(), rows_of_x=True)
         bias = module.module.bias
         for alpha, (inv, (scale, zp, qmin, qmax), weight_q) in self.candidates.items():
             x_q = fake_quantize(x * inv, scale, zp, qmin, qmax)

@@ -9,13 +9,17 @@ correction, and the order in which they run with smoothing and the observers.
 1b. per-layer input smoothing (only for layers with ``smoothing`` set): input statistics,
    then (for ``auto``) the choice of strength (`autoquant.calibration.equalize`);
 2. the observer pass (always): activation statistics, collected once per run;
-3. the refinement pass (only with an ``auto`` activation algorithm, or ``bias_correction``
-   on a layer other than a plain ``nn.Linear``): every layer sees its float input; for each
-   ``auto`` layer every candidate calibration
-   quantizes that input (at most ``SCORE_ROWS`` strided rows of each batch; and the weight,
-   at the layer's scheme) and the output SQNR
-   against the float output is accumulated; for bias correction the mean output shift of
-   the quantized weight is accumulated per output channel.
+3. the refinement pass (only for ``bias_correction`` on a layer other than a plain
+   ``nn.Linear``, or an ``auto`` layer whose rows pass 2 could not keep): every layer sees
+   its float input; for each ``auto`` layer every candidate calibration quantizes that
+   input (at most ``SCORE_ROWS`` strided rows of each batch; and the weight, at the layer's
+   scheme) and the output SQNR against the float output is accumulated; for bias
+   correction the mean output shift of the quantized weight is accumulated per output
+   channel.
+
+An ``auto`` layer called with one tensor keeps those strided input rows during pass 2 (at
+most `KEPT_VALUES` values, thinned evenly beyond), and its choice scores them after the
+pass, its float output recomputed from them: the same rows, no pass of its own.
 
 A Linear layer's output is linear in its input, so its mean shift is exactly
 ``(W - W_q) @ mean(x)``: pass 2 also sums each such layer's input per channel, and its bias
@@ -56,6 +60,7 @@ from autoquant.sensitivity.metrics import SQNR
 
 __all__ = [
     "CANDIDATES",
+    "KEPT_VALUES",
     "SQNR",
     "calibrate_model",
     "refine_calibration",
@@ -77,6 +82,9 @@ CANDIDATES: tuple[tuple[str, float], ...] = (
 )
 
 _BIAS_KINDS = (nn.Linear, nn.modules.conv._ConvNd)
+# the input values an ``auto`` layer keeps from the observer pass for its choice (4 MiB in
+# float32): beyond it the kept rows are thinned evenly, every other one
+KEPT_VALUES = 1 << 20
 
 
 def candidate_label(algorithm: str, percentile: float) -> str:
@@ -99,7 +107,12 @@ def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:
     deferred = ObserverPassSmoothing(qmodel)
     means = {name: _InputMean() for name in qmodel.searchable
              if _mean_corrected(qmodel.layers[name], qmodel.config.bias_correction)}
+    stores = {name: _RowStore(isinstance(qmodel.layers[name].module, nn.Linear))
+              for name in qmodel.searchable
+              if _refinable(qmodel.layers[name]) and _auto_choice(qmodel.layers[name])}
     handles = [qmodel.layers[n].register_forward_pre_hook(m) for n, m in means.items()]
+    handles += [qmodel.layers[n].register_forward_hook(store, with_kwargs=True)
+                for n, store in stores.items()]
     handles += deferred.hooks()
     try:
         qmodel.calibrate(calibrate)
@@ -107,7 +120,36 @@ def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:
         for handle in handles:
             handle.remove()
     deferred.finish()
-    refine_calibration(qmodel, calibrate, means)
+    kept = {name: store.parts for name, store in stores.items() if store.parts}
+    refine_calibration(qmodel, calibrate, means, kept)
+
+
+class _RowStore:
+    """Forward hook keeping an ``auto`` layer's scored input rows during the observer pass
+    (`strided_rows` of each call, copied), so that its choice needs no pass of its own.
+    Gives up (``parts`` None) on a call it could not replay: extra arguments, a non-tensor
+    input or output, or one row over `KEPT_VALUES` values."""
+
+    def __init__(self, rows_of_x: bool) -> None:
+        self.rows_of_x = rows_of_x
+        self.parts: list[torch.Tensor] | None = []
+        self.step = 1  # keep every step-th strided row: doubles each time the store fills
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.parts is None:
+            return
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or \
+                not args[0].is_floating_point() or not isinstance(output, torch.Tensor):
+            self.parts = None
+            return
+        (rows,) = strided_rows(args[0].detach(), rows_of_x=self.rows_of_x)
+        self.parts.append(rows[::self.step].clone())
+        while sum(p.numel() for p in self.parts) > KEPT_VALUES:
+            if all(p.shape[0] < 2 for p in self.parts):
+                self.parts = None
+                return
+            self.parts = [p[::2] for p in self.parts]
+            self.step *= 2
 
 
 class _InputMean:
@@ -129,9 +171,9 @@ class _InputMean:
 
 def _mean_corrected(layer: QuantLayer, bias_on: bool) -> bool:
     """A layer whose bias correction comes from its input mean: a plain, refinable
-    ``nn.Linear`` with bias correction on and no ``auto`` activation choice to score."""
+    ``nn.Linear`` with bias correction on (its activation calibration plays no part)."""
     return bias_on and _refinable(layer) and isinstance(layer.module, nn.Linear) \
-        and runs_torch_forward(layer.module) and not _auto_choice(layer)
+        and runs_torch_forward(layer.module)
 
 
 def _auto_choice(layer: QuantLayer) -> bool:
@@ -195,13 +237,10 @@ class _LayerRefiner:
         x, rest = layer.scale_input(args[0].detach()), args[1:]
         y = output.detach()
         if self.candidates:
-            weight_q = layer.quantized_weight()
             xs, ys = x, y
             if not rest and not kwargs:  # score on strided rows: bounded cost per batch
-                xs, ys = strided_rows(x, y, isinstance(layer.module, nn.Linear))
-            for cand, (scale, zp, qmin, qmax, axis) in self.candidates.items():
-                x_q = fake_quantize(xs, scale, zp, qmin, qmax, axis)
-                self.scores[cand].update(ys, layer._run_module(x_q, weight_q, rest, kwargs))
+                xs, ys = strided_rows(x, y, rows_of_x=isinstance(layer.module, nn.Linear))
+            self.score(xs, ys, rest, kwargs)
         for scheme, weight_q in self.weights.items():
             diff = y - layer._run_module(x, weight_q, rest, kwargs)
             dim = _output_dim(layer.module, diff)
@@ -211,6 +250,27 @@ class _LayerRefiner:
             prev = self.shift_sum.get(scheme)
             self.shift_sum[scheme] = total if prev is None else prev + total
             self.shift_count[scheme] += diff.numel() // diff.shape[dim]
+
+    def score(self, x: torch.Tensor, y: torch.Tensor, rest: tuple = (),
+              kwargs: dict | None = None) -> None:
+        """Fold the candidates' output SQNR on input `x` (scaled) and float output `y`."""
+        weight_q = self.layer.quantized_weight()
+        for cand, (scale, zp, qmin, qmax, axis) in self.candidates.items():
+            x_q = fake_quantize(x, scale, zp, qmin, qmax, axis)
+            self.scores[cand].update(y, self.layer._run_module(x_q, weight_q, rest,
+                                                                kwargs or {}))
+
+    def replay(self, parts: list[torch.Tensor]) -> None:
+        """Score the rows the observer pass kept (`_RowStore`), one part per call, their
+        float output recomputed by the float layer."""
+        with torch.no_grad():
+            for raw in parts:
+                self.layer.state = QuantState.FLOAT
+                try:
+                    y = self.layer(raw)
+                finally:
+                    self.layer.state = QuantState.QUANTIZE
+                self.score(self.layer.scale_input(raw), y)
 
     def finish(self) -> None:
         layer = self.layer
@@ -223,6 +283,8 @@ class _LayerRefiner:
                     candidate_label(*c): self.scores[c].score() for c in CANDIDATES}
                 logger.debug("%s: activation calibration %s (%s)", layer.layer_name,
                              candidate_label(*best), layer.calibration_scores)
+        if not self.weights:  # no bias pass: any correction came from the input mean
+            return
         corrections = {}
         for scheme, total in self.shift_sum.items():
             count = self.shift_count[scheme]
@@ -242,15 +304,17 @@ def _refinable(layer: QuantLayer) -> bool:
 
 
 def refine_calibration(qmodel: QuantModel, calibrate: Calibrate,
-                       input_means: dict[str, _InputMean] | None = None) -> None:
+                       input_means: dict[str, _InputMean] | None = None,
+                       kept_rows: dict[str, list[torch.Tensor]] | None = None) -> None:
     """Choose each ``auto`` layer's calibration and measure bias corrections, in one pass.
 
-    A no-op (no pass) when no layer uses ``auto`` and ``bias_correction`` is off, or when
-    every bias-corrected layer is a Linear whose input mean `input_means` holds (summed
-    during the observer pass). Needs the observers calibrated (`QuantModel.calibrate`).
+    No pass when no layer uses ``auto`` and ``bias_correction`` is off, or when every
+    bias-corrected layer is a Linear whose input mean `input_means` holds and every
+    ``auto`` layer has its scored input rows in `kept_rows` (both gathered during the
+    observer pass). Needs the observers calibrated (`QuantModel.calibrate`).
     """
     bias_on = qmodel.config.bias_correction
-    input_means = input_means or {}
+    input_means, kept_rows = input_means or {}, kept_rows or {}
     direct: dict[str, _InputMean] = {}
     wanted = {}
     for name in qmodel.searchable:
@@ -260,23 +324,25 @@ def refine_calibration(qmodel: QuantModel, calibrate: Calibrate,
         layer.bias_corrections = {}
         layer.bias_delta = torch.empty(0, device=layer.module.weight.device)
         auto = _auto_choice(layer)
-        bias = bias_on and isinstance(layer.module, _BIAS_KINDS)
-        if name in input_means:  # a plain Linear, bias-corrected, no auto choice
+        bias = bias_on and isinstance(layer.module, _BIAS_KINDS) and name not in input_means
+        if name in input_means:  # a plain Linear, bias-corrected from its input mean
             direct[name] = input_means[name]
-        elif auto or bias:
+        if auto or bias:
             wanted[name] = (auto, bias)
     if not wanted and not direct:
         return
     qmodel.apply_plan(qmodel.quant_plan())  # weight qparams of every layer's own scheme
     for name, mean in direct.items():
         qmodel.layers[name].bias_corrections = _mean_corrections(qmodel.layers[name], mean)
-    if not wanted:
-        qmodel.apply_plan(qmodel.float_plan())
-        return
     refiners = {n: _LayerRefiner(qmodel.layers[n], *flags) for n, flags in wanted.items()}
+    replayed = {n for n, (_, bias) in wanted.items() if not bias and n in kept_rows}
+    for name in replayed:
+        refiners[name].replay(kept_rows[name])
     handles = [qmodel.layers[name].register_forward_hook(hook, with_kwargs=True)
-               for name, hook in refiners.items()]
-    qmodel.calibration_pass(calibrate, QuantState.FLOAT, "(calibration choice pass)", handles)
+               for name, hook in refiners.items() if name not in replayed]
+    if handles:
+        qmodel.calibration_pass(calibrate, QuantState.FLOAT, "(calibration choice pass)",
+                                handles)
     for refiner in refiners.values():
         refiner.finish()
     chosen = [candidate_label(*qmodel.layers[n].observer.effective_algorithm())

@@ -157,6 +157,47 @@ def test_auto_choice_is_never_locally_worse_than_any_candidate() -> None:
     assert candidate_label(*qmodel.layers["0"].observer.effective_algorithm()) != "minmax"
 
 
+def _auto_choices(kept_values: int | None, monkeypatch, pass_only: bool = False
+                  ) -> tuple[int, dict[str, dict[str, float]]]:
+    """Passes run and per-layer candidate scores of an ``auto`` (and bias-corrected) run."""
+    import autoquant.calibration.refine as refine
+
+    if kept_values is not None:
+        monkeypatch.setattr(refine, "KEPT_VALUES", kept_values)
+    model, batches = _outlier_mlp()
+    cfg = aq.QuantConfig.from_dict({"bias_correction": True, "default": {
+        "activation": {"algorithm": "auto", "bits": 4}}})
+    qmodel = QuantModel(model, cfg)
+    counted = CountingBatches(batches, model)
+    if pass_only:  # the observers, then the choice from a pass of its own
+        qmodel.calibrate(calibration_of(counted))
+        refine.refine_calibration(qmodel, calibration_of(counted))
+    else:
+        calibrate_model(qmodel, calibration_of(counted))
+    assert all(qmodel.layers[n].bias_corrections for n in ("0", "2"))
+    return counted.passes, {n: layer.calibration_scores for n, layer in qmodel.layers.items()}
+
+
+def test_auto_choice_scores_the_observer_pass_rows_without_a_pass_of_its_own(
+        monkeypatch) -> None:
+    passes, kept = _auto_choices(None, monkeypatch)
+    pass_count, measured = _auto_choices(None, monkeypatch, pass_only=True)
+    assert (passes, pass_count) == (1, 2)
+    for name, scores in measured.items():
+        assert kept[name].keys() == scores.keys()
+        for label, score in scores.items():
+            assert kept[name][label] == pytest.approx(score, abs=1e-4), (name, label)
+    # a store over its bound thins its rows evenly and still chooses without a pass
+    passes, thinned = _auto_choices(16 * 32, monkeypatch)
+    assert passes == 1 and thinned != kept
+    assert all(math.isfinite(v) for scores in thinned.values() for v in scores.values())
+    # a single row over the bound: the layer gives up its rows and the pass runs
+    passes, fallback = _auto_choices(8, monkeypatch)
+    assert passes == 2
+    for name, scores in measured.items():
+        assert fallback[name] == pytest.approx(scores, abs=1e-4)
+
+
 def test_auto_choice_is_recorded_in_final_config_and_report(tmp_path) -> None:
     model, batches = _outlier_mlp()
     evaluator = BatchEvaluator(batches, model)
