@@ -114,11 +114,7 @@ def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:
     handles += [qmodel.layers[n].register_forward_hook(store, with_kwargs=True)
                 for n, store in stores.items()]
     handles += deferred.hooks()
-    try:
-        qmodel.calibrate(calibrate)
-    finally:
-        for handle in handles:
-            handle.remove()
+    qmodel.calibrate(calibrate, handles)  # removed before its watched pass, if it runs one
     deferred.finish()
     kept = {name: store.parts for name, store in stores.items() if store.parts}
     refine_calibration(qmodel, calibrate, means, kept)

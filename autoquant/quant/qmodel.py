@@ -251,8 +251,9 @@ class QuantModel:
                 ) from err
 
     # -- calibration -----------------------------------------------------------------------
-    def calibrate(self, calibrate: Calibrate) -> None:
-        """Run the calibration batches once with every layer observing its input."""
+    def calibrate(self, calibrate: Calibrate, hooks: Iterable[Any] = ()) -> None:
+        """Run the calibration batches once with every layer observing its input; `hooks`
+        (handles) are removed after that pass, before any other forward runs."""
         for layer in self.layers.values():
             layer.calls = 0
         forwards = [0]
@@ -266,8 +267,8 @@ class QuantModel:
 
         for name, use in (self.output_uses or {}).items():
             self.layers[name].out_relu = use.through_relu  # before the output observers run
-        self.calibration_pass(calibrate, QuantState.CALIBRATE, "",
-                              [self.model.register_forward_pre_hook(count, with_kwargs=True)])
+        self.calibration_pass(calibrate, QuantState.CALIBRATE, "", [
+            self.model.register_forward_pre_hook(count, with_kwargs=True), *hooks])
         if self.output_uses is None and self.calibration_inputs:  # fx failed, no example
             self.check_runs(self.calibration_inputs[0])
         if forwards[0]:

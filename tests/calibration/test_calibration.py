@@ -394,3 +394,40 @@ def test_auto_calibration_skips_layers_without_calibrated_activations(mode) -> N
             assert rows[name]["act_calibration"] in {candidate_label(*c) for c in CANDIDATES}
         else:
             assert rows[name]["act_calibration"] == expected
+
+
+class _ChunkMLP(nn.Module):
+    """Two Linears; ``list(h.chunk(2, -1))`` makes the untraceable twin (fx fails on it)."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.untraceable = untraceable
+        self.l1, self.l2 = nn.Linear(16, 32), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.l1(x))
+        parts = list(h.chunk(2, -1)) if self.untraceable else [h[..., :16], h[..., 16:]]
+        return self.l2(parts[0] * parts[1])
+
+
+def test_an_untraceable_model_calibrates_as_its_traceable_twin() -> None:
+    # its dataflow pass runs the first calibration batch once more, after the observer
+    # pass: the statistics that pass gathers (input means, smoothing, kept rows) skip it
+    _, batches = _outlier_mlp()
+    cfg = aq.QuantConfig.from_dict({"bias_correction": True, "default": {
+        "smoothing": 0.85, "activation": {"algorithm": "auto", "bits": 4}}})
+    got = {}
+    for untraceable in (False, True):
+        model = _ChunkMLP(untraceable).eval()
+        qmodel = QuantModel(model, cfg)
+        assert (qmodel.output_uses is None) == untraceable
+        calibrate_model(qmodel, calibration_of(BatchEvaluator(batches, model)))
+        got[untraceable] = {n: (layer.bias_corrections, layer.calibration_scores,
+                                layer.input_inv) for n, layer in qmodel.layers.items()}
+    for name, (bias, scores, inv) in got[False].items():
+        bias_u, scores_u, inv_u = got[True][name]
+        assert bias and scores and scores_u == pytest.approx(scores, abs=1e-6)
+        torch.testing.assert_close(inv_u, inv)
+        for scheme in bias:
+            torch.testing.assert_close(bias_u[scheme], bias[scheme])
