@@ -10,6 +10,11 @@ it reads: a layer's output is followed through the ops that commute with quantiz
 same list fx uses) to the layers and other ops that read it, giving the same `OutputUse`.
 The same pass finds the Conv -> BatchNorm pairs fx folding could not see, and the sigmoid
 calls `autoquant.quant.activations` quantizes.
+
+`watched_uses` runs that pass on the first `WATCH_ROWS` rows of the inputs (the dataflow
+does not depend on the batch size in the models seen so far, and a pass of a whole
+calibration batch cost about half of the observer pass on a BERT encoder), and on the
+whole inputs when the cut pass fails or leaves a layer uncalled.
 """
 
 from __future__ import annotations
@@ -27,15 +32,36 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from autoquant.batches import call_model, first_tensor, row_slice
 from autoquant.quant.activations import SIGMOID_KINDS, ActivationCall, conv_layer, install_sigmoids
 from autoquant.quant.dataflow import METADATA, MOVES, RELUS, OutputUse
 from autoquant.quant.fold import fold_pair
 
-__all__ = ["observed_uses"]
+__all__ = ["WATCH_ROWS", "observed_uses", "watched_uses"]
 
 logger = logging.getLogger(__name__)
 
 _MOVE_OPS = MOVES | RELUS | {"dropout", "relu"}
+WATCH_ROWS = 2  # rows of a batch the watched pass runs first (2: a squeeze keeps its axis)
+
+
+def watched_uses(model: nn.Module, layers: Mapping[str, nn.Module], inputs: Any,
+                 folded: list[tuple[str, str]] | None = None) -> dict[str, OutputUse] | None:
+    """`observed_uses` on a forward pass of `inputs` (positional arguments, or a dict of
+    keyword ones), cut to its first `WATCH_ROWS` rows; on the whole `inputs` when that cut
+    pass fails or leaves a layer uncalled."""
+    def whole() -> Any:
+        return call_model(model, inputs)
+
+    try:
+        first = first_tensor(inputs)
+        batch = first.shape[0] if first.dim() else 0
+    except Exception:  # no tensor to take the batch from: run the inputs whole
+        batch = 0
+    if batch <= WATCH_ROWS:
+        return observed_uses(model, layers, whole, folded)
+    cut = row_slice(inputs, batch, 0, WATCH_ROWS)
+    return observed_uses(model, layers, lambda: call_model(model, cut), folded, whole)
 
 
 class _Flow(TorchFunctionMode):
@@ -88,14 +114,22 @@ class _Flow(TorchFunctionMode):
 
 
 def observed_uses(model: nn.Module, layers: Mapping[str, nn.Module], run: Callable[[], Any],
-                  folded: list[tuple[str, str]] | None = None) -> dict[str, OutputUse] | None:
+                  folded: list[tuple[str, str]] | None = None,
+                  fallback: Callable[[], Any] | None = None) -> dict[str, OutputUse] | None:
     """`OutputUse` of every layer in `layers` (``{name: wrapper}``) as `run` (one forward
     pass of `model`) shows them; None when the pass fails. The sigmoids the pass shows
     reading convolutions get their quantizing twins, as on the fx path
     (`autoquant.quant.activations.install_sigmoids`). With a `folded` list (only before
     calibration), the BatchNorms the pass shows reading a convolution's output alone are
-    folded into it (`autoquant.quant.fold.fold_pair`), listed there, and the pass is rerun."""
+    folded into it (`autoquant.quant.fold.fold_pair`), listed there, and the pass is rerun.
+    A `fallback` pass replaces `run` when that fails or leaves a layer of `layers` uncalled."""
     seen = _observe(layers, run)
+    if fallback is not None and (seen is None or any(
+            not seen[0].counts[id(layer)] for layer in layers.values())):
+        logger.info("the dataflow pass on a cut batch %s: rerunning it on the whole batch",
+                    "failed" if seen is None else "left a layer uncalled")
+        run = fallback
+        seen = _observe(layers, run)
     if seen is not None and folded is not None and _fold(model, layers, seen, folded):
         seen = _observe(layers, run)
     if seen is None:

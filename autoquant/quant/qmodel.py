@@ -28,7 +28,7 @@ from autoquant.quant.copying import (
     uncompiled,
 )
 from autoquant.quant.dataflow import OutputUse, output_uses, trace_layers
-from autoquant.quant.dynflow import observed_uses
+from autoquant.quant.dynflow import watched_uses
 from autoquant.quant.fold import fold_conv_bn
 from autoquant.quant.kind_registry import (
     layer_kinds,
@@ -238,9 +238,8 @@ class QuantModel:
                 traced = self.output_uses is not None
                 if not traced:  # fx could not trace: one watched pass finds the uses and checks
                     fold = self.config.fold_bn and not self.calibration_inputs  # uncalibrated
-                    self.output_uses = observed_uses(
-                        self.model, self.layers, lambda: call_model(self.model, example_inputs),
-                        self.folded if fold else None)
+                    self.output_uses = watched_uses(self.model, self.layers, example_inputs,
+                                                    self.folded if fold else None)
                 if traced or self.output_uses is None:  # a failed watched pass: raise its error
                     call_model(self.model, example_inputs)
             except Exception as err:

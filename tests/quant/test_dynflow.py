@@ -103,3 +103,55 @@ def _optimized_ops(tmp_path) -> set[str]:
 
     ort_session(tmp_path / "m.onnx", optimized_model=tmp_path / "opt.onnx")
     return {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+
+
+class Gated(Split):
+    """`Split` with an extra layer that runs only when the batch's mean input is positive,
+    and optionally refusing any batch but a full one (a hard-coded batch size)."""
+
+    def __init__(self, full: int | None = None) -> None:
+        super().__init__()
+        self.full = full
+        self.extra = nn.Conv2d(2, 2, 1)
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):  # not fx's tracing proxy
+            self.sizes.append(x.shape[0])
+        if self.full is not None and x.shape[0] != self.full:
+            raise RuntimeError(f"expected a batch of {self.full}")
+        out = super().forward(x)
+        return self.extra(out) if float(x.mean()) > 0 else out
+
+
+def _gated(full: int | None = None) -> Gated:
+    torch.manual_seed(0)
+    return Gated(full).eval()
+
+
+def _uses(qm: QuantModel) -> dict[str, tuple]:
+    assert qm.output_uses is not None
+    return {n: (u.consumers, u.others, u.through_relu) for n, u in qm.output_uses.items()}
+
+
+def test_the_watched_pass_runs_two_rows_of_a_batch_and_finds_the_whole_batch_uses() -> None:
+    batch = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)).abs()
+    cut = QuantModel(_gated(), aq.QuantConfig(), (batch,))
+    assert cut.model.sizes == [2, 2]  # the pass, and its rerun after the BatchNorm fold
+    whole = QuantModel(_gated(), aq.QuantConfig())
+    assert whole.output_uses is None  # no example inputs: found after calibration
+    whole.check_runs((batch[:2].repeat(4, 1, 1, 1),))  # a batch of 8 from the same rows
+    assert _uses(cut) == _uses(whole) and _uses(cut)["extra"][1] == ("output",)
+
+
+def test_the_watched_pass_reruns_on_the_whole_batch_when_the_cut_fails_or_skips_a_layer(
+        ) -> None:
+    gen = torch.Generator().manual_seed(2)
+    batch = torch.randn(8, 3, 8, 8, generator=gen).abs()
+    refusing = QuantModel(_gated(full=8), aq.QuantConfig(), (batch,))
+    assert refusing.model.sizes[:2] == [2, 8]  # the cut refused, then the whole batch
+    assert _uses(refusing)["extra"][1] == ("output",)
+    batch[:2] = -batch[:2] * 2  # the first two rows alone skip `extra`; the batch runs it
+    gated = QuantModel(_gated(), aq.QuantConfig(), (batch,))
+    assert gated.model.sizes[:2] == [2, 8]
+    assert _uses(gated)["extra"][1] == ("output",)
