@@ -124,6 +124,25 @@ def test_exporting_for_a_cpu_the_searched_arithmetic_does_not_fit_is_an_error(tm
     export_onnx(portable, tmp_path / "p.onnx", (data[0],), target="x86_vnni", check=False)
 
 
+def test_unsigned_8bit_weights_exported_for_a_vnni_cpu_are_warned_about_naming_the_fix(
+        tmp_path, caplog) -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = _batches((4, 8))
+    unsigned = {"default": {"weight": {"symmetric": False}}}
+    warnings = {}
+    with caplog.at_level("WARNING", logger="autoquant.export.prepare"):
+        for target, weights in [("x86_vnni", unsigned), ("x86_vnni", {}),
+                                ("x86_avx2", unsigned)]:
+            caplog.clear()
+            qmodel = aq.quantize(model, BatchCalibrator(data), {"target": target, **weights})
+            export_onnx(qmodel, tmp_path / "m.onnx", (data[0],), check=False)
+            warnings[target, bool(weights)] = [r.getMessage() for r in caplog.records]
+    (message,) = warnings["x86_vnni", True]
+    assert message.startswith("2 layer(s) with unsigned 8-bit weights") and "0, 2" in message
+    assert "weight.symmetric: true" in message
+    assert warnings["x86_vnni", False] == warnings["x86_avx2", True] == []
+
+
 # -- integer kernels -----------------------------------------------------------------------------
 @pytest.mark.parametrize("make,shape", [(res_cnn, (8, 3, 16, 16)), (tanh_mlp, (16, 64))])
 def test_every_conv_and_linear_runs_an_integer_kernel_in_the_optimized_graph(
