@@ -51,13 +51,7 @@ from torch import nn
 
 from autoquant.errors import ConfigError, ExportError
 from autoquant.export.ortmodule import CPU_UNSUPPORTED, DTYPE_FIX
-from autoquant.export.prepare import (
-    check_target,
-    export_copy,
-    kernel_notes,
-    model_target,
-    unsigned_weight_layers,
-)
+from autoquant.export.prepare import check_target, export_copy, kernel_notes, model_target
 from autoquant.export.signature import DynamicAxes, varying_axes
 from autoquant.export.trace import DEFAULT_OPSET, Signature, check_opset, to_onnx_bytes
 from autoquant.io.atomic import atomic_write_bytes
@@ -99,7 +93,6 @@ def export_checked(model: nn.Module, path: str | Path, example_inputs: Any,
     work, layers = export_copy(model, quantized=True)
     searched = model_target(model)
     check_target(searched, target, allow_target_mismatch)
-    unsigned_weight_layers(model, target or searched)
     opset = check_opset(opset, layers)
     if not layers:
         logger.warning("the model has no quantized layer; exporting a float graph")

@@ -4,13 +4,10 @@ runtime (`kernel_notes`) and which deploy target they were quantized for."""
 
 from __future__ import annotations
 
-import logging
-
 from torch import nn
 
 from autoquant.errors import ConfigError, ExportError, InternalError, ModelError
 from autoquant.export.qdq import QDQLayer, QDQMultiLayer, QDQSigmoid
-from autoquant.plan import parse_scheme
 from autoquant.quant.activations import QuantSigmoid, QuantSiLU, sigmoid_range
 from autoquant.quant.copying import copy_model
 from autoquant.quant.kinds.base import MultiQuantLayer
@@ -18,9 +15,7 @@ from autoquant.quant.layers import QuantLayer, QuantState
 from autoquant.quant.target import TARGETS, runs_exactly_on
 
 __all__ = ["export_copy", "refuse_unexportable", "kernel_notes", "model_target",
-           "check_target", "unsigned_weight_layers"]
-
-logger = logging.getLogger(__name__)
+           "check_target"]
 
 
 def export_copy(model: nn.Module, quantized: bool) -> tuple[nn.Module, dict[str, int]]:
@@ -119,31 +114,3 @@ def check_target(searched: str | None, target: str | None, allow_mismatch: bool)
             "searched. Search again with QuantConfig.target 'x86_avx2' (exact on every CPU) "
             "or the deploy CPU's target, or pass allow_target_mismatch=True to export anyway"
         )
-
-
-def unsigned_weight_layers(model: nn.Module, target: str | None) -> list[str]:
-    """The integer-kernel layers of `model` whose 8-bit weights have a zero point
-    (``weight.symmetric: false``), when `target` is ``x86_vnni``; warned about once.
-
-    onnxruntime runs those as u8×u8, a kernel with no VNNI path: on a VNNI CPU its integer
-    GEMMs took 3.8x the time of the same GEMMs with signed weights (all-MiniLM-L6-v2, 30
-    QGemm nodes), enough to make the INT8 file slower than float. Signed 8-bit weights are
-    exact on that target (the 7-bit hold is for ``x86_avx2`` only).
-    """
-    if target != "x86_vnni":
-        return []
-    names = []
-    for name, module in model.named_modules():
-        bits = parse_scheme(module.scheme) if isinstance(module, QuantLayer) else None
-        if bits is not None and bits[0] == 8 and getattr(module, "integer_kernel", False) and \
-                not module.config.weight.symmetric:
-            names.append(name)
-    if names:
-        logger.warning(
-            "%d layer(s) with unsigned 8-bit weights (weight.symmetric: false) deploy to a "
-            "VNNI CPU, where onnxruntime's u8xu8 kernel has no VNNI path (about 4x the time "
-            "of signed weights' GEMMs): %s%s. Search with weight.symmetric: true for this "
-            "target (signed 8-bit weights are exact on it); unsigned weights pay off on "
-            "x86_avx2, where signed ones are held to 7 bits", len(names), ", ".join(names[:5]),
-            f" (and {len(names) - 5} more)" if len(names) > 5 else "")
-    return names

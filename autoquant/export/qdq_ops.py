@@ -107,12 +107,15 @@ def storage_type(qmin: int, qmax: int) -> tuple[torch.dtype, int]:
 
 
 def weight_ints(layer_name: str, w_fq: torch.Tensor, scale: torch.Tensor,
-                 zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None,
+                 signed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(integer weight, scale, zero point) in the storage type whose DequantizeLinear gives
-    back the fake-quantized weight `w_fq`."""
+    back the fake-quantized weight `w_fq`; with `signed`, an unsigned 8-bit range is stored
+    as int8, weight and zero point shifted by -128 (the same dequantized values)."""
     w_fq = w_fq.detach().float()
     dtype, off = storage_type(qmin, qmax)
+    if signed and dtype == torch.uint8:
+        dtype, off = torch.int8, -128
     w_scale = scale.detach().float().to(w_fq.device)
     w_zp = zero_point.detach().to(torch.int32).to(w_fq.device)
     if axis is None:

@@ -124,23 +124,47 @@ def test_exporting_for_a_cpu_the_searched_arithmetic_does_not_fit_is_an_error(tm
     export_onnx(portable, tmp_path / "p.onnx", (data[0],), target="x86_vnni", check=False)
 
 
-def test_unsigned_8bit_weights_exported_for_a_vnni_cpu_are_warned_about_naming_the_fix(
-        tmp_path, caplog) -> None:
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    data = _batches((4, 8))
-    unsigned = {"default": {"weight": {"symmetric": False}}}
-    warnings = {}
-    with caplog.at_level("WARNING", logger="autoquant.export.prepare"):
-        for target, weights in [("x86_vnni", unsigned), ("x86_vnni", {}),
-                                ("x86_avx2", unsigned)]:
-            caplog.clear()
-            qmodel = aq.quantize(model, BatchCalibrator(data), {"target": target, **weights})
-            export_onnx(qmodel, tmp_path / "m.onnx", (data[0],), check=False)
-            warnings[target, bool(weights)] = [r.getMessage() for r in caplog.records]
-    (message,) = warnings["x86_vnni", True]
-    assert message.startswith("2 layer(s) with unsigned 8-bit weights") and "0, 2" in message
-    assert "weight.symmetric: true" in message
-    assert warnings["x86_vnni", False] == warnings["x86_avx2", True] == []
+def test_unsigned_weights_deploy_as_int8_with_a_shifted_zero_point_on_a_vnni_target(
+        tmp_path) -> None:
+    # onnxruntime's u8xu8 kernel has no VNNI path; int8 with a zero point runs u8xs8 (VNNI)
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 36, 4)).eval()
+    data = _batches((4, 3, 6, 6))
+    stored = {}
+    for target in ("x86_vnni", "x86_avx2"):
+        qmodel = aq.quantize(model, BatchCalibrator(data), {
+            "target": target, "default": {"weight": {"symmetric": False}}})
+        path, figures = export_checked(qmodel, tmp_path / f"{target}.onnx", (data[0],),
+                                       allow_target_mismatch=True)
+        assert figures["integer_kernels"]["summary"].startswith("2 of 2")
+        graph = onnx.load(str(path)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        weights = [(inits[n.input[0]], inits[n.input[2]]) for n in graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   and inits[n.input[0]].ndim > 1]
+        assert len(weights) == 2
+        stored[target] = weights
+        if runs_exactly_on(target):  # this CPU computes the file as searched
+            assert figures["parity_ok"], figures
+        ops = _optimized_ops(path, tmp_path)
+        assert {"QGemm", "QLinearConv"} <= ops, ops
+    for (w_vnni, zp_vnni), (w_avx2, zp_avx2) in zip(stored["x86_vnni"], stored["x86_avx2"],
+                                                    strict=True):
+        assert str(w_vnni.dtype) == "int8" and str(w_avx2.dtype) == "uint8"
+        assert bool((zp_vnni.astype("int32") != 0).any())  # a real zero point, not symmetric
+        # the same integers, shifted: the dequantized weights are equal
+        assert (w_vnni.astype("int32") + 128 == w_avx2.astype("int32")).all()
+        assert (zp_vnni.astype("int32") + 128 == zp_avx2.astype("int32")).all()
+
+
+def _optimized_ops(path, tmp_path) -> set[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
 
 
 # -- integer kernels -----------------------------------------------------------------------------
