@@ -53,8 +53,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
             "bias_correction": True, "smoothing_alpha": 0.5},
 }
 # the settings of the pretrained encoder (W8A8; "transformer" is what docs/calibration.md
-# recommends for transformers on a CPU without VNNI: 8-bit unsigned weights run exactly;
-# "transformer, s8 weights" on a VNNI CPU, where the u8xu8 kernel is about 4x slower)
+# recommends for transformers: 8-bit unsigned weights, exact on a CPU without VNNI too)
 ENCODER_SETTINGS: dict[str, dict[str, Any]] = {
     "minmax": {},
     "auto": {"default": {"activation": {"algorithm": "auto"}}},
@@ -69,10 +68,6 @@ ENCODER_SETTINGS: dict[str, dict[str, Any]] = {
     "transformer, s8 weights": {"default": {"smoothing": 0.85}, "bias_correction": True},
 }
 
-
-def transformer_setting(target: str) -> str:
-    """The name of the encoder setting the docs recommend for deploy `target`."""
-    return "transformer" if target == "x86_avx2" else "transformer, s8 weights"
 BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a4": (8, 4), "w6a6": (6, 6), "w4a6": (4, 6),
         "w4a4": (4, 4), "w3a3": (3, 3), "w3a4": (3, 4), "w4a3": (4, 3), "w2a4": (2, 4)}
 
