@@ -19,7 +19,9 @@ correction, and the order in which they run with smoothing and the observers.
 
 An ``auto`` layer called with one tensor keeps those strided input rows during pass 2 (at
 most `KEPT_VALUES` values, thinned evenly beyond), and its choice scores them after the
-pass, its float output recomputed from them: the same rows, no pass of its own.
+pass, its float output recomputed from them: the same rows, no pass of its own. The first
+`KEPT_LAYERS` such layers do (memory stays bounded in the model's size); any other scores
+in pass 3.
 
 A Linear layer's output is linear in its input, so its mean shift is exactly
 ``(W - W_q) @ mean(x)``: pass 2 also sums each such layer's input per channel, and its bias
@@ -60,6 +62,7 @@ from autoquant.sensitivity.metrics import SQNR
 
 __all__ = [
     "CANDIDATES",
+    "KEPT_LAYERS",
     "KEPT_VALUES",
     "SQNR",
     "calibrate_model",
@@ -85,6 +88,7 @@ _BIAS_KINDS = (nn.Linear, nn.modules.conv._ConvNd)
 # the input values an ``auto`` layer keeps from the observer pass for its choice (4 MiB in
 # float32): beyond it the kept rows are thinned evenly, every other one
 KEPT_VALUES = 1 << 20
+KEPT_LAYERS = 64  # auto layers that keep rows: at most 256 MiB of them in float32
 
 
 def candidate_label(algorithm: str, percentile: float) -> str:
@@ -107,9 +111,10 @@ def calibrate_model(qmodel: QuantModel, calibrate: Calibrate) -> None:
     deferred = ObserverPassSmoothing(qmodel)
     means = {name: _InputMean() for name in qmodel.searchable
              if _mean_corrected(qmodel.layers[name], qmodel.config.bias_correction)}
+    auto = [n for n in qmodel.searchable
+            if _refinable(qmodel.layers[n]) and _auto_choice(qmodel.layers[n])]
     stores = {name: _RowStore(isinstance(qmodel.layers[name].module, nn.Linear))
-              for name in qmodel.searchable
-              if _refinable(qmodel.layers[name]) and _auto_choice(qmodel.layers[name])}
+              for name in auto[:KEPT_LAYERS]}
     handles = [qmodel.layers[n].register_forward_pre_hook(m) for n, m in means.items()]
     handles += [qmodel.layers[n].register_forward_hook(store, with_kwargs=True)
                 for n, store in stores.items()]

@@ -157,13 +157,14 @@ def test_auto_choice_is_never_locally_worse_than_any_candidate() -> None:
     assert candidate_label(*qmodel.layers["0"].observer.effective_algorithm()) != "minmax"
 
 
-def _auto_choices(kept_values: int | None, monkeypatch, pass_only: bool = False
-                  ) -> tuple[int, dict[str, dict[str, float]]]:
+def _auto_choices(kept_values: int | None, monkeypatch, pass_only: bool = False,
+                  kept_layers: int = 64) -> tuple[int, dict[str, dict[str, float]]]:
     """Passes run and per-layer candidate scores of an ``auto`` (and bias-corrected) run."""
     import autoquant.calibration.refine as refine
 
     if kept_values is not None:
         monkeypatch.setattr(refine, "KEPT_VALUES", kept_values)
+    monkeypatch.setattr(refine, "KEPT_LAYERS", kept_layers)
     model, batches = _outlier_mlp()
     cfg = aq.QuantConfig.from_dict({"bias_correction": True, "default": {
         "activation": {"algorithm": "auto", "bits": 4}}})
@@ -191,11 +192,12 @@ def test_auto_choice_scores_the_observer_pass_rows_without_a_pass_of_its_own(
     passes, thinned = _auto_choices(16 * 32, monkeypatch)
     assert passes == 1 and thinned != kept
     assert all(math.isfinite(v) for scores in thinned.values() for v in scores.values())
-    # a single row over the bound: the layer gives up its rows and the pass runs
-    passes, fallback = _auto_choices(8, monkeypatch)
-    assert passes == 2
-    for name, scores in measured.items():
-        assert fallback[name] == pytest.approx(scores, abs=1e-4)
+    # a single row over the bound, or a layer past `KEPT_LAYERS`: the pass scores it
+    for values, layers in [(8, 64), (None, 1)]:
+        passes, fallback = _auto_choices(values, monkeypatch, kept_layers=layers)
+        assert passes == 2
+        for name, scores in measured.items():
+            assert fallback[name] == pytest.approx(scores, abs=1e-4)
 
 
 def test_auto_choice_is_recorded_in_final_config_and_report(tmp_path) -> None:
