@@ -30,6 +30,7 @@ pytest.importorskip("onnxscript")
 
 from autoquant.export.ortmodule import OnnxModule  # noqa: E402
 from autoquant.export.runtime import check_parity  # noqa: E402
+from tests.helpers.onnxcheck import optimized_ops  # noqa: E402
 
 
 def _batches(shape: tuple[int, ...], n: int = 3, seed: int = 0, scale: float = 1.0):
@@ -149,7 +150,7 @@ def test_unsigned_weights_deploy_as_int8_with_a_shifted_zero_point_on_a_vnni_tar
         stored[target] = weights
         if runs_exactly_on(target):  # this CPU computes the file as searched
             assert figures["parity_ok"], figures
-        ops = _optimized_ops(path, tmp_path)
+        ops = optimized_ops(path, tmp_path)
         assert {"QGemm", "QLinearConv"} <= ops, ops
     for (w_vnni, zp_vnni), (w_avx2, zp_avx2) in zip(stored["x86_vnni"], stored["x86_avx2"],
                                                     strict=True):
@@ -158,13 +159,6 @@ def test_unsigned_weights_deploy_as_int8_with_a_shifted_zero_point_on_a_vnni_tar
         # the same integers, shifted: the dequantized weights are equal
         assert (w_vnni.astype("int32") + 128 == w_avx2.astype("int32")).all()
         assert (zp_vnni.astype("int32") + 128 == zp_avx2.astype("int32")).all()
-
-
-def _optimized_ops(path, tmp_path) -> set[str]:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
 
 
 # -- integer kernels -----------------------------------------------------------------------------

@@ -23,6 +23,18 @@ def ort_run(path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
+def optimized_ops(path, tmp_path: Path) -> set[str]:
+    """The op types of the graph onnxruntime optimizes the ONNX file at `path` into (default
+    session options), written under `tmp_path`."""
+    import onnx
+
+    from autoquant.export.ortmodule import ort_session
+
+    optimized = tmp_path / "optimized.onnx"
+    ort_session(path, optimized_model=optimized)
+    return {n.op_type for n in onnx.load(str(optimized)).graph.node}
+
+
 def check_parity(qmodel: nn.Module, path, x: torch.Tensor) -> None:
     """Assert onnxruntime computes what `qmodel` computes on `x`, within the tolerance."""
     with torch.no_grad():

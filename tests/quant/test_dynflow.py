@@ -12,6 +12,7 @@ from autoquant.quant.activations import QuantSiLU, sigmoid_range
 from autoquant.quant.dataflow import output_uses, trace_layers
 from autoquant.quant.dynflow import observed_uses
 from autoquant.quant.qmodel import QuantModel
+from tests.helpers.onnxcheck import optimized_ops
 from tests.helpers.synthetic import BatchCalibrator
 
 
@@ -93,16 +94,7 @@ def test_an_untraceable_model_deploys_every_convolution_as_an_integer_kernel(tmp
     qmodel = aq.quantize(_split(), BatchCalibrator(_data()), example_inputs=(_data()[0],))
     _, figures = export_checked(qmodel, tmp_path / "m.onnx", (_data()[0],))  # parity checked
     assert figures["integer_kernels"]["summary"].startswith("5 of 5")
-    assert "QLinearSigmoid" in _optimized_ops(tmp_path)
-
-
-def _optimized_ops(tmp_path) -> set[str]:
-    import onnx
-
-    from autoquant.export.ortmodule import ort_session
-
-    ort_session(tmp_path / "m.onnx", optimized_model=tmp_path / "opt.onnx")
-    return {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert "QLinearSigmoid" in optimized_ops(tmp_path / "m.onnx", tmp_path)
 
 
 class Gated(Split):
