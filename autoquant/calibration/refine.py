@@ -263,15 +263,9 @@ class _LayerRefiner:
 
     def replay(self, parts: list[torch.Tensor]) -> None:
         """Score the rows the observer pass kept (`_RowStore`), one part per call, their
-        float output recomputed by the float layer."""
-        with torch.no_grad():
-            for raw in parts:
-                self.layer.state = QuantState.FLOAT
-                try:
-                    y = self.layer(raw)
-                finally:
-                    self.layer.state = QuantState.QUANTIZE
-                self.score(self.layer.scale_input(raw), y)
+        float output recomputed by the layer (the caller puts it in state FLOAT)."""
+        for raw in parts:
+            self.score(self.layer.scale_input(raw), self.layer(raw))
 
     def finish(self) -> None:
         layer = self.layer
@@ -337,8 +331,9 @@ def refine_calibration(qmodel: QuantModel, calibrate: Calibrate,
         qmodel.layers[name].bias_corrections = _mean_corrections(qmodel.layers[name], mean)
     refiners = {n: _LayerRefiner(qmodel.layers[n], *flags) for n, flags in wanted.items()}
     replayed = {n for n, (_, bias) in wanted.items() if not bias and n in kept_rows}
-    for name in replayed:
-        refiners[name].replay(kept_rows[name])
+    with qmodel.state(QuantState.FLOAT), torch.no_grad():
+        for name in replayed:
+            refiners[name].replay(kept_rows[name])
     handles = [qmodel.layers[name].register_forward_hook(hook, with_kwargs=True)
                for name, hook in refiners.items() if name not in replayed]
     if handles:
