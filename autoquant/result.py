@@ -17,6 +17,7 @@ from torch import nn
 from autoquant.config import QuantConfig
 from autoquant.plan import QuantPlan, effective_bits
 from autoquant.search.strategy import TrialRecord
+from autoquant.search.trust import significant_text
 from autoquant.sensitivity.ranking import LayerSensitivity
 from autoquant.settings import SearchSettings
 
@@ -174,7 +175,7 @@ class SearchResult:
         audit = self.checks.get("audit")
         if audit:
             lines.append(f"ranking audit: {len(audit['layers'])} layer(s), Spearman rho "
-                         f"{_fmt(audit['spearman_rho'])}")
+                         f"{_fmt(audit['spearman_rho'])}" + significant_text(audit))
         if self.checks.get("monotonicity"):
             lines.append(f"monotonicity violations: {len(self.checks['monotonicity'])}")
         if self.checks.get("idle_fallbacks"):

@@ -25,6 +25,7 @@ from typing import Any
 
 from autoquant.io.atomic import atomic_write_bytes, atomic_write_text
 from autoquant.io.names import PLOT_DIR, REPORT_HTML, REPORT_MD
+from autoquant.search.trust import significant_text
 
 __all__ = ["render_report", "plot_sensitivity", "plot_trajectory", "summary_lines",
            "check_lines",
@@ -129,7 +130,7 @@ def check_lines(report: dict[str, Any]) -> list[str]:
         ranking += (f"; audit of {len(audit.get('layers') or [])} layer(s) alone quantized: "
                     f"Spearman rho {_fmt(audit.get('spearman_rho'), '.2f')} against their "
                     "measured loss" + ("" if audit.get("complete", True) else
-                                       " (stopped early: budget)"))
+                                       " (stopped early: budget)") + significant_text(audit))
     else:
         ranking += " (not audited: set audit=K to measure how well it predicts the metric)"
     lines = [ranking]

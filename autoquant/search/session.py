@@ -131,7 +131,8 @@ def run_stage(qmodel: QuantModel, evaluator: EvaluatorAdapter,
         if runner.resume_check is not None:
             checks["resume"] = runner.resume_check
         if settings.audit:
-            checks["audit"] = ranking_audit(runner, context, settings.audit)
+            checks["audit"] = ranking_audit(runner, context, settings.audit,
+                                            settings.max_loss)
         if pool is not None:
             checks["parallel"] = pool.summary()
     finally:

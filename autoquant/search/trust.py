@@ -8,8 +8,13 @@
   quantized* (every other searchable layer float), so the measured loss is that layer's own
   drop, the quantity the proxy score predicts. Spearman's rho is computed between the
   proxy's sensitivity (``-score``) and the measured loss: +1 means the proxy ordered those
-  layers exactly as the evaluator does, 0 no relation, -1 reversed. The audit's evaluations
-  go through the trial runner (cache, budget, journal) and count in ``num_evaluations``.
+  layers exactly as the evaluator does, 0 no relation, -1 reversed. Rho weighs every pair
+  alike, so where most single-layer losses are far below the budget (near-ties that the
+  metric's own noise orders) it says little about the search; the audit also names the
+  *significant* layers, those that lose at least a quarter of the budget alone
+  (`SIGNIFICANT_SHARE`), with their places in the ranking: a bisection needs those first.
+  The audit's evaluations go through the trial runner (cache, budget, journal) and count
+  in ``num_evaluations``.
 - **Monotonicity**: the prefix searches assume that falling back more of the ranking never
   hurts. Every evaluated prefix plan (the k worst-ranked layers fallen back) is checked for
   a pass at k and a fail at some k' > k; each such pair is reported.
@@ -43,6 +48,9 @@ __all__ = [
     "spearman",
     "holdout_check",
     "ranking_audit",
+    "significant_layers",
+    "significant_text",
+    "SIGNIFICANT_SHARE",
     "monotonicity_violations",
     "idle_fallbacks",
     "prefix_spans",
@@ -51,6 +59,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+SIGNIFICANT_SHARE = 0.25  # a layer losing this share of the budget alone is significant
 
 
 def check_trust_args(holdout: Any, audit: Any) -> None:
@@ -96,11 +106,14 @@ def holdout_check(qmodel: QuantModel, evaluator: EvaluatorAdapter, plan: QuantPl
     return {"float_metric": ref, "metric": new, "loss": loss, "passed": bool(passed)}
 
 
-def ranking_audit(runner: TrialRunner, context: SearchContext, count: int) -> dict[str, Any]:
+def ranking_audit(runner: TrialRunner, context: SearchContext, count: int,
+                  budget: float | None = None) -> dict[str, Any]:
     """Evaluate the `count` worst-ranked layers each alone quantized; Spearman's rho of the
     proxy sensitivity (``-score``) against the measured loss.
 
-    Stops early (``"complete": False``) if the evaluation budget runs out.
+    With the loss `budget` (``max_loss``), also the significant layers
+    (`significant_layers`). Stops early (``"complete": False``) if the
+    evaluation budget runs out.
     """
     check_trust_args(None, count)
     rows: list[dict[str, Any]] = []
@@ -123,7 +136,44 @@ def ranking_audit(runner: TrialRunner, context: SearchContext, count: int) -> di
     rho = spearman([-r["score"] for r in rows], [r["loss"] for r in rows])
     logger.info("ranking audit of %d layer(s): Spearman rho %s", len(rows),
                 "n/a" if rho is None else f"{rho:.3f}")
-    return {"layers": rows, "spearman_rho": rho, "complete": complete}
+    out: dict[str, Any] = {"layers": rows, "spearman_rho": rho, "complete": complete}
+    if budget is not None and budget > 0:
+        out.update(significant_layers(rows, list(context.ranking), budget))
+    return out
+
+
+def significant_layers(rows: Sequence[Mapping[str, Any]], ranking: Sequence[str],
+                       budget: float) -> dict[str, Any]:
+    """The audited layers that lose at least ``SIGNIFICANT_SHARE * budget`` alone, most
+    harmful first, each with its 1-based place in `ranking`; and how many of those s layers
+    the ranking puts among its first s (all of them: the bisection meets them first).
+
+    Example:
+        >>> rows = [{"layer": "a", "loss": 0.0}, {"layer": "b", "loss": 0.5}]
+        >>> significant_layers(rows, ["a", "b"], 1.0)["significant_found"]
+        0
+    """
+    floor = SIGNIFICANT_SHARE * budget
+    hits = sorted((r for r in rows if r["loss"] >= floor), key=lambda r: -r["loss"])
+    places = {name: i + 1 for i, name in enumerate(ranking)}
+    found = sum(1 for r in hits if places[r["layer"]] <= len(hits))
+    return {"significant": [{"layer": r["layer"], "loss": r["loss"],
+                             "rank": places[r["layer"]]} for r in hits],
+            "significant_floor": floor, "significant_found": found}
+
+
+def significant_text(audit: Mapping[str, Any]) -> str:
+    """The audit's significant layers in words, for the summary and the report ("" when the
+    audit has no budget to judge by)."""
+    rows = audit.get("significant")
+    if rows is None:
+        return ""
+    if not rows:
+        return "; no layer loses a quarter of the budget alone"
+    shown = ", ".join(f"{r['layer']} (ranked {r['rank']})" for r in rows[:5])
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return (f"; {len(rows)} lose(s) a quarter of the budget or more alone: {shown}{more}, "
+            f"{audit['significant_found']} of them ranked within the first {len(rows)}")
 
 
 def _prefixes(records: Sequence[TrialRecord], context: SearchContext

@@ -197,4 +197,7 @@ def test_report_names_the_ranking_used_with_its_audit_and_where_trials_ran(resul
     rho = audited.checks["audit"]["spearman_rho"]
     assert (f"Ranking: mse, output scope; audit of 3 layer(s) alone quantized: Spearman rho "
             f"{rho:.2f}") in md
+    significant = audited.checks["audit"]["significant"]
+    assert (f"{len(significant)} lose(s) a quarter of the budget or more alone" in md
+            if significant else "no layer loses a quarter of the budget alone" in md)
     assert "Trials ran on ThreadPoolExecutor, 2 at a time" in md

@@ -9,7 +9,7 @@ import pytest
 import autoquant as aq
 from autoquant.errors import ConfigError
 from autoquant.search.testing import SyntheticEvaluator, linear_stack, ranking_from_drops
-from autoquant.search.trust import spearman
+from autoquant.search.trust import significant_layers, spearman
 from autoquant.sensitivity.ranking import LayerSensitivity
 
 DROPS = {str(i): (i + 1) / 1024 for i in range(6)}
@@ -49,6 +49,30 @@ def test_audit_of_a_reversed_ranking_gives_rho_minus_one() -> None:
     reversed_ranking = [LayerSensitivity(str(i), float(i), i, 1) for i in range(6)]
     result = run(SyntheticEvaluator(DROPS), ranking=reversed_ranking, audit=6)
     assert result.checks["audit"]["spearman_rho"] == pytest.approx(-1.0)
+
+
+def test_audit_names_the_layers_that_lose_a_quarter_of_the_budget_with_their_places() -> None:
+    # budget 10/1024: layers "2".."5" lose 3..6/1024 alone (>= 2.5/1024), "0" and "1" less
+    perfect = run(SyntheticEvaluator(DROPS), audit=6).checks["audit"]
+    assert [r["layer"] for r in perfect["significant"]] == ["5", "4", "3", "2"]
+    assert [r["rank"] for r in perfect["significant"]] == [1, 2, 3, 4]
+    assert perfect["significant_found"] == 4
+    backwards = [LayerSensitivity(str(i), float(i), i, 1) for i in range(6)]
+    result = run(SyntheticEvaluator(DROPS), ranking=backwards, audit=6)
+    audit = result.checks["audit"]
+    assert [r["rank"] for r in audit["significant"]] == [6, 5, 4, 3]
+    assert audit["significant_found"] == 2  # "3" and "2" are within the first 4
+    assert "4 lose(s) a quarter of the budget or more alone: 5 (ranked 6)" in result.summary()
+    assert "2 of them ranked within the first 4" in result.summary()
+
+
+def test_near_ties_below_the_floor_are_not_significant() -> None:
+    rows = [{"layer": "a", "loss": 0.3}, {"layer": "b", "loss": 0.001},
+            {"layer": "c", "loss": -0.002}, {"layer": "d", "loss": 0.002}]
+    out = significant_layers(rows, ["d", "a", "c", "b"], budget=0.5)
+    assert out["significant"] == [{"layer": "a", "loss": 0.3, "rank": 2}]
+    assert out["significant_found"] == 0 and out["significant_floor"] == 0.125
+    assert significant_layers(rows, ["a", "d", "c", "b"], 0.5)["significant_found"] == 1
 
 
 def test_audit_stops_at_the_budget() -> None:
