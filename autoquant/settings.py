@@ -70,8 +70,9 @@ class SearchSettings:
         strategy_options: keyword options of the strategy's constructor.
         sensitivity: a registered sensitivity metric name (``"cosine"``) or class.
         sensitivity_scope: where the metric compares float and quantized: ``"auto"`` (the
-            default: ``"gradient"``, or ``"layer"`` where the model has no gradient or
-            `dump_dir` is set), ``"layer"`` (each layer's own output, one calibration
+            default: ``"output"`` where the evaluator has ``sensitivity_output``, else
+            ``"gradient"``, or ``"layer"`` where the model has no gradient or `dump_dir` is
+            set), ``"layer"`` (each layer's own output, one calibration
             pass), ``"gradient"`` (that error carried to the model's output by the float
             model's gradient, one pass with a backward; `autoquant.sensitivity.gradient`),
             ``"output"`` (the model's output with one layer quantized at a time, N + 1

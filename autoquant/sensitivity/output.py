@@ -8,7 +8,10 @@ then misleads the search. ``scope="output"`` measures where the metric is: the f
 model's outputs on the calibration batches are recorded once; then, for each searchable
 layer, the plan with only that layer quantized (what a single-layer trial evaluates) runs
 the calibration batches, and the metric compares the model's output with the float one,
-call by call.
+call by call. An evaluator with ``sensitivity_output(output) -> Tensor`` (what its metric
+reads of the output: decoded labels, a pitch, box coordinates) has that compared instead,
+and ``"auto"`` then ranks in this scope: a metric that reads a decision of the output
+(an argmax) is not predicted by how far the raw output moves, nor by its gradient.
 
 Cost: N + 1 calibration passes for N layers, and no evaluation. Memory: the float outputs
 of one pass, on their device, whatever N. The calibration must feed the same batches in
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,8 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                 dump_dir: str | Path | None = None, scope: str = "layer",
                 evaluator: Any = None, fraction: float = 1.0) -> list[LayerSensitivity]:
     """The sensitivity ranking of `qmodel`, most sensitive first, in `scope`: ``"auto"``
-    (``"gradient"`` where it applies, else ``"layer"``; the default), ``"layer"``
+    (``"output"`` where `evaluator` has ``sensitivity_output``, else ``"gradient"`` where it
+    applies, else ``"layer"``; the default), ``"layer"``
     (each layer's own output, one pass), ``"gradient"`` (its error carried to the model's
     output by the gradient, one pass with a backward; `autoquant.sensitivity.gradient`),
     ``"output"`` (the model's output, N + 1 passes) or ``"subset"`` (`evaluator`'s
@@ -66,9 +70,16 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
     the calibration rows the gradient scope runs first (`autoquant.sensitivity.sampling`).
 
     Raises:
-        ConfigError: an unknown scope or metric, `dump_dir` outside the layer scope, or the
-            subset scope without an evaluator that has ``evaluate_subset``.
+        ConfigError: an unknown scope or metric, `dump_dir` outside the layer scope, the
+            subset scope without an evaluator that has ``evaluate_subset``, or the gradient
+            scope with one that has ``sensitivity_output``.
     """
+    view = evaluator.output_view if evaluator is not None and evaluator.has_output_view \
+        else None
+    if scope == "auto" and view is not None and dump_dir is None:
+        logger.info("ranking at the model's output through %s.sensitivity_output (the output "
+                    "scope: one calibration pass per layer)", evaluator.name)
+        return compute_output_sensitivity(qmodel, calibrate, metric, view)
     if scope == "auto":
         return _auto(qmodel, calibrate, metric, dump_dir, fraction)
     if scope == "layer":
@@ -80,7 +91,12 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                           "sensitivity_scope='layer' (or 'auto', the default, which ranks "
                           "by the layer scope when dump_dir is set)")
     if scope == "output":
-        return compute_output_sensitivity(qmodel, calibrate, metric)
+        return compute_output_sensitivity(qmodel, calibrate, metric, view)
+    if scope == "gradient" and view is not None:
+        raise ConfigError(f"sensitivity_scope='gradient' cannot carry errors through "
+                          f"{evaluator.name}.sensitivity_output (what a metric reads, such as "
+                          "an argmax, has no useful gradient); use sensitivity_scope='output' "
+                          "or 'auto', which compare it with one layer quantized at a time")
     if scope == "gradient":
         from autoquant.sensitivity.gradient import compute_gradient_sensitivity
 
@@ -172,6 +188,7 @@ class _Pass:
 
     reference: list[torch.Tensor] | None = None  # None: this is the float pass
     metric: SensitivityMetric | None = None
+    view: Callable[[Any], torch.Tensor] | None = None  # the evaluator's sensitivity_output
     outputs: list[torch.Tensor] = field(default_factory=list)
     marks: list[tuple] = field(default_factory=list)
     calls: int = 0
@@ -181,7 +198,7 @@ class _Pass:
     def __call__(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         k, self.calls = self.calls, self.calls + 1
         try:
-            y = first_tensor(output).detach()
+            y = (first_tensor(output) if self.view is None else self.view(output)).detach()
             if self.reference is None:
                 self.outputs.append(y)
                 self.marks.append(_mark(args, kwargs))
@@ -206,10 +223,12 @@ def _run(qmodel: QuantModel, calibrate: Calibrate, plan: dict[str, str], record:
 
 
 def compute_output_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
-                               metric: str | type[SensitivityMetric] = "cosine"
+                               metric: str | type[SensitivityMetric] = "cosine",
+                               view: Callable[[Any], torch.Tensor] | None = None
                                ) -> list[LayerSensitivity]:
     """Score every searchable layer by how far quantizing it alone moves the model's output
-    from float on the calibration batches (see the module docstring); worst first.
+    (or `view` of it: the evaluator's ``sensitivity_output``) from float on the calibration
+    batches (see the module docstring); worst first.
 
     Raises:
         ConfigError: the calibration fed other batches (or another number of them) than on
@@ -222,7 +241,7 @@ def compute_output_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
     counts = dict.fromkeys(names, 0)
     hooks = _count_calls(qmodel, names, counts)
     try:
-        base = _run(qmodel, calibrate, qmodel.float_plan(), _Pass(),
+        base = _run(qmodel, calibrate, qmodel.float_plan(), _Pass(view=view),
                     "(output sensitivity: the float reference)")
     finally:
         for hook in hooks:
@@ -233,7 +252,7 @@ def compute_output_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
     rows = []
     for name in names:
         seen = _run(qmodel, calibrate, {name: quant[name]},
-                    _Pass(reference=base.outputs, metric=metric_cls()),
+                    _Pass(reference=base.outputs, metric=metric_cls(), view=view),
                     f"(output sensitivity of {name})")
         if seen.marks != base.marks:
             raise ConfigError(
@@ -245,5 +264,6 @@ def compute_output_sensitivity(qmodel: QuantModel, calibrate: Calibrate,
         score = NONFINITE_SCORE if seen.nonfinite else seen.metric.score()
         rows.append((score, name, counts[name]))
     qmodel.apply_plan(quant)
-    return ranked(qmodel, rows, f"{metric_name(metric_cls)}, model output, "
-                                f"{len(names) + 1} passes", start, "output")
+    seen = "model output" if view is None else "sensitivity_output of the model output"
+    return ranked(qmodel, rows, f"{metric_name(metric_cls)}, {seen}, {len(names) + 1} passes",
+                  start, "output")
