@@ -63,15 +63,22 @@ def weight_axis_of(module: nn.Module) -> int | None:
     return None
 
 
+# normalizations scale elementwise: a weight of 2+ dimensions there (a LayerNorm over
+# (channels, bins)) is no matrix product
+_NORMALIZATIONS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d,
+                   nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
 def unquantized_weight_modules(model: nn.Module, quantized: set[str]) -> dict[str, list[str]]:
     """Modules that own a floating weight of 2 or more dimensions (a matrix product or a
     convolution, most likely) but are no quantizable kind, by class name: they stay float
-    silently unless someone says so. Modules inside a quantizable one are left out."""
+    silently unless someone says so. Modules inside a quantizable one, and torch's
+    normalizations, are left out."""
     found: dict[str, list[str]] = {}
     inside = tuple(f"{name}." for name in quantized)
     for name, module in model.named_modules():
         if not name or name in quantized or name.startswith(inside) or \
-                weight_axis_of(module) is not None:
+                weight_axis_of(module) is not None or isinstance(module, _NORMALIZATIONS):
             continue
         weight = module._parameters.get("weight")
         if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() >= 2:

@@ -342,7 +342,9 @@ def test_a_module_with_a_weight_of_an_unknown_kind_is_named_in_a_warning(caplog)
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x @ self.weight
 
-    model = nn.Sequential(nn.Linear(4, 4), Scaled(), nn.LayerNorm(4)).eval()
+    # a LayerNorm over two dimensions has a 2-D weight, and is no matrix product either
+    model = nn.Sequential(nn.Linear(4, 4), Scaled(), nn.Unflatten(1, (1, 4)),
+                          nn.LayerNorm([1, 4]), nn.Flatten()).eval()
     with caplog.at_level("WARNING", logger="autoquant"):
         qm = QuantModel(model, aq.QuantConfig())
     assert list(qm.layers) == ["0"]
