@@ -86,14 +86,19 @@ def bins_to_cents(bins: torch.Tensor) -> torch.Tensor:
     return 20.0 * bins.float() + 1997.3794084376191
 
 
-class PitchAccuracy(Evaluator):
-    """Raw pitch accuracy (within 50 cents of the true f0) on synthetic tones, in [0, 1]."""
+class _PitchEvaluator(Evaluator):
+    """Raw pitch accuracy over precomputed model inputs: the share of `frames` whose decoded
+    pitch (`decode`) is within `tolerance` of `truth`, in the same unit, in [0, 1]."""
 
-    def __init__(self, frames: int = 512, calibration_frames: int = 256,
-                 batch: int = 128, seed: int = 1) -> None:
-        self.frames, self.f0 = synthetic_tones(frames, seed=seed)  # seed 2: the calibration
-        self.calib, _ = synthetic_tones(calibration_frames, seed=2)
-        self.batch = batch
+    frames: torch.Tensor
+    truth: torch.Tensor
+    calib: torch.Tensor
+    batch: int
+    tolerance: float
+
+    def decode(self, output: torch.Tensor) -> torch.Tensor:
+        """The pitch each row of a model output reads as, in the unit of `truth`."""
+        raise NotImplementedError
 
     def calibration(self, model: nn.Module) -> None:
         for x in self.calib.split(self.batch):
@@ -101,12 +106,27 @@ class PitchAccuracy(Evaluator):
 
     def evaluate(self, model: nn.Module) -> float:
         hits = 0
-        for x, f0 in zip(self.frames.split(self.batch), self.f0.split(self.batch),
-                         strict=True):
-            bins = model(x.to(model_device(model))).argmax(dim=1).cpu()
-            cents = (bins_to_cents(bins) - 1200 * torch.log2(f0 / 10)).abs()
-            hits += int((cents < 50).sum())
-        return hits / len(self.f0)
+        for x, truth in zip(self.frames.split(self.batch), self.truth.split(self.batch),
+                            strict=True):
+            pitch = self.decode(model(x.to(model_device(model)))).cpu()
+            hits += int(((pitch - truth).abs() < self.tolerance).sum())
+        return hits / len(self.truth)
+
+
+class PitchAccuracy(_PitchEvaluator):
+    """Raw pitch accuracy of CREPE (within 50 cents of the true f0) on synthetic tones."""
+
+    tolerance = 50.0  # cents
+
+    def __init__(self, frames: int = 512, calibration_frames: int = 256,
+                 batch: int = 128, seed: int = 1) -> None:
+        self.frames, f0 = synthetic_tones(frames, seed=seed)  # seed 2: the calibration
+        self.truth = 1200 * torch.log2(f0 / 10)  # cents above 10 Hz, as bins_to_cents
+        self.calib, _ = synthetic_tones(calibration_frames, seed=2)
+        self.batch = batch
+
+    def decode(self, output: torch.Tensor) -> torch.Tensor:
+        return bins_to_cents(output.argmax(dim=1))
 
 
 class PitchReading(PitchAccuracy):
@@ -127,14 +147,16 @@ def pesto_model(checkpoint: str = "mir-1k_g7") -> Any:
     return loader.load_model(checkpoint, step_size=10.0, sampling_rate=SAMPLE_RATE)
 
 
-class PestoAccuracy(Evaluator):
-    """Raw pitch accuracy of a PESTO encoder (within 50 cents of the true f0, every frame),
-    in [0, 1]; `tones` 0.2 s tones evaluate, `calibration_tones` others calibrate."""
+class PestoAccuracy(_PitchEvaluator):
+    """Raw pitch accuracy of a PESTO encoder (within 50 cents of the true f0, every frame);
+    `tones` 0.2 s tones evaluate, `calibration_tones` others calibrate."""
+
+    tolerance = 0.5  # semitones
 
     def __init__(self, tones: int = 48, calibration_tones: int = 12, batch: int = 512,
                  seed: int = 1, checkpoint: str = "mir-1k_g7") -> None:
         self.full = pesto_model(checkpoint)
-        self.frames, self.midi = self._spectra(tones, seed)
+        self.frames, self.truth = self._spectra(tones, seed)
         self.calib, _ = self._spectra(calibration_tones, seed=2)
         self.batch = batch
 
@@ -149,28 +171,20 @@ class PestoAccuracy(Evaluator):
         midi = (69 + 12 * torch.log2(f0 / 440)).repeat_interleave(steps)
         return x.contiguous(), midi
 
-    def pitch(self, activations: torch.Tensor) -> torch.Tensor:
+    def decode(self, output: torch.Tensor) -> torch.Tensor:
         """The decoded pitch (MIDI semitones) of encoder outputs, as PESTO decodes it."""
         from pesto.utils import reduce_activations
 
         shift = round(float(self.full.shift) * self.full.bins_per_semitone)
-        return reduce_activations(activations.roll(-shift, -1), self.full.reduction)
-
-    def calibration(self, model: nn.Module) -> None:
-        for x in self.calib.split(self.batch):
-            model(x.to(model_device(model)))
-
-    def evaluate(self, model: nn.Module) -> float:
-        hits = 0
-        for x, midi in zip(self.frames.split(self.batch), self.midi.split(self.batch),
-                           strict=True):
-            pitch = self.pitch(model(x.to(model_device(model)))).cpu()
-            hits += int(((pitch - midi).abs() < 0.5).sum())
-        return hits / len(self.midi)
+        return reduce_activations(output.roll(-shift, -1), self.full.reduction)
 
 
 class PestoReading(PestoAccuracy):
-    """The same metric, telling the ranking what it reads: the decoded pitch in semitones."""
+    """The same metric, telling the ranking what it reads: the decoded pitch, as a one-hot
+    of the nearest semitone. Bounded as the metric is: a frame that jumps an octave counts
+    as one changed frame, as one that moves by a semitone (the pitch itself, compared by
+    MSE, would weigh the octave 144 times)."""
 
     def sensitivity_output(self, output: torch.Tensor) -> torch.Tensor:
-        return self.pitch(output)
+        semitones = self.decode(output).round().long().clamp(0, 127)
+        return torch.nn.functional.one_hot(semitones, 128).float()
