@@ -23,6 +23,7 @@ import importlib
 import math
 import sys
 import types
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -96,9 +97,9 @@ class _PitchEvaluator(Evaluator):
     batch: int
     tolerance: float
 
+    @abstractmethod
     def decode(self, output: torch.Tensor) -> torch.Tensor:
         """The pitch each row of a model output reads as, in the unit of `truth`."""
-        raise NotImplementedError
 
     def calibration(self, model: nn.Module) -> None:
         for x in self.calib.split(self.batch):
@@ -134,7 +135,7 @@ class PitchReading(PitchAccuracy):
     in cents (`sensitivity_output`; the default ranking then compares it)."""
 
     def sensitivity_output(self, output: torch.Tensor) -> torch.Tensor:
-        return bins_to_cents(output.argmax(dim=1))
+        return self.decode(output)
 
 
 PESTO_TONE = 3200  # samples (0.2 s): 21 frames of 10 ms per tone

@@ -138,14 +138,20 @@ def _lstm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
             "relative")
 
 
+def _pitch_case(bits: int, model: Any, evaluator: Any
+                ) -> tuple[Any, Any, Any, dict, float, str]:
+    """A pitch case: `bits` weights and activations everywhere, a 0.5% relative budget."""
+    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
+    return model, evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
+
+
 def _crepe(bits: int, frames: int = 512, seed: int = 1, reading: bool = False,
            calibration_frames: int = 256) -> tuple[Any, Any, Any, dict, float, str]:
     from benchmarks.pretrained import PitchAccuracy, PitchReading, crepe_model
 
     evaluator = (PitchReading if reading else PitchAccuracy)(frames, calibration_frames,
                                                              seed=seed)
-    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
-    return crepe_model("tiny"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
+    return _pitch_case(bits, crepe_model("tiny"), evaluator)
 
 
 def _crepe_full(bits: int, frames: int = 512, seed: int = 1, reading: bool = False,
@@ -155,8 +161,7 @@ def _crepe_full(bits: int, frames: int = 512, seed: int = 1, reading: bool = Fal
     # the metric's 512 frames as for crepe; 64 calibration frames
     evaluator = (PitchReading if reading else PitchAccuracy)(frames, calibration_frames,
                                                              seed=seed)
-    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
-    return crepe_model("full"), evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
+    return _pitch_case(bits, crepe_model("full"), evaluator)
 
 
 def _pesto(bits: int, frames: int = 48, seed: int = 1, reading: bool = False,
@@ -166,8 +171,7 @@ def _pesto(bits: int, frames: int = 48, seed: int = 1, reading: bool = False,
     # `frames` here counts 0.2 s tones, 21 frames of 10 ms each
     evaluator = (PestoReading if reading else PestoAccuracy)(frames, calibration_frames,
                                                              seed=seed)
-    config = {"default": {"weight": {"bits": bits}, "activation": {"bits": bits}}}
-    return evaluator.full.encoder, evaluator, (evaluator.calib[:8],), config, 0.005, "relative"
+    return _pitch_case(bits, evaluator.full.encoder, evaluator)
 
 
 def _minilm(bits: int) -> tuple[Any, Any, Any, dict, float, str]:
