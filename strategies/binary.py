@@ -34,7 +34,11 @@ it, a dispute spends one evaluation on re-quantizing a disputed layer and one mo
 that passes, up to ``notice``. Every refinement tries the layers in the order of the
 evidence: the least loss gained per layer fallen back first (a span's gain split evenly
 over its layers); ties least sensitive by the ranking and the second opinion together
-(the sum of the two ranks), then most similar to float first.
+(the sum of the two ranks), then most similar to float first. The rescue tries each layer
+alone in a float model, where the ranking was measured, while each span's gain was
+measured beside other quantized layers, with which it can interact: there the three
+witnesses count alike, the layers tried first being least sensitive by the sum of their
+ranks by the ranking, the second opinion and the gain per layer.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from autoquant.errors import ConfigError
 from autoquant.plan import QuantPlan, plan_key
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord
 from autoquant.search.trust import disputed_fallbacks, local_ranks, prefix_spans
+from autoquant.sensitivity.ranking import average_ranks
 from autoquant.strategies._bisect import Bisection
 
 __all__ = ["BinarySearchStrategy"]
@@ -182,13 +187,32 @@ class BinarySearchStrategy(SearchStrategy):
         assert self.context is not None
         rank = {name: i for i, name in enumerate(self.context.ranking)}
         local = local_ranks(self.context)
+        votes = self._rescue_votes(gains, rank, local) if self.best_k == self.n else {}
         order = sorted(self._current, key=lambda n: (
-            n not in first, gains.get(n, math.inf), -(rank[n] + local.get(n, rank[n])),
-            -rank[n]))
+            n not in first, -votes.get(n, 0.0), gains.get(n, math.inf),
+            -(rank[n] + local.get(n, rank[n])), -rank[n]))
         if forced:
             return order
         return [n for n in order if self._known.get(plan_key(self.context.plan(
             fallback=[m for m in self._current if m != n]))) is not False]
+
+    def _rescue_votes(self, gains: dict[str, float], rank: dict[str, int],
+                      local: dict[str, int]) -> dict[str, float]:
+        """How harmless alone each layer looks when every layer fell back: the sum of its
+        ranks (higher: less sensitive) by the ranking, by its second opinion (else the
+        ranking again) and by the loss its span gained per layer (ties averaged; a layer
+        without a span gets the middle rank).
+
+        A rescue tries each layer alone in a float model, which is where the ranking was
+        measured; the spans' gains were measured with other layers quantized beside them,
+        where layers interact (PESTO's encoder at W4A4: two layers that each pass alone
+        gained more than twice the budget together, and a layer whose span gained the
+        least failed alone). So no witness is trusted over the others."""
+        names = list(self._current)
+        spanned = [n for n in names if n in gains]
+        by_gain = dict(zip(spanned, average_ranks([-gains[n] for n in spanned]), strict=True))
+        middle = (len(spanned) - 1) / 2
+        return {n: rank[n] + local.get(n, rank[n]) + by_gain.get(n, middle) for n in names}
 
     def ask(self) -> list[QuantPlan]:
         assert self.context is not None

@@ -29,6 +29,7 @@ from autoquant.registry import Registry
 
 __all__ = [
     "spearman",
+    "average_ranks",
     "SensitivityMetric",
     "CosineSimilarity",
     "LayerSensitivity",
@@ -232,7 +233,13 @@ def ranked(qmodel: QuantModel, rows: list[tuple[float, str, int]], what: str,
             for rank, (score, name, calls) in enumerate(rows)]
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """Each value's 0-based rank, lowest first; ties share their average rank.
+
+    Example:
+        >>> average_ranks([0.3, 0.1, 0.3])
+        [1.5, 0.0, 1.5]
+    """
     order = sorted(range(len(values)), key=lambda i: values[i])
     ranks = [0.0] * len(values)
     i = 0
@@ -257,7 +264,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     """
     if len(x) != len(y) or len(x) < 2:
         return None
-    rx, ry = _ranks(list(x)), _ranks(list(y))
+    rx, ry = average_ranks(list(x)), average_ranks(list(y))
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     vx = sum((a - mx) ** 2 for a in rx)

@@ -41,6 +41,33 @@ def test_before_answering_float_only_binary_tries_single_layers_the_ranking_misp
     assert result.num_evaluations - plain.num_evaluations <= 3
 
 
+class InteractingDrops(DropEvaluator):
+    """`DropEvaluator` plus a drop for each pair of `pairs` quantized together (negative:
+    the pair costs less together than apart), as real layers interact."""
+
+    def __init__(self, drops, pairs):
+        super().__init__(drops)
+        self.pairs = pairs
+
+    def evaluate(self, model):
+        metric = super().evaluate(model)
+        quantized = self.seen[-1]
+        return metric - sum(v for (a, b), v in self.pairs.items() if {a, b} <= quantized)
+
+
+def test_rescue_does_not_trust_span_gains_measured_beside_interacting_layers():
+    r = linear_names(8)  # ranked in this order; r[0], r[4] and r[5] pass alone
+    drops = dict(zip(r, [0.03, 0.13, 0.18, 0.11, 0.04, 0.08, 0.11, 0.11], strict=True))
+    # r[4] and r[5] together cost 0.1 more than apart (their span's gain per layer is over
+    # the budget); r[6] costs little beside r[7] (its span gained the least), r[1] beside r[2]
+    pairs = {(r[4], r[5]): 0.10, (r[6], r[7]): -0.07, (r[1], r[2]): -0.21}
+    result = aq.auto_quantize(mlp(8), InteractingDrops(drops, pairs), max_loss=0.1,
+                              ranking=fixed_ranking(r))
+    # every prefix fails; the loss gained per layer alone would try r[6], r[3], r[2]: all fail
+    assert result.status == "met" and result.quantized_layers == [r[5]]
+    assert result.num_evaluations <= 1 + math.ceil(math.log2(9)) + 4
+
+
 @pytest.mark.parametrize("k_star", list(range(N + 1)))
 def test_binary_finds_the_exact_k_within_the_log_bound(k_star):
     names = linear_names(N)
