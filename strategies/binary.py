@@ -187,32 +187,32 @@ class BinarySearchStrategy(SearchStrategy):
         assert self.context is not None
         rank = {name: i for i, name in enumerate(self.context.ranking)}
         local = local_ranks(self.context)
-        votes = self._rescue_votes(gains, rank, local) if self.best_k == self.n else {}
+        opinions = {n: rank[n] + local.get(n, rank[n]) for n in self._current}
+        votes = self._rescue_votes(gains, opinions) if self.best_k == self.n else {}
         order = sorted(self._current, key=lambda n: (
-            n not in first, -votes.get(n, 0.0), gains.get(n, math.inf),
-            -(rank[n] + local.get(n, rank[n])), -rank[n]))
+            n not in first, -votes.get(n, 0.0), gains.get(n, math.inf), -opinions[n],
+            -rank[n]))
         if forced:
             return order
         return [n for n in order if self._known.get(plan_key(self.context.plan(
             fallback=[m for m in self._current if m != n]))) is not False]
 
-    def _rescue_votes(self, gains: dict[str, float], rank: dict[str, int],
-                      local: dict[str, int]) -> dict[str, float]:
-        """How harmless alone each layer looks when every layer fell back: the sum of its
-        ranks (higher: less sensitive) by the ranking, by its second opinion (else the
-        ranking again) and by the loss its span gained per layer (ties averaged; a layer
-        without a span gets the middle rank).
+    def _rescue_votes(self, gains: dict[str, float], opinions: dict[str, int]
+                      ) -> dict[str, float]:
+        """How harmless alone each layer looks when every layer fell back: its `opinions`
+        (the sum of its ranks by the ranking and by the second opinion, else the ranking
+        again; higher: less sensitive) plus its rank by the loss its span gained per layer
+        (ties averaged; a layer without a span gets the middle rank).
 
         A rescue tries each layer alone in a float model, which is where the ranking was
         measured; the spans' gains were measured with other layers quantized beside them,
         where layers interact (PESTO's encoder at W4A4: two layers that each pass alone
         gained more than twice the budget together, and a layer whose span gained the
         least failed alone). So no witness is trusted over the others."""
-        names = list(self._current)
-        spanned = [n for n in names if n in gains]
+        spanned = [n for n in opinions if n in gains]
         by_gain = dict(zip(spanned, average_ranks([-gains[n] for n in spanned]), strict=True))
         middle = (len(spanned) - 1) / 2
-        return {n: rank[n] + local.get(n, rank[n]) + by_gain.get(n, middle) for n in names}
+        return {n: votes + by_gain.get(n, middle) for n, votes in opinions.items()}
 
     def ask(self) -> list[QuantPlan]:
         assert self.context is not None
