@@ -232,9 +232,10 @@ def sensitivity_analysis(
 ) -> list[LayerSensitivity]:
     """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation.
 
-    `sensitivity_scope` is ``"auto"`` (``"output"`` where the evaluator has
-    ``sensitivity_output``, ``"gradient"`` where the model has gradients and no `dump_dir`
-    is given, else ``"layer"``), ``"layer"`` (each layer's own output),
+    `sensitivity_scope` is ``"auto"`` (``"subset"`` where the evaluator has
+    ``evaluate_subset``, ``"output"`` where it has ``sensitivity_output``, ``"gradient"``
+    where the model has gradients, each only without `dump_dir`, else ``"layer"``),
+    ``"layer"`` (each layer's own output),
     ``"gradient"`` (that error carried to the model's output by the gradient), ``"output"`` (the
     model's output, one layer quantized at a time) or ``"subset"`` (the evaluator's
     ``evaluate_subset``, one layer quantized at a time); see
@@ -243,8 +244,9 @@ def sensitivity_analysis(
     qmodel = QuantModel(model, resolve_config(config), example_inputs)
     calibrate = _calibrate(evaluator, calibration_data)
     calibrate_model(qmodel, calibrate)
-    wanted = sensitivity_scope == "subset" or callable(
-        getattr(evaluator, "sensitivity_output", None))
+    wanted = sensitivity_scope == "subset" or any(
+        callable(getattr(evaluator, hook, None))
+        for hook in ("evaluate_subset", "sensitivity_output"))
     adapter = EvaluatorAdapter(evaluator) if wanted and evaluator is not None else None
     return rank_layers(qmodel, calibrate, sensitivity, dump_dir, sensitivity_scope, adapter,
                        sensitivity_fraction)

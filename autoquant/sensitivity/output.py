@@ -20,7 +20,10 @@ the same order on every pass (no shuffling); a change is a `ConfigError`.
 ``scope="subset"`` asks the evaluator itself, as NNCF ranks on a validation subset: its
 ``evaluate_subset(model)`` scores the float model and each single-layer plan (N + 1 cheap
 calls, not counted as evaluations), and a layer's score is minus its loss there (the
-evaluator's ``metric_eval`` or the search criterion decides the loss).
+evaluator's ``metric_eval`` or the search criterion decides the loss). ``"auto"`` ranks in
+this scope first where the evaluator has ``evaluate_subset``: only the metric itself, on
+its own labels, sees a layer whose error changes what it scores (an argmax bin, a frame
+across a tolerance), or one that helps it.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                 dump_dir: str | Path | None = None, scope: str = "layer",
                 evaluator: Any = None, fraction: float = 1.0) -> list[LayerSensitivity]:
     """The sensitivity ranking of `qmodel`, most sensitive first, in `scope`: ``"auto"``
-    (``"output"`` where `evaluator` has ``sensitivity_output``, else ``"gradient"`` where it
-    applies, else ``"layer"``; the default), ``"layer"``
+    (``"subset"`` where `evaluator` has ``evaluate_subset``, else ``"output"`` where it has
+    ``sensitivity_output``, else ``"gradient"`` where it applies, else ``"layer"``; the
+    default), ``"layer"``
     (each layer's own output, one pass), ``"gradient"`` (its error carried to the model's
     output by the gradient, one pass with a backward; `autoquant.sensitivity.gradient`),
     ``"output"`` (the model's output, N + 1 passes) or ``"subset"`` (`evaluator`'s
@@ -76,6 +80,10 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
     """
     view = evaluator.output_view if evaluator is not None and evaluator.has_output_view \
         else None
+    if scope == "auto" and evaluator is not None and evaluator.has_subset and dump_dir is None:
+        logger.info("ranking by %s.evaluate_subset, one layer quantized at a time (the subset "
+                    "scope: N + 1 cheap calls)", evaluator.name)
+        return compute_subset_sensitivity(qmodel, evaluator)
     if scope == "auto" and view is not None and dump_dir is None:
         logger.info("ranking at the model's output through %s.sensitivity_output (the output "
                     "scope: one calibration pass per layer)", evaluator.name)

@@ -112,3 +112,17 @@ def test_subset_scope_without_evaluate_subset_names_the_missing_method(model_and
                          config=CONFIG, sensitivity_scope="subset")
     with pytest.raises(ConfigError, match="evaluate_subset"):
         aq.sensitivity_analysis(model, calibration_data=batches, sensitivity_scope="subset")
+
+
+def test_the_default_scope_ranks_by_evaluate_subset_where_the_evaluator_has_it(
+        model_and_batches, tmp_path):
+    model, batches = model_and_batches
+    evaluator = Subset(model, batches)
+    result = aq.auto_quantize(model, evaluator, (batches[0],), config=CONFIG, max_loss=1e-3)
+    assert evaluator.subset_calls == 4
+    assert {row.scope for row in result.sensitivity} == {"subset"}
+    ranking = aq.sensitivity_analysis(model, Subset(model, batches), config=CONFIG)
+    assert [row.name for row in ranking] == [row.name for row in result.sensitivity]
+    dumped = Subset(model, batches)  # dump_dir writes the layer scope's inputs: that scope
+    ranking = aq.sensitivity_analysis(model, dumped, config=CONFIG, dump_dir=tmp_path)
+    assert dumped.subset_calls == 0 and {row.scope for row in ranking} == {"layer"}
