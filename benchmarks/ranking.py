@@ -21,12 +21,16 @@ agreement; `benchmarks.encoder`):
   losses says how well the ranking predicts the metric (1.0: in the same order);
 - for every sensitivity metric (cosine, mse, kl) and scope (``layer``: each layer's own
   output; ``gradient``: that error carried to the model's output by the gradient, the
-  default; ``output``: the model's output with one layer quantized), the default
-  ``binary`` search runs on that ranking: layers kept quantized and evaluations;
-- for the pitch cases, also the default scope with an evaluator that says what its metric
-  reads of the output (``sensitivity_output``: the decoded pitch), which ranks in
-  the output scope, comparing that, with cosine and mse;
-- ``binary`` with ``refine=True`` on the layer-scope and on the default (gradient) ranking;
+  default of an evaluator without ``evaluate_subset``; ``output``: the model's output with
+  one layer quantized), the default ``binary`` search runs on that ranking: layers kept
+  quantized and evaluations;
+- for the pitch cases, also the output scope with an evaluator that says what its metric
+  reads of the output (``sensitivity_output``: the decoded pitch), comparing that, with
+  cosine and mse;
+- with an evaluator that has ``evaluate_subset`` (the digits examples' accuracy
+  evaluator; the pitch cases' accuracy on the first quarter of their frames), the subset
+  scope, the default ranking of such an evaluator;
+- ``binary`` with ``refine=True`` on the layer-scope and on the gradient ranking;
 - the greedy full-evaluation oracle: layers in order of their measured single-layer loss,
   each kept quantized if the plan still passes (N evaluations after the N single-layer
   ones).
@@ -258,7 +262,7 @@ def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOP
               extras: bool = True, fraction: float | None = None,
               data: dict[str, Any] | None = None, retest: bool = False) -> list[str]:
     """The table rows of one example (at its own bit width unless `bits` is given), for
-    each of `scopes`; with `extras` also the subset scope, refinement and the oracle;
+    each of `scopes` and the subset scope; with `extras` also refinement and the oracle;
     `fraction`: the gradient scope's ``sensitivity_fraction`` (None: the default); `data`:
     the evaluation data options of a `DATA_OPTIONS` case; `retest`: the audit again on
     independent data (`_retest`)."""
@@ -288,17 +292,18 @@ def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOP
         reading = build(bits, **data, reading=True)
         for metric in ("cosine", "mse"):
             start = time.perf_counter()
-            probe = _run(reading, sensitivity=metric)
-            lines.append(_row(f"binary, {metric}, auto: output through sensitivity_output",
+            probe = _run(reading, sensitivity=metric, sensitivity_scope="output")
+            lines.append(_row(f"binary, {metric}, output through sensitivity_output",
                               probe, time.perf_counter() - start, losses))
     if retest:
         lines += ["", _retest(build, bits, data, losses)]
+    if callable(getattr(case[1], "evaluate_subset", None)):  # the default: its own metric
+        start = time.perf_counter()
+        probe = _run(case, sensitivity_scope="subset", audit=0 if once else 10 ** 6)
+        lines.append(_row("binary, evaluate_subset (the default)", probe,
+                          time.perf_counter() - start, losses if once else None))
     if not extras:
         return lines
-    if callable(getattr(case[1], "evaluate_subset", None)):  # the evaluator's own metric
-        start = time.perf_counter()
-        probe = _run(case, sensitivity_scope="subset", audit=10 ** 6)
-        lines.append(_row("binary, evaluate_subset", probe, time.perf_counter() - start))
     for scope in ("layer", "gradient"):
         start = time.perf_counter()
         refined = _run(case, strategy_options={"refine": True}, audit=0 if once else 10 ** 6,
@@ -320,7 +325,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, help="weight and activation bits for every model")
     parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
     parser.add_argument("--no-extras", action="store_true",
-                        help="skip the subset scope, refinement and the greedy oracle")
+                        help="skip refinement and the greedy oracle")
     parser.add_argument("--fraction", type=float,
                         help="the gradient scope's sensitivity_fraction (default: 0.25)")
     parser.add_argument("--frames", type=int,
