@@ -21,15 +21,16 @@ agreement; `benchmarks.encoder`):
   losses says how well the ranking predicts the metric (1.0: in the same order);
 - for every sensitivity metric (cosine, mse, kl) and scope (``layer``: each layer's own
   output; ``gradient``: that error carried to the model's output by the gradient, the
-  default of an evaluator without ``evaluate_subset``; ``output``: the model's output with
+  default unless the evaluator's own ``evaluate_subset`` ranks; ``output``: the model's output with
   one layer quantized), the default ``binary`` search runs on that ranking: layers kept
   quantized and evaluations;
 - for the pitch cases, also the output scope with an evaluator that says what its metric
   reads of the output (``sensitivity_output``: the decoded pitch), comparing that, with
   cosine and mse;
-- with an evaluator that has ``evaluate_subset`` (the digits examples' accuracy
-  evaluator; the pitch cases' accuracy on the first quarter of their frames), the subset
-  scope, the default ranking of such an evaluator;
+- with an evaluator that has ``evaluate_subset``, the subset scope: the default ranking
+  for the pitch cases' (their accuracy on the first quarter of their frames), an option
+  for the digits examples' accuracy evaluator (its subset score is a proxy, the mean
+  probability of the true class);
 - ``binary`` with ``refine=True`` on the layer-scope and on the gradient ranking;
 - the greedy full-evaluation oracle: layers in order of their measured single-layer loss,
   each kept quantized if the plan still passes (N evaluations after the N single-layer
@@ -297,10 +298,12 @@ def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOP
                               probe, time.perf_counter() - start, losses))
     if retest:
         lines += ["", _retest(build, bits, data, losses)]
-    if callable(getattr(case[1], "evaluate_subset", None)):  # the default: its own metric
+    subset = getattr(case[1], "evaluate_subset", None)
+    if callable(subset):  # the default where it is the metric itself, not a proxy
         start = time.perf_counter()
         probe = _run(case, sensitivity_scope="subset", audit=0 if once else 10 ** 6)
-        lines.append(_row("binary, evaluate_subset (the default)", probe,
+        default = " (the default)" if getattr(subset, "default_ranking", True) else ""
+        lines.append(_row(f"binary, evaluate_subset{default}", probe,
                           time.perf_counter() - start, losses if once else None))
     if not extras:
         return lines

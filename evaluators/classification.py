@@ -66,7 +66,9 @@ class ClassificationEvaluator(BatchLoaderEvaluator):
 
         Why: a cheap proxy of accuracy for ``sensitivity_scope="subset"`` that moves with
         every single-layer change, where accuracy on a few batches moves in steps of a
-        sample.
+        sample. A proxy on the calibration batches, not the metric, so the default ranking
+        does not use it (``default_ranking = False``): on the digits examples' calibration
+        grid the gradient ranking kept more layers in 9 of 28 searches, fewer in 2.
         """
         mass = 0.0
         total = 0
@@ -75,6 +77,8 @@ class ClassificationEvaluator(BatchLoaderEvaluator):
             mass += float(probs.gather(1, labels.reshape(-1, 1)).sum())
             total += int(labels.shape[0])
         return mass / self._check_total(total)
+
+    evaluate_subset.default_ranking = False  # type: ignore[attr-defined]
 
     def _scored(self, model: nn.Module, limit: int | None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -152,6 +152,14 @@ class EvaluatorAdapter:
         return callable(getattr(self.evaluator, "evaluate_subset", None))
 
     @property
+    def ranks_by_subset(self) -> bool:
+        """True when the default ranking (``sensitivity_scope="auto"``) should be the subset
+        scope: the evaluator has ``evaluate_subset`` and has not marked it
+        ``default_ranking = False`` (a proxy, not the metric itself)."""
+        return self.has_subset and getattr(self.evaluator.evaluate_subset, "default_ranking",
+                                           True) is not False
+
+    @property
     def has_output_view(self) -> bool:
         """True when the evaluator has ``sensitivity_output(output) -> Tensor``: what its
         metric reads of the model's output, which the output-scope ranking compares."""

@@ -21,7 +21,8 @@ the same order on every pass (no shuffling); a change is a `ConfigError`.
 ``evaluate_subset(model)`` scores the float model and each single-layer plan (N + 1 cheap
 calls, not counted as evaluations), and a layer's score is minus its loss there (the
 evaluator's ``metric_eval`` or the search criterion decides the loss). ``"auto"`` ranks in
-this scope first where the evaluator has ``evaluate_subset``: only the metric itself, on
+this scope first where the evaluator has ``evaluate_subset`` (unless the method is marked
+``default_ranking = False``, a proxy rather than the metric): only the metric itself, on
 its own labels, sees a layer whose error changes what it scores (an argmax bin, a frame
 across a tolerance), or one that helps it.
 """
@@ -80,7 +81,8 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
     """
     view = evaluator.output_view if evaluator is not None and evaluator.has_output_view \
         else None
-    if scope == "auto" and evaluator is not None and evaluator.has_subset and dump_dir is None:
+    if scope == "auto" and evaluator is not None and evaluator.ranks_by_subset and \
+            dump_dir is None:
         logger.info("ranking by %s.evaluate_subset, one layer quantized at a time (the subset "
                     "scope: N + 1 cheap calls)", evaluator.name)
         return compute_subset_sensitivity(qmodel, evaluator)

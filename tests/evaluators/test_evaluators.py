@@ -86,6 +86,27 @@ def test_subset_metric_is_the_mean_true_class_probability_of_the_calibration_bat
     assert {r.name for r in ranking} == {"0", "3"}
 
 
+def test_the_default_ranking_skips_the_subset_proxy_but_uses_a_subclass_subset_metric():
+    import autoquant as aq
+
+    model = _mlp()
+    loader = [(torch.randn(8, 6, generator=torch.Generator().manual_seed(i)),
+               torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
+              for i in range(3)]
+
+    class Counted(ClassificationEvaluator):
+        calls = 0
+
+        def evaluate_subset(self, model):  # the metric itself, on one batch
+            Counted.calls += 1
+            return ClassificationEvaluator(self.loader[:1]).evaluate(model)
+
+    proxy = aq.sensitivity_analysis(model, ClassificationEvaluator(loader, 2))
+    assert {r.scope for r in proxy} == {"gradient"}
+    own = aq.sensitivity_analysis(model, Counted(loader, 2))
+    assert {r.scope for r in own} == {"subset"} and Counted.calls == 3
+
+
 def test_accuracy_with_dataloader_is_reiterable() -> None:
     x = torch.cat([b[0] for b in _batches()])
     y = torch.cat([b[1] for b in _batches()])
