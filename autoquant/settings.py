@@ -70,7 +70,8 @@ class SearchSettings:
         strategy_options: keyword options of the strategy's constructor.
         sensitivity: a registered sensitivity metric name (``"cosine"``) or class.
         sensitivity_scope: where the metric compares float and quantized: ``"auto"`` (the
-            default: ``"subset"`` where the evaluator has ``evaluate_subset``, else
+            default: ``"subset"`` where the evaluator has ``evaluate_subset`` (not marked
+            ``default_ranking = False``), else
             ``"output"`` where it has ``sensitivity_output``, else
             ``"gradient"``, or ``"layer"`` where the model has no gradient or `dump_dir` is
             set), ``"layer"`` (each layer's own output, one calibration
