@@ -233,7 +233,8 @@ def sensitivity_analysis(
     """Calibrate and rank layers by sensitivity (most sensitive first); no evaluation.
 
     `sensitivity_scope` is ``"auto"`` (``"subset"`` where the evaluator has
-    ``evaluate_subset``, ``"output"`` where it has ``sensitivity_output``, ``"gradient"``
+    ``evaluate_subset`` not marked ``default_ranking = False``, ``"output"`` where it has
+    ``sensitivity_output``, ``"gradient"``
     where the model has gradients, each only without `dump_dir`, else ``"layer"``),
     ``"layer"`` (each layer's own output),
     ``"gradient"`` (that error carried to the model's output by the gradient), ``"output"`` (the

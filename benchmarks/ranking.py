@@ -74,6 +74,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import autoquant as aq  # noqa: E402
+from autoquant.evaluation.adapter import EvaluatorAdapter  # noqa: E402
 from autoquant.plan import QuantPlan  # noqa: E402
 from autoquant.search.strategy import SearchContext, SearchStrategy, TrialRecord  # noqa: E402
 from autoquant.search.trust import significant_layers, spearman  # noqa: E402
@@ -298,11 +299,11 @@ def one_model(name: str, bits: int | None = None, scopes: tuple[str, ...] = SCOP
                               probe, time.perf_counter() - start, losses))
     if retest:
         lines += ["", _retest(build, bits, data, losses)]
-    subset = getattr(case[1], "evaluate_subset", None)
-    if callable(subset):  # the default where it is the metric itself, not a proxy
+    adapter = EvaluatorAdapter(case[1])
+    if adapter.has_subset:  # the default where it is the metric itself, not a proxy
         start = time.perf_counter()
         probe = _run(case, sensitivity_scope="subset", audit=0 if once else 10 ** 6)
-        default = " (the default)" if getattr(subset, "default_ranking", True) else ""
+        default = " (the default)" if adapter.ranks_by_subset else ""
         lines.append(_row(f"binary, evaluate_subset{default}", probe,
                           time.perf_counter() - start, losses if once else None))
     if not extras:

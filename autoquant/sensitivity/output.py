@@ -65,7 +65,8 @@ def rank_layers(qmodel: QuantModel, calibrate: Calibrate,
                 dump_dir: str | Path | None = None, scope: str = "layer",
                 evaluator: Any = None, fraction: float = 1.0) -> list[LayerSensitivity]:
     """The sensitivity ranking of `qmodel`, most sensitive first, in `scope`: ``"auto"``
-    (``"subset"`` where `evaluator` has ``evaluate_subset``, else ``"output"`` where it has
+    (``"subset"`` where `evaluator` ranks by its ``evaluate_subset``
+    (`EvaluatorAdapter.ranks_by_subset`), else ``"output"`` where it has
     ``sensitivity_output``, else ``"gradient"`` where it applies, else ``"layer"``; the
     default), ``"layer"``
     (each layer's own output, one pass), ``"gradient"`` (its error carried to the model's
